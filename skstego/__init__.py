@@ -1,0 +1,26 @@
+"""skstego: STEGO and its dimensionality-reduction baselines as sklearn estimators.
+
+Chain a reducer and a probe on DINO feature maps (N, C, h, w) or on any 2-D
+token matrix::
+
+    from sklearn.pipeline import Pipeline
+    from skstego import KMeansProbe, TorchPCA
+
+    pipe = Pipeline([("reduce", TorchPCA(dim=24)), ("probe", KMeansProbe(k=27))])
+
+Every estimator runs on the GPU when one is present (``device="auto"``) and
+returns NumPy for NumPy input, torch for torch input.
+"""
+
+from .probes import KMeansProbe, LinearProbe
+from .projection import RandomProjection, TorchPCA
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "KMeansProbe",
+    "LinearProbe",
+    "RandomProjection",
+    "TorchPCA",
+    "__version__",
+]

@@ -1,0 +1,356 @@
+"""Device resolution, array conversion, layouts, batching and pickling.
+
+This is the one boundary every skstego estimator goes through:
+
+* :func:`resolve_device` turns ``device="auto"`` (and friends) into a
+  :class:`torch.device`;
+* :func:`check_features` validates user input (NumPy or torch, 2-D tokens or
+  4-D maps) without ever modifying it;
+* :func:`apply_tokenwise` runs a token function over 2-D or 4-D input in
+  batches on the estimator's device and returns the output type that came in
+  (NumPy in -> NumPy out, torch in -> torch out on the device);
+* :func:`make_generator` turns ``random_state`` into a :class:`torch.Generator`;
+* :class:`TorchEstimatorMixin` keeps fitted NumPy attributes as device tensors
+  on demand and pickles without any device state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import validate_data
+
+__all__ = [
+    "TorchEstimatorMixin",
+    "apply_tokenwise",
+    "as_tensor",
+    "check_features",
+    "check_finite_tensor",
+    "is_torch",
+    "iter_slices",
+    "make_generator",
+    "maps_to_tokens",
+    "resolve_device",
+    "to_output",
+    "tokens_to_maps",
+]
+
+#: Number of float32 values one batch of :func:`apply_tokenwise` may hold
+#: (input plus output), about 256 MiB.
+DEFAULT_BATCH_ELEMENTS = 64 * 1024 * 1024
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn a ``device`` parameter into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "cuda:N"}, torch.device or None
+        ``"auto"`` (or None) picks the current CUDA device when one is
+        available and the CPU otherwise.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        If the string is not a device name, or names a CUDA device that this
+        machine does not have.
+
+    Examples
+    --------
+    >>> from skstego._device import resolve_device
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' "
+            "or 'cuda:N'."
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} asks for CUDA but torch sees no CUDA device on "
+                "this machine; use device='auto' or device='cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)."
+            )
+    return dev
+
+
+def is_torch(X: Any) -> bool:
+    """Return True when ``X`` is a torch tensor."""
+    return isinstance(X, torch.Tensor)
+
+
+def check_finite_tensor(X: torch.Tensor, name: str = "X") -> None:
+    """Raise a clear ValueError when a tensor holds NaN or infinity."""
+    if X.is_floating_point() and X.numel() and not bool(torch.isfinite(X).all()):
+        raise ValueError(
+            f"Input {name} contains NaN or infinity; remove or impute those values "
+            "before calling skstego."
+        )
+
+
+def check_features(
+    estimator: Any,
+    X: Any,
+    *,
+    reset: bool,
+    allowed_ndim: tuple[int, ...] = (2, 4),
+    min_samples: int = 1,
+) -> np.ndarray | torch.Tensor:
+    """Validate features at an estimator's public boundary.
+
+    NumPy-like input goes through scikit-learn's ``validate_data`` (so the
+    usual checks and messages apply); torch tensors are checked here and stay
+    where they are. ``n_features_in_`` is the channel axis (axis 1) in both
+    layouts. The input is never modified.
+
+    Parameters
+    ----------
+    estimator : estimator
+        Its ``n_features_in_`` is set (``reset=True``) or checked.
+    X : array-like or torch.Tensor of shape (n_samples, n_features) or (N, C, h, w)
+    reset : bool
+        True in ``fit``, False afterwards.
+    allowed_ndim : tuple of int
+        Layouts the caller accepts.
+    min_samples : int
+        Smallest number of samples (rows or images) accepted.
+
+    Returns
+    -------
+    X : ndarray of float32/float64 or torch.Tensor
+        Validated input; tensors are returned as is (converted by
+        :func:`as_tensor` later, batch by batch).
+    """
+    layouts = " or ".join(
+        {2: "2-D tokens (n_samples, n_features)", 4: "4-D maps (N, C, h, w)"}[d]
+        for d in allowed_ndim
+    )
+    if is_torch(X):
+        if X.ndim not in allowed_ndim:
+            raise ValueError(
+                f"Expected {layouts}, got a tensor of shape {tuple(X.shape)}."
+            )
+        if X.is_complex() or X.dtype == torch.bool:
+            raise ValueError(f"Expected a real-valued tensor, got dtype {X.dtype}.")
+        check_finite_tensor(X)
+        n_features = X.shape[1]
+        _check_counts(X.shape[0], n_features, min_samples, tuple(X.shape))
+        _check_n_features(estimator, n_features, reset)
+        return X
+    X = validate_data(
+        estimator,
+        X,
+        reset=reset,
+        allow_nd=True,
+        dtype=[np.float32, np.float64],
+        ensure_min_samples=min_samples,
+    )
+    if X.ndim not in allowed_ndim:
+        raise ValueError(f"Expected {layouts}, got an array of shape {X.shape}.")
+    _check_counts(X.shape[0], X.shape[1], min_samples, X.shape)
+    return X
+
+
+def _check_counts(n_samples: int, n_features: int, min_samples: int, shape) -> None:
+    if n_samples < min_samples:
+        raise ValueError(
+            f"Found array with {n_samples} sample(s) (shape={shape}) while a "
+            f"minimum of {min_samples} is required."
+        )
+    if n_features < 1:
+        raise ValueError(
+            f"Found array with 0 feature(s) (shape={shape}) while a minimum of 1 "
+            "is required."
+        )
+
+
+def _check_n_features(estimator: Any, n_features: int, reset: bool) -> None:
+    if reset:
+        estimator.n_features_in_ = int(n_features)
+        if hasattr(estimator, "feature_names_in_"):
+            del estimator.feature_names_in_
+        return
+    expected = getattr(estimator, "n_features_in_", None)
+    if expected is not None and n_features != expected:
+        raise ValueError(
+            f"X has {n_features} features, but {type(estimator).__name__} is "
+            f"expecting {expected} features as input."
+        )
+
+
+def as_tensor(
+    X: np.ndarray | torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None = torch.float32,
+) -> torch.Tensor:
+    """Return ``X`` as a tensor on ``device`` without modifying the original.
+
+    A NumPy array is wrapped without a copy when possible and copied to the
+    device (pinned for CUDA); a tensor already of the right device and dtype
+    is returned as is. Callers must treat the result as read-only.
+    """
+    if not is_torch(X):
+        X = torch.from_numpy(np.ascontiguousarray(X))
+        if device.type == "cuda":
+            X = X.pin_memory()
+    return X.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def to_output(Y: torch.Tensor, like: Any) -> np.ndarray | torch.Tensor:
+    """Return ``Y`` in the array type of ``like``: NumPy for NumPy, else torch."""
+    if is_torch(like):
+        return Y
+    return Y.detach().cpu().numpy()
+
+
+def maps_to_tokens(X: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) maps -> (N*h*w, C) tokens, image-major then row-major."""
+    n, c, h, w = X.shape
+    return X.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def tokens_to_maps(T: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(N*h*w, D) tokens -> (N, D, h, w) maps; inverse of :func:`maps_to_tokens`."""
+    return T.reshape(n, h, w, T.shape[-1]).permute(0, 3, 1, 2).contiguous()
+
+
+def iter_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """Yield consecutive slices of at most ``batch_size`` covering ``range(n)``."""
+    batch_size = max(1, int(batch_size))
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def rows_per_batch(row_elements: int, budget: int = DEFAULT_BATCH_ELEMENTS) -> int:
+    """Rows of ``row_elements`` values that fit in ``budget`` values (at least 1)."""
+    return max(1, budget // max(1, row_elements))
+
+
+def apply_tokenwise(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    X: np.ndarray | torch.Tensor,
+    *,
+    device: torch.device,
+    out_features: int,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int | None = None,
+    keep_maps: bool = True,
+) -> np.ndarray | torch.Tensor:
+    """Apply a token function to 2-D tokens or 4-D maps, in batches.
+
+    Parameters
+    ----------
+    fn : callable
+        Maps a (n, C) tensor on ``device`` to a (n, out_features) tensor, or to
+        a (n,) tensor when ``out_features == 0`` (e.g. labels).
+    X : ndarray or torch.Tensor, (n, C) or (N, C, h, w)
+    device : torch.device
+        Where ``fn`` runs.
+    out_features : int
+        Width of ``fn``'s output; 0 for one value per token.
+    dtype : torch.dtype
+        Compute dtype of the input handed to ``fn``.
+    batch_size : int, optional
+        Rows (2-D) or images (4-D) per batch; by default as many as fit in
+        about 256 MiB of float32.
+    keep_maps : bool
+        For 4-D input, return maps (N, out_features, h, w) or (N, h, w);
+        when False return tokens.
+
+    Returns
+    -------
+    ndarray or torch.Tensor
+        NumPy for NumPy input, torch on ``device`` for torch input.
+    """
+    torch_in = is_torch(X)
+    n = X.shape[0]
+    per_row = int(np.prod(X.shape[1:])) + out_features * int(np.prod(X.shape[2:]))
+    if batch_size is None:
+        batch_size = rows_per_batch(per_row)
+    outputs = []
+    with torch.no_grad():
+        for sl in iter_slices(n, batch_size):
+            xb = as_tensor(X[sl], device, dtype)
+            if xb.ndim == 4:
+                nb, _, h, w = xb.shape
+                yb = fn(maps_to_tokens(xb))
+                if keep_maps:
+                    yb = (
+                        tokens_to_maps(yb, nb, h, w)
+                        if out_features
+                        else yb.reshape(nb, h, w)
+                    )
+            else:
+                yb = fn(xb)
+            outputs.append(yb if torch_in else yb.cpu())
+    Y = torch.cat(outputs) if len(outputs) != 1 else outputs[0]
+    return to_output(Y, X)
+
+
+def make_generator(random_state: Any, device: torch.device) -> torch.Generator:
+    """Turn a ``random_state`` parameter into a seeded :class:`torch.Generator`.
+
+    ``None`` draws a fresh seed from NumPy's global state (as scikit-learn
+    does); an int or a ``numpy.random.RandomState`` gives a reproducible
+    generator. The generator lives on ``device`` (CUDA generators for CUDA).
+    """
+    seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class TorchEstimatorMixin:
+    """Device handling shared by every skstego estimator.
+
+    Fitted attributes are stored as NumPy arrays (as in scikit-learn, so they
+    pickle, compare and print as users expect). :meth:`_tensor` returns a cached
+    device copy for computation; the cache is dropped when pickling, so a model
+    fitted on a GPU reloads on a machine without CUDA and moves to the device
+    resolved at the next call.
+    """
+
+    def _resolved_device(self) -> torch.device:
+        return resolve_device(getattr(self, "device", "auto"))
+
+    def _tensor(
+        self, name: str, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        value = getattr(self, name)
+        key = (name, str(device), dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not value:
+            hit = (value, torch.as_tensor(np.asarray(value)).to(device, dtype))
+            cache[key] = hit
+        return hit[1]
+
+    def __getstate__(self):
+        state = (
+            super().__getstate__()
+            if hasattr(super(), "__getstate__")
+            else self.__dict__.copy()
+        )
+        state = dict(state)
+        state.pop("_tensor_cache", None)
+        return state

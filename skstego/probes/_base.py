@@ -1,0 +1,172 @@
+"""What every probe shares: label checks, map-aware prediction, batched scoring.
+
+A probe computes one score per (token, output) -- similarities to centroids,
+class logits -- through ``_token_scores``. This module turns that into
+predictions for 2-D tokens or 4-D maps (optionally upsampled bilinearly to a
+label map's size before the argmax, as the STEGO protocol does) and into
+confusion matrices computed batch by batch on the device, so that scoring a
+large validation set never materialises all upsampled scores at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .._device import (
+    DEFAULT_BATCH_ELEMENTS,
+    as_tensor,
+    is_torch,
+    iter_slices,
+    maps_to_tokens,
+    rows_per_batch,
+    to_output,
+    tokens_to_maps,
+)
+
+__all__ = ["check_targets", "predict_labels", "scored_confusion"]
+
+
+def check_targets(X: Any, y: Any) -> np.ndarray | torch.Tensor:
+    """Check that ``y`` fits ``X``: 1-D labels for tokens, label maps for maps.
+
+    Returns ``y`` as an int64 array/tensor (a copy when a conversion is needed;
+    the input is never modified).
+    """
+    if y is None:
+        raise ValueError("This probe needs labels y; got y=None.")
+    if is_torch(y):
+        yt = y
+    else:
+        yt = np.asarray(y)
+        if yt.dtype.kind not in "iu":
+            if (
+                yt.dtype.kind == "f"
+                and np.all(np.isfinite(yt))
+                and np.all(yt == np.round(yt))
+            ):
+                yt = yt.astype(np.int64)
+            else:
+                raise ValueError(
+                    f"Labels must be integers (class ids, -1 to ignore); got dtype "
+                    f"{yt.dtype}."
+                )
+    if X.ndim == 2:
+        if yt.ndim != 1 or yt.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"For 2-D tokens X of shape {tuple(X.shape)}, y must be 1-D with "
+                f"{X.shape[0]} labels; got shape {tuple(yt.shape)}."
+            )
+    else:
+        if yt.ndim != 3 or yt.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"For 4-D maps X of shape {tuple(X.shape)}, y must be label maps "
+                f"(N, H, W) with N={X.shape[0]}; got shape {tuple(yt.shape)}."
+            )
+    if is_torch(yt):
+        if yt.is_floating_point():
+            if not bool(torch.all(yt == torch.round(yt))):
+                raise ValueError("Labels must be integers (class ids, -1 to ignore).")
+        return yt.long()
+    return yt.astype(np.int64, copy=False)
+
+
+def _upsampled_scores(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    xb: torch.Tensor,
+    size: tuple[int, int] | None,
+) -> torch.Tensor:
+    """Scores of a 4-D batch as (B, K, H, W), upsampled to ``size`` if given."""
+    b, _, h, w = xb.shape
+    scores = tokens_to_maps(score_fn(maps_to_tokens(xb)), b, h, w)
+    if size is not None and tuple(size) != (h, w):
+        scores = F.interpolate(
+            scores, size=tuple(size), mode="bilinear", align_corners=False
+        )
+    return scores
+
+
+def _image_batch(X: Any, n_outputs: int, size: tuple[int, int] | None) -> int:
+    h, w = (X.shape[2], X.shape[3]) if size is None else size
+    per_image = int(np.prod(X.shape[1:])) + 2 * n_outputs * h * w
+    return rows_per_batch(per_image, DEFAULT_BATCH_ELEMENTS)
+
+
+def predict_labels(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    X: Any,
+    *,
+    device: torch.device,
+    n_outputs: int,
+    size: tuple[int, int] | None = None,
+    label_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray | torch.Tensor:
+    """Argmax of ``score_fn`` per token, (n,) for tokens or (N, h, w) for maps.
+
+    ``size`` upsamples map scores bilinearly to (H, W) first; ``label_fn``
+    maps argmax ids (e.g. cluster -> class). Output follows input type.
+    """
+    label_fn = label_fn or (lambda ids: ids)
+    if X.ndim == 4 and size is not None:
+        size = tuple(int(s) for s in size)
+        if len(size) != 2:
+            raise ValueError(f"size must be (H, W), got {size!r}.")
+    batch = (
+        _image_batch(X, n_outputs, size)
+        if X.ndim == 4
+        else rows_per_batch(X.shape[1] + 2 * n_outputs)
+    )
+    out = []
+    with torch.no_grad():
+        for sl in iter_slices(X.shape[0], batch):
+            xb = as_tensor(X[sl], device)
+            if xb.ndim == 4:
+                ids = _upsampled_scores(score_fn, xb, size).argmax(dim=1)
+            else:
+                ids = score_fn(xb).argmax(dim=1)
+            ids = label_fn(ids)
+            out.append(ids if is_torch(X) else ids.cpu())
+    return to_output(torch.cat(out), X)
+
+
+def scored_confusion(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    X: Any,
+    y: Any,
+    *,
+    device: torch.device,
+    n_outputs: int,
+    n_classes: int,
+    ignore_index: int = -1,
+) -> np.ndarray:
+    """Confusion matrix (n_classes, n_outputs) of argmax predictions against ``y``.
+
+    For maps, scores are upsampled bilinearly to the label maps' size before
+    the argmax. Labels outside ``[0, n_classes)`` and ``ignore_index`` are left
+    out. Computed in batches on ``device``.
+    """
+    conf = torch.zeros(n_classes * n_outputs, dtype=torch.int64, device=device)
+    size = tuple(y.shape[-2:]) if X.ndim == 4 else None
+    batch = (
+        _image_batch(X, n_outputs, size)
+        if X.ndim == 4
+        else rows_per_batch(X.shape[1] + 2 * n_outputs)
+    )
+    with torch.no_grad():
+        for sl in iter_slices(X.shape[0], batch):
+            xb = as_tensor(X[sl], device)
+            if xb.ndim == 4:
+                pred = _upsampled_scores(score_fn, xb, size).argmax(dim=1)
+            else:
+                pred = score_fn(xb).argmax(dim=1)
+            yb = torch.as_tensor(y[sl]).to(device, torch.int64).reshape(-1)
+            pred = pred.reshape(-1)
+            valid = (yb >= 0) & (yb < n_classes) & (yb != ignore_index)
+            conf += torch.bincount(
+                yb[valid] * n_outputs + pred[valid], minlength=n_classes * n_outputs
+            )
+    return conf.reshape(n_classes, n_outputs).cpu().numpy()

@@ -1,0 +1,9 @@
+"""Reducers: feature maps or tokens in, lower-dimensional codes out.
+
+Each keeps the layout of its input (4-D maps in, 4-D codes out; 2-D in, 2-D out).
+"""
+
+from ._pca import TorchPCA
+from ._random import RandomProjection
+
+__all__ = ["RandomProjection", "TorchPCA"]

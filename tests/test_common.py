@@ -1,0 +1,42 @@
+"""scikit-learn's estimator checks for every skstego estimator."""
+
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skstego import KMeansProbe, LinearProbe, RandomProjection, TorchPCA
+
+# Instances checked; parameters chosen only where a default cannot work on the
+# tiny data of the checks (sklearn does the same for its own estimators).
+ESTIMATORS = [
+    TorchPCA(),
+    RandomProjection(dim=2),
+    KMeansProbe(k=3),
+    LinearProbe(),
+]
+
+# Checks expected to fail, each with its reason. Aim: none.
+EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {}
+
+
+def _expected_failed(estimator):
+    return EXPECTED_FAILED_CHECKS.get(type(estimator).__name__, {})
+
+
+@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def test_every_public_estimator_is_checked():
+    import skstego
+
+    public = {
+        name for name in skstego.__all__ if isinstance(getattr(skstego, name), type)
+    }
+    checked = {type(est).__name__ for est in ESTIMATORS}
+    assert public == checked, public ^ checked
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: type(e).__name__)
+def test_device_parameter_is_stored_verbatim(estimator):
+    assert estimator.get_params()["device"] == "auto"
