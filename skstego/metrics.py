@@ -282,14 +282,30 @@ def pixel_accuracy(y_true: Any, y_pred: Any, **kwargs: Any) -> float:
     return segmentation_report(y_true, y_pred, **kwargs)["accuracy"]
 
 
+def _final_probe(estimator: Any, X: Any) -> tuple[Any, Any]:
+    """The last step of (nested) pipelines and ``X`` transformed up to it.
+
+    ``Pipeline.score`` does not forward keyword arguments to the final step
+    unless metadata routing is enabled, so scorers walk the pipeline themselves.
+    """
+    from sklearn.pipeline import Pipeline
+
+    while isinstance(estimator, Pipeline):
+        if len(estimator.steps) > 1:
+            X = estimator[:-1].transform(X)
+        estimator = estimator.steps[-1][1]
+    return estimator, X
+
+
 class _SegmentationScorer:
-    """Scorer calling ``estimator.score(X, y, metric=...)`` (pipelines route it)."""
+    """Scorer calling the final probe's ``score(X, y, metric=...)``."""
 
     def __init__(self, metric: str):
         self.metric = metric
 
     def __call__(self, estimator: Any, X: Any, y: Any, **kwargs: Any) -> float:
-        return float(estimator.score(X, y, metric=self.metric))
+        probe, Xt = _final_probe(estimator, X)
+        return float(probe.score(Xt, y, metric=self.metric))
 
     def __repr__(self) -> str:
         return f"make_segmentation_scorer(metric={self.metric!r})"
@@ -298,8 +314,10 @@ class _SegmentationScorer:
 def make_segmentation_scorer(metric: str = "miou") -> _SegmentationScorer:
     """A scorer for ``GridSearchCV(scoring=...)`` and ``cross_validate``.
 
-    It calls the final estimator's ``score(X, y, metric=metric)``, so it works
-    on a probe or on a :class:`~sklearn.pipeline.Pipeline` ending in one.
+    It transforms ``X`` through the steps of a
+    :class:`~sklearn.pipeline.Pipeline` (nested ones too) and calls the final
+    probe's ``score(X, y, metric=metric)``, so it works on a probe or on a
+    pipeline ending in one.
     Cluster probes (:class:`~skstego.KMeansProbe`) score with the Hungarian
     assignment fitted on the evaluation data (the unsupervised protocol);
     :class:`~skstego.LinearProbe` scores its own class predictions.

@@ -1,0 +1,37 @@
+"""README's Python blocks run as written (its shell commands run in .ci/run)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_readme_python_blocks_run(capsys):
+    blocks = _python_blocks(ROOT / "README.md")
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "mIoU" in out
+    assert namespace["grid"].best_params_["reduce__dim"] in (3, 6, 12)
+
+
+def test_getting_started_python_blocks_run(capsys):
+    namespace: dict = {}
+    for block in _python_blocks(ROOT / "docs" / "getting-started.md"):
+        exec(compile(block, "getting-started.md", "exec"), namespace)
+
+
+def test_readme_shell_commands_are_the_ones_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    assert commands, "README lists no commands"
+    for block in commands:
+        for line in block.strip().splitlines():
+            assert line in ci, f"README command not run by .ci/run: {line}"
