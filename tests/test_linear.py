@@ -15,7 +15,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, jaccard_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from skstego import LinearProbe
 from skstego._device import maps_to_tokens
@@ -27,17 +26,6 @@ def _quiet_convergence():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         yield
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The data here are tiny: intra-op threads only add wake-up latency, which
-    # becomes ~10 ms per op when the CPU is shared (40x slower tests).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):  # scikit-learn's references too
-        yield
-    torch.set_num_threads(threads)
 
 
 def _blobs(n=600, n_features=6, n_classes=3, seed=0):
