@@ -1,0 +1,467 @@
+"""KMeansProbe: numerics against independent references, layouts, API contract."""
+
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+from sklearn.base import clone
+from sklearn.cluster import KMeans
+from sklearn.datasets import load_digits
+from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+from skstego import KMeansProbe
+from skstego.metrics import miou_scorer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def maps():
+    """Small feature maps with a coarse structure, and their label maps."""
+    rng = np.random.default_rng(0)
+    n, c, h, w = 4, 6, 5, 7
+    centers = rng.normal(scale=3.0, size=(3, c))
+    y = rng.integers(0, 3, size=(n, h, w))
+    X = centers[y].transpose(0, 3, 1, 2) + rng.normal(size=(n, c, h, w))
+    return X.astype(np.float32), y
+
+
+def hungarian_scores(y_true, y_pred, n_classes, k):
+    """Independent mIoU/accuracy: sklearn confusion matrix + scipy Hungarian.
+
+    Unmatched clusters predict no class, so their pixels are errors.
+    """
+    y_true, y_pred = np.ravel(y_true), np.ravel(y_pred)
+    valid = y_true >= 0
+    y_true, y_pred = y_true[valid], y_pred[valid]
+    conf = sk_confusion_matrix(y_true, y_pred, labels=np.arange(max(n_classes, k)))
+    conf = conf[:n_classes, :k]
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    mapping = np.full(k, -1)
+    mapping[cols] = rows
+    pred = mapping[y_pred]
+    ious = []
+    for c in range(n_classes):
+        union = np.sum((pred == c) | (y_true == c))
+        if union:
+            ious.append(np.sum((pred == c) & (y_true == c)) / union)
+    return float(np.mean(ious)), float(np.mean(pred == y_true)), mapping
+
+
+def numpy_lloyd(X, centers, n_iter, spherical):
+    """Textbook Lloyd loop in float64 (no empty clusters expected)."""
+    X = np.asarray(X, dtype=np.float64)
+    C = np.asarray(centers, dtype=np.float64)
+    if spherical:
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+        C = C / np.linalg.norm(C, axis=1, keepdims=True)
+    for _ in range(n_iter):
+        if spherical:
+            labels = np.argmax(X @ C.T, axis=1)
+        else:
+            labels = np.argmin(cdist(X, C, "sqeuclidean"), axis=1)
+        C = np.stack([X[labels == j].mean(axis=0) for j in range(len(C))])
+        if spherical:
+            C /= np.linalg.norm(C, axis=1, keepdims=True)
+    return C
+
+
+# ----------------------------------------------------------------- numerics
+
+
+def test_euclidean_matches_sklearn_kmeans(digits):
+    X, _ = digits
+    probe = KMeansProbe(
+        k=10, metric="euclidean", n_init=3, random_state=0, device="cpu"
+    ).fit(X)
+    km = KMeans(n_clusters=10, n_init=3, random_state=0).fit(X)
+    assert probe.inertia_ == pytest.approx(km.inertia_, rel=0.01)
+    assert adjusted_rand_score(km.labels_, probe.labels_) > 0.8
+    assert probe.cluster_centers_.dtype == np.float32
+    assert probe.labels_.dtype == np.int64
+
+
+def test_euclidean_lloyd_equals_sklearn_from_same_init(digits):
+    X, _ = digits
+    init = X[::180][:10]
+    probe = KMeansProbe(k=10, metric="euclidean", init=init, device="cpu").fit(X)
+    km = KMeans(n_clusters=10, init=init, n_init=1, algorithm="lloyd").fit(X)
+    np.testing.assert_array_equal(probe.labels_, km.labels_)
+    np.testing.assert_allclose(probe.cluster_centers_, km.cluster_centers_, atol=1e-3)
+    assert probe.inertia_ == pytest.approx(km.inertia_, rel=1e-4)
+    assert probe.n_iter_ == km.n_iter_
+    np.testing.assert_allclose(probe.transform(X), km.transform(X), atol=1e-3)
+
+
+def test_kmeans_plusplus_quality_like_sklearn(digits):
+    X, _ = digits
+    ours = [
+        KMeansProbe(k=10, metric="euclidean", max_iter=1, random_state=s).fit(X)
+        for s in range(4)
+    ]
+    theirs = [KMeans(10, n_init=1, max_iter=1, random_state=s).fit(X) for s in range(4)]
+    mean_ours = np.mean([p.inertia_ for p in ours])
+    mean_theirs = np.mean([km.inertia_ for km in theirs])
+    assert mean_ours == pytest.approx(mean_theirs, rel=0.05)
+
+
+def test_spherical_matches_numpy_reference(digits):
+    X, _ = digits
+    X = X + 0.5  # no all-zero rows
+    init = X[::180][:10]
+    probe = KMeansProbe(k=10, init=init, max_iter=5, tol=0, device="cpu").fit(X)
+    ref = numpy_lloyd(X, init, 5, spherical=True)
+    np.testing.assert_allclose(probe.cluster_centers_, ref, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(probe.cluster_centers_, axis=1), 1.0)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    sim = Xn @ probe.cluster_centers_.T
+    np.testing.assert_array_equal(probe.labels_, sim.argmax(axis=1))
+    np.testing.assert_allclose(probe.transform(X), sim, atol=1e-5)
+    expected = np.sum(2 - 2 * sim.max(axis=1))
+    assert probe.inertia_ == pytest.approx(expected, rel=1e-4)
+
+
+def test_spherical_close_to_kmeans_on_normalised_data(digits):
+    X, _ = digits
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    probe = KMeansProbe(k=10, n_init=3, random_state=0).fit(X)
+    km = KMeans(10, n_init=3, random_state=0).fit(Xn)
+    assert adjusted_rand_score(km.labels_, probe.labels_) > 0.7
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_torch_and_faiss_backends_agree(digits, metric):
+    pytest.importorskip("faiss")
+    X, _ = digits
+    kw = dict(k=10, metric=metric, max_iter=30, tol=0, random_state=0)
+    a = KMeansProbe(backend="torch", **kw).fit(X)
+    b = KMeansProbe(backend="faiss", **kw).fit(X)
+    assert b.inertia_ == pytest.approx(a.inertia_, rel=0.01)
+    assert b.n_iter_ == 30
+    assert adjusted_rand_score(a.labels_, b.labels_) > 0.8
+
+
+def test_n_init_keeps_best(digits):
+    X, _ = digits
+    one = KMeansProbe(k=10, metric="euclidean", random_state=3).fit(X)
+    five = KMeansProbe(k=10, metric="euclidean", n_init=5, random_state=3).fit(X)
+    assert five.inertia_ <= one.inertia_
+
+
+def test_empty_cluster_is_reseeded():
+    rng = np.random.default_rng(0)
+    X = np.concatenate(
+        [rng.normal(0, 0.1, (30, 2)), rng.normal(5, 0.1, (30, 2)), [[20.0, 20.0]]]
+    ).astype(np.float32)
+    # The third centroid is far from everything: empty after the first E-step.
+    init = np.array([[0.0, 0.0], [5.0, 5.0], [-100.0, -100.0]], dtype=np.float32)
+    probe = KMeansProbe(k=3, metric="euclidean", init=init).fit(X)
+    assert np.bincount(probe.labels_, minlength=3).min() >= 1
+    # The farthest point (the outlier) became its own cluster.
+    assert np.bincount(probe.labels_)[probe.labels_[-1]] == 1
+    np.testing.assert_allclose(probe.cluster_centers_[probe.labels_[-1]], [20, 20])
+
+
+def test_max_samples_fits_on_subsample_and_labels_all(digits):
+    X, _ = digits
+    probe = KMeansProbe(k=10, metric="euclidean", max_samples=300, random_state=0).fit(
+        X
+    )
+    assert probe.labels_.shape == (X.shape[0],)
+    d = cdist(X, probe.cluster_centers_, "sqeuclidean")
+    np.testing.assert_array_equal(probe.labels_, d.argmin(axis=1))
+    assert probe.inertia_ == pytest.approx(d.min(axis=1).sum(), rel=1e-4)
+    again = KMeansProbe(k=10, metric="euclidean", max_samples=300, random_state=0).fit(
+        X
+    )
+    np.testing.assert_array_equal(probe.cluster_centers_, again.cluster_centers_)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_onehot_update_equals_index_add(digits, metric, monkeypatch):
+    """The GPU centroid update (one-hot GEMM), checked on the CPU."""
+    import skstego.probes._kmeans as kmeans_module
+
+    X, _ = digits
+    kw = dict(k=10, metric=metric, max_iter=10, tol=0, random_state=0)
+    a = KMeansProbe(**kw).fit(X)
+    monkeypatch.setattr(kmeans_module, "_use_onehot_update", lambda device: True)
+    b = KMeansProbe(**kw).fit(X)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-4)
+
+
+# ------------------------------------------------------------ Hungarian, score
+
+
+def test_score_equals_independent_hungarian(digits):
+    X, y = digits
+    probe = KMeansProbe(k=12, metric="euclidean", random_state=0).fit(X)
+    miou, acc, mapping = hungarian_scores(y, probe.labels_, 10, 12)
+    assert probe.score(X, y) == pytest.approx(miou)
+    assert probe.score(X, y, metric="accuracy") == pytest.approx(acc)
+    report = probe.score_report(X, y)
+    np.testing.assert_array_equal(report["mapping"], mapping)
+    assert report["confusion"].shape == (10, 12)
+    assert miou_scorer(probe, X, y) == pytest.approx(miou)
+
+
+def test_fit_with_labels_maps_clusters_to_classes(digits):
+    X, y = digits
+    probe = KMeansProbe(k=12, metric="euclidean", random_state=0).fit(X, y)
+    _, acc, mapping = hungarian_scores(y, probe.labels_, 10, 12)
+    np.testing.assert_array_equal(probe.mapping_, mapping)
+    assert probe.n_classes_ == 10
+    assert (probe.mapping_ == -1).sum() == 2  # k > n_classes: unmatched clusters
+    pred = probe.predict(X)
+    np.testing.assert_array_equal(pred, mapping[probe.labels_])
+    assert np.mean(pred == y) == pytest.approx(acc)
+    np.testing.assert_array_equal(probe.fit_predict(X, y), pred)
+    unfit = KMeansProbe(k=12, metric="euclidean", random_state=0)
+    np.testing.assert_array_equal(unfit.fit_predict(X), probe.labels_)
+
+
+def test_ignore_label_is_left_out(digits):
+    X, y = digits
+    y = y.copy()
+    y[::3] = -1
+    probe = KMeansProbe(k=10, metric="euclidean", random_state=0).fit(X)
+    miou, acc, _ = hungarian_scores(y, probe.labels_, 10, 10)
+    assert probe.score(X, y) == pytest.approx(miou)
+    assert probe.score(X, y, metric="accuracy") == pytest.approx(acc)
+
+
+# ------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_maps_equal_tokens(maps, metric):
+    X, y = maps
+    n, c, h, w = X.shape
+    tokens = X.transpose(0, 2, 3, 1).reshape(-1, c)
+    a = KMeansProbe(k=3, metric=metric, random_state=0).fit(X, y)
+    b = KMeansProbe(k=3, metric=metric, random_state=0).fit(tokens, y.ravel())
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-6)
+    assert a.labels_.shape == (n, h, w)
+    np.testing.assert_array_equal(a.labels_.ravel(), b.labels_)
+    np.testing.assert_array_equal(a.mapping_, b.mapping_)
+    assert a.inertia_ == pytest.approx(b.inertia_, rel=1e-5)
+    np.testing.assert_array_equal(a.predict(X).ravel(), b.predict(tokens))
+    t = a.transform(X)
+    assert t.shape == (n, 3, h, w)
+    np.testing.assert_allclose(
+        t.transpose(0, 2, 3, 1).reshape(-1, 3), b.transform(tokens), atol=1e-5
+    )
+    assert a.score(X, y) == pytest.approx(b.score(tokens, y.ravel()))
+    assert a.score(X, y) > 0.9
+
+
+def test_subsampled_maps_equal_subsampled_tokens(maps):
+    X, _ = maps
+    tokens = X.transpose(0, 2, 3, 1).reshape(-1, X.shape[1])
+    kw = dict(k=3, max_samples=60, random_state=0)
+    a = KMeansProbe(**kw).fit(X)
+    b = KMeansProbe(**kw).fit(tokens)
+    c = KMeansProbe(**kw).fit(torch.from_numpy(X))
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-6)
+    np.testing.assert_allclose(c.cluster_centers_, b.cluster_centers_, atol=1e-6)
+    np.testing.assert_array_equal(a.labels_.ravel(), b.labels_)
+    assert a.inertia_ == pytest.approx(b.inertia_, rel=1e-5)
+
+
+def test_label_maps_of_another_size(maps):
+    X, y = maps
+    n, _, h, w = X.shape
+    H, W = 2 * h, 3 * w
+    y_big = y.repeat(2, axis=1).repeat(3, axis=2)
+    y_big[:, 0, 0] = -1
+    probe = KMeansProbe(k=4, random_state=0).fit(X)
+    # Independent: bilinear upsampling of the similarities, then argmax.
+    sim = torch.from_numpy(probe.transform(X))
+    up = F.interpolate(sim, size=(H, W), mode="bilinear", align_corners=False)
+    pred = up.argmax(dim=1).numpy()
+    miou, acc, mapping = hungarian_scores(y_big, pred, 3, 4)
+    assert probe.score(X, y_big) == pytest.approx(miou)
+    assert probe.score(X, y_big, metric="accuracy") == pytest.approx(acc)
+    np.testing.assert_array_equal(probe.predict(X, size=(H, W)), pred)
+    fitted = KMeansProbe(k=4, random_state=0).fit(X, y_big)
+    np.testing.assert_array_equal(fitted.mapping_, mapping)
+    np.testing.assert_array_equal(fitted.predict(X, size=(H, W)), mapping[pred])
+    assert fitted.predict(X).shape == (n, h, w)
+
+
+# ----------------------------------------------------------------- contract
+
+
+def test_deterministic_per_random_state(digits):
+    X, _ = digits
+    a = KMeansProbe(k=10, random_state=7).fit(X)
+    b = KMeansProbe(k=10, random_state=7).fit(X)
+    c = KMeansProbe(k=10, random_state=8).fit(X)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    assert not np.array_equal(a.cluster_centers_, c.cluster_centers_)
+    rs = np.random.RandomState(0)
+    KMeansProbe(k=10, random_state=rs).fit(X)
+    KMeansProbe(k=10, random_state=None).fit(X)
+
+
+def test_output_type_follows_input(maps):
+    X, y = maps
+    Xt = torch.from_numpy(X)
+    probe = KMeansProbe(k=3, random_state=0, device="cpu").fit(Xt, torch.from_numpy(y))
+    assert isinstance(probe.cluster_centers_, np.ndarray)
+    assert isinstance(probe.labels_, np.ndarray)
+    assert isinstance(probe.mapping_, np.ndarray)
+    assert isinstance(probe.predict(X), np.ndarray)
+    pred = probe.predict(Xt)
+    assert isinstance(pred, torch.Tensor) and pred.dtype == torch.int64
+    np.testing.assert_array_equal(pred.numpy(), probe.predict(X))
+    tr = probe.transform(Xt)
+    assert isinstance(tr, torch.Tensor) and tr.dtype == torch.float32
+    assert probe.transform(X.astype(np.float64)).dtype == np.float32
+    fp = KMeansProbe(k=3, random_state=0).fit_predict(Xt)
+    assert isinstance(fp, torch.Tensor)
+    np.testing.assert_array_equal(fp.numpy(), probe.labels_)
+    grad = Xt.clone().requires_grad_(True)
+    fitted = KMeansProbe(k=3, random_state=0).fit(grad)
+    np.testing.assert_array_equal(fitted.labels_, probe.labels_)
+    assert not fitted.transform(grad).requires_grad
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_input_not_modified(maps, metric):
+    X, y = maps
+    Xt = torch.from_numpy(X.copy())
+    for data in (X, Xt, X.astype(np.float64)):
+        before = data.clone() if isinstance(data, torch.Tensor) else data.copy()
+        y_before = y.copy()
+        probe = KMeansProbe(k=3, metric=metric, max_samples=50, random_state=0)
+        probe.fit(data, y)
+        probe.predict(data, size=(10, 14))
+        probe.transform(data)
+        probe.score(data, y)
+        if isinstance(data, torch.Tensor):
+            assert torch.equal(data, before)
+        else:
+            np.testing.assert_array_equal(data, before)
+        np.testing.assert_array_equal(y, y_before)
+
+
+def test_pickle_and_clone(digits):
+    X, y = digits
+    probe = KMeansProbe(k=10, random_state=0).fit(X, y)
+    probe.predict(X)  # fills the device cache
+    restored = pickle.loads(pickle.dumps(probe))
+    assert "_tensor_cache" not in restored.__dict__
+    np.testing.assert_array_equal(restored.predict(X), probe.predict(X))
+    np.testing.assert_array_equal(restored.cluster_centers_, probe.cluster_centers_)
+    fresh = clone(probe)
+    assert fresh.get_params() == probe.get_params()
+    assert not hasattr(fresh, "cluster_centers_")
+
+
+def test_feature_names_out(digits):
+    X, _ = digits
+    probe = KMeansProbe(k=3, random_state=0).fit(X)
+    assert list(probe.get_feature_names_out()) == [
+        "kmeansprobe0",
+        "kmeansprobe1",
+        "kmeansprobe2",
+    ]
+
+
+def test_verbose_shows_progress(digits, capsys):
+    X, _ = digits
+    KMeansProbe(k=5, max_iter=3, tol=0, verbose=True, random_state=0).fit(X)
+    assert "k-means run 1/1" in capsys.readouterr().err
+
+
+def test_missing_faiss_is_a_clear_error(digits, monkeypatch):
+    X, _ = digits
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match="faiss"):
+        KMeansProbe(k=3, backend="faiss").fit(X)
+    KMeansProbe(k=3, backend="auto", random_state=0).fit(X)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_cuda_matches_cpu(maps, metric):
+    X, y = maps
+    Xt = torch.from_numpy(X)
+    init = X.transpose(0, 2, 3, 1).reshape(-1, X.shape[1])[::37][:3]
+    kw = dict(k=3, metric=metric, init=init, max_iter=20)
+    cpu = KMeansProbe(device="cpu", **kw).fit(X, y)
+    gpu = KMeansProbe(device="cuda", **kw).fit(Xt, torch.from_numpy(y))
+    np.testing.assert_allclose(gpu.cluster_centers_, cpu.cluster_centers_, atol=1e-4)
+    np.testing.assert_array_equal(gpu.labels_, cpu.labels_)
+    pred = gpu.predict(Xt, size=(10, 14))
+    assert pred.is_cuda
+    np.testing.assert_array_equal(pred.cpu().numpy(), cpu.predict(X, size=(10, 14)))
+    assert gpu.transform(Xt).is_cuda
+    assert gpu.score(Xt, torch.from_numpy(y)) == pytest.approx(cpu.score(X, y))
+    sub = KMeansProbe(k=3, metric=metric, device="cuda", max_samples=60).fit(Xt)
+    assert sub.labels_.shape == y.shape
+    restored = pickle.loads(pickle.dumps(gpu))
+    np.testing.assert_array_equal(restored.predict(X), gpu.predict(X))
+
+
+@pytest.mark.gpu
+def test_cuda_faiss_backend(digits):
+    pytest.importorskip("faiss")
+    X, _ = digits
+    kw = dict(k=10, metric="euclidean", max_iter=30, tol=0, random_state=0)
+    a = KMeansProbe(backend="torch", device="cuda", **kw).fit(X)
+    b = KMeansProbe(backend="faiss", device="cuda", **kw).fit(X)
+    assert b.inertia_ == pytest.approx(a.inertia_, rel=0.01)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors(digits, maps):
+    X, y = digits
+    with pytest.raises(ValueError, match="n_samples=5"):
+        KMeansProbe(k=6).fit(X[:5])
+    with pytest.raises(ValueError, match="n_samples=4"):
+        KMeansProbe(k=6, max_samples=4).fit(X)
+    X_nan = X.copy()
+    X_nan[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        KMeansProbe(k=3).fit(X_nan)
+    t_nan = torch.from_numpy(X_nan)
+    with pytest.raises(ValueError, match="NaN"):
+        KMeansProbe(k=3).fit(t_nan)
+    with pytest.raises(ValueError, match="4-D maps"):
+        KMeansProbe(k=3).fit(np.zeros((4, 3, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        KMeansProbe(k=3).fit(X, y[:-1])
+    Xm, ym = maps
+    with pytest.raises(ValueError, match="label maps"):
+        KMeansProbe(k=3).fit(Xm, ym[:, 0])
+    with pytest.raises(ValueError, match="no valid label"):
+        KMeansProbe(k=3).fit(X, np.full(len(X), -1))
+    with pytest.raises(ValueError, match="integers"):
+        KMeansProbe(k=3).fit(X, y + 0.5)
+    with pytest.raises(ValueError, match="init has shape"):
+        KMeansProbe(k=3, init=np.zeros((2, 64))).fit(X)
+    with pytest.raises(ValueError, match="metric"):
+        KMeansProbe(k=3, metric="manhattan").fit(X)
+    probe = KMeansProbe(k=3, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="size only applies"):
+        probe.predict(X, size=(4, 4))
+    with pytest.raises(ValueError, match="metric"):
+        probe.score(X, y, metric="f1")
+    with pytest.raises(ValueError, match="features"):
+        probe.predict(X[:, :10])
