@@ -16,6 +16,7 @@ This is the one boundary every skstego estimator goes through:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -210,7 +211,10 @@ def as_tensor(
     is returned as is. Callers must treat the result as read-only.
     """
     if not is_torch(X):
-        X = torch.from_numpy(np.ascontiguousarray(X))
+        with warnings.catch_warnings():
+            # read-only arrays (memory maps) are fine: the result is never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not")
+            X = torch.from_numpy(np.ascontiguousarray(X))
         if device.type == "cuda":
             X = X.pin_memory()
     return X.to(device=device, dtype=dtype, non_blocking=True)

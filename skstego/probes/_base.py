@@ -52,8 +52,8 @@ def check_targets(X: Any, y: Any) -> np.ndarray | torch.Tensor:
                 yt = yt.astype(np.int64)
             else:
                 raise ValueError(
-                    f"Labels must be integers (class ids, -1 to ignore); got dtype "
-                    f"{yt.dtype}."
+                    f"Unknown label type: labels must be integers (class ids, -1 "
+                    f"to ignore); got dtype {yt.dtype}."
                 )
     if X.ndim == 2:
         if yt.ndim != 1 or yt.shape[0] != X.shape[0]:

@@ -594,7 +594,7 @@ class KMeansProbe(
         if is_torch(X):
             X = X.detach()  # no autograd graph through the Lloyd loop
         if y is not None:
-            y = _check_y(X, y)
+            y = check_targets(X, y)
         device = resolve_device(self.device)
         backend = _choose_backend(self.backend, device)
         if backend == "faiss":
@@ -865,7 +865,7 @@ class KMeansProbe(
             Pixels of unmatched clusters count as errors.
         """
         X = self._check_X(X)
-        y = _check_y(X, y)
+        y = check_targets(X, y)
         device = self._resolved_device()
         n_classes = max(_n_valid_classes(y), getattr(self, "n_classes_", 0), 1)
         conf = scored_confusion(
@@ -916,16 +916,6 @@ class KMeansProbe(
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def _check_y(X: Any, y: Any) -> Any:
-    """:func:`check_targets`, with scikit-learn's wording for object labels."""
-    if getattr(getattr(y, "dtype", None), "kind", None) == "O":
-        raise ValueError(
-            "Unknown label type: y has dtype object; pass integer class ids "
-            "(-1 to ignore)."
-        )
-    return check_targets(X, y)
 
 
 def _n_valid_classes(y: Any) -> int:
