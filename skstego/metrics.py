@@ -55,7 +55,7 @@ def _as_labels(y: Any, name: str) -> torch.Tensor:
                 )
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.is_floating_point():
-        if not bool(torch.all(t == torch.round(t))):
+        if not bool(torch.all(torch.isfinite(t) & (t == torch.round(t)))):
             raise ValueError(f"{name} must hold integer labels, got {t.dtype} values.")
     return t.reshape(-1).long()
 
@@ -76,13 +76,15 @@ def confusion_matrix(
         Ground truth. Values outside ``[0, n_classes)`` and ``ignore_index``
         are ignored.
     y_pred : array-like or torch.Tensor of int, same number of elements
-        Predicted class or cluster ids. Negative predictions (an unmatched
-        cluster) are counted in no column but still count as a miss of the true
-        class, see :func:`segmentation_report`.
+        Predicted class or cluster ids. Predictions outside ``[0, n_pred)``
+        (e.g. -1 for an unmatched cluster) are counted in no column;
+        :func:`segmentation_report` still counts them as misses.
     n_classes : int, optional
-        Number of classes; default ``max(y_true) + 1``.
+        Number of classes; default ``max(y_true) + 1`` over labels other than
+        ``ignore_index``.
     n_pred : int, optional
-        Number of predicted ids (columns); default ``max(n_classes, max(y_pred) + 1)``.
+        Number of predicted ids (columns); default
+        ``max(n_classes, max(y_pred) + 1)``.
     ignore_index : int, default=-1
         Label to ignore (on top of out-of-range labels).
 
@@ -98,6 +100,21 @@ def confusion_matrix(
     array([[0, 2],
            [1, 0]])
     """
+    return _count(y_true, y_pred, n_classes, n_pred, ignore_index)[0]
+
+
+def _count(
+    y_true: Any,
+    y_pred: Any,
+    n_classes: int | None,
+    n_pred: int | None,
+    ignore_index: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Confusion matrix and per-class support (valid pixels of each class).
+
+    The support also counts pixels whose prediction falls outside
+    ``[0, n_pred)``, so that they count as misses.
+    """
     t = _as_labels(y_true, "y_true")
     p = _as_labels(y_pred, "y_pred").to(t.device)
     if t.numel() != p.numel():
@@ -105,14 +122,17 @@ def confusion_matrix(
             f"y_true and y_pred have different sizes: {t.numel()} and {p.numel()}."
         )
     if n_classes is None:
-        n_classes = int(t.max()) + 1 if t.numel() else 0
-        n_classes = max(n_classes, 1)
+        labelled = t[t != ignore_index]
+        n_classes = max(int(labelled.max()) + 1 if labelled.numel() else 0, 1)
     if n_pred is None:
         n_pred = max(n_classes, int(p.max()) + 1 if p.numel() else 0)
-    valid = (t >= 0) & (t < n_classes) & (t != ignore_index) & (p >= 0) & (p < n_pred)
-    idx = t[valid] * n_pred + p[valid]
+    valid = (t >= 0) & (t < n_classes) & (t != ignore_index)
+    support = torch.bincount(t[valid], minlength=n_classes)
+    t, p = t[valid], p[valid]
+    predicted = (p >= 0) & (p < n_pred)
+    idx = t[predicted] * n_pred + p[predicted]
     counts = torch.bincount(idx, minlength=n_classes * n_pred)
-    return counts.reshape(n_classes, n_pred).cpu().numpy()
+    return counts.reshape(n_classes, n_pred).cpu().numpy(), support.cpu().numpy()
 
 
 def hungarian_match(confusion: Any) -> np.ndarray:
@@ -146,7 +166,7 @@ def hungarian_match(confusion: Any) -> np.ndarray:
 
 
 def report_from_confusion(
-    confusion: Any, *, matching: str = "identity"
+    confusion: Any, *, matching: str = "identity", support: Any = None
 ) -> dict[str, Any]:
     """All scores of :func:`segmentation_report` from a confusion matrix.
 
@@ -159,6 +179,9 @@ def report_from_confusion(
     matching : {"identity", "hungarian"}, default="identity"
         Identity compares column ``j`` with class ``j``; Hungarian first maps
         columns to classes with :func:`hungarian_match`.
+    support : array-like of shape (n_classes,), optional
+        Valid pixels of each class; default the row sums. Larger values count
+        pixels that were predicted as no column (misses).
 
     Returns
     -------
@@ -180,9 +203,15 @@ def report_from_confusion(
         raise ValueError(f"confusion must be 2-D, got shape {conf.shape}.")
     mapping = hungarian_match(conf) if matching == "hungarian" else None
     n_classes = conf.shape[0]
-    support = conf.sum(axis=1)
+    support = conf.sum(axis=1) if support is None else np.asarray(support, np.int64)
+    if support.shape != (n_classes,) or np.any(support < conf.sum(axis=1)):
+        raise ValueError(
+            "support must hold one count per class, at least the row sums of "
+            "the confusion matrix."
+        )
     if mapping is None:
-        mapped = conf[:, :n_classes]
+        width = max(n_classes, conf.shape[1])
+        mapped = np.pad(conf, ((0, 0), (0, width - conf.shape[1])))[:, :n_classes]
     else:
         mapped = np.zeros((n_classes, n_classes), dtype=np.int64)
         matched = mapping >= 0
@@ -252,10 +281,8 @@ def segmentation_report(
     >>> r["mapping"].tolist(), round(r["accuracy"], 2)
     ([1, -1, 0], 0.8)
     """
-    conf = confusion_matrix(
-        y_true, y_pred, n_classes=n_classes, n_pred=n_pred, ignore_index=ignore_index
-    )
-    return report_from_confusion(conf, matching=matching)
+    conf, support = _count(y_true, y_pred, n_classes, n_pred, ignore_index)
+    return report_from_confusion(conf, matching=matching, support=support)
 
 
 def mean_iou(y_true: Any, y_pred: Any, **kwargs: Any) -> float:

@@ -410,35 +410,25 @@ def test_scorer_rejects_unknown_metric(metric):
 
 
 # --------------------------------------------------------------------------
-# known defects (see the report that added these tests); remove the xfail
-# markers once skstego/metrics.py is fixed
+# regressions: out-of-range predictions, narrow matrices, infinite labels
 # --------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="confusion_matrix drops pixels whose prediction is outside "
-    "[0, n_pred) instead of counting them as misses, as its docstring says",
-)
 def test_negative_prediction_counts_as_a_miss():
     r = segmentation_report([0, 0, 1], [0, -1, 1])
     assert r["accuracy"] == pytest.approx(2 / 3)
     np.testing.assert_array_equal(r["support"], [2, 1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report_from_confusion broadcasts the diagonal when there are fewer "
-    "columns than classes (identity matching): class 1 gets IoU 0.25, not 0",
-)
 def test_identity_with_fewer_columns_than_classes():
     r = report_from_confusion([[1], [2]])
     np.testing.assert_allclose(r["iou"], [1 / 3, 0.0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_as_labels checks torch float labels for integrality but not "
-    "finiteness: inf is cast to an arbitrary integer",
-)
 def test_torch_inf_labels_raise():
     with pytest.raises(ValueError):
         confusion_matrix(torch.tensor([0.0, float("inf")]), torch.tensor([0, 1]))
+
+
+def test_default_n_classes_ignores_the_ignore_label():
+    conf = confusion_matrix([0, 1, 255, 1], [0, 1, 1, 1], ignore_index=255)
+    assert conf.shape == (2, 2)
+    np.testing.assert_array_equal(conf, [[1, 0], [0, 2]])
