@@ -17,6 +17,7 @@ This is the one boundary every skstego estimator goes through:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -324,14 +325,20 @@ def make_generator(random_state: Any, device: torch.device) -> torch.Generator:
     return gen
 
 
+#: Device copies of fitted attributes, per estimator. Kept outside the
+#: estimators' ``__dict__`` so that computing never changes an estimator's
+#: state (scikit-learn checks that) and so that pickles never hold device data.
+_DEVICE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class TorchEstimatorMixin:
     """Device handling shared by every skstego estimator.
 
     Fitted attributes are stored as NumPy arrays (as in scikit-learn, so they
     pickle, compare and print as users expect). :meth:`_tensor` returns a cached
-    device copy for computation; the cache is dropped when pickling, so a model
-    fitted on a GPU reloads on a machine without CUDA and moves to the device
-    resolved at the next call.
+    device copy for computation. The cache lives outside the estimator, so a
+    model fitted on a GPU pickles without device state, reloads on a machine
+    without CUDA and moves to the device resolved at its next call.
     """
 
     def _resolved_device(self) -> torch.device:
@@ -340,21 +347,25 @@ class TorchEstimatorMixin:
     def _tensor(
         self, name: str, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_tensor_cache", {})
+        """Device copy of the fitted attribute ``name``, refreshed when it changes."""
         value = getattr(self, name)
-        key = (name, str(device), dtype)
+        return self._cached(
+            (name, str(device), dtype),
+            value,
+            lambda: torch.as_tensor(np.asarray(value)).to(device, dtype),
+        )
+
+    def _cached(
+        self, key: Any, source: Any, compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """Cache ``compute()`` under ``key`` until the object ``source`` changes.
+
+        ``source`` is the fitted attribute the value derives from; a refit
+        replaces that object and so invalidates the entry.
+        """
+        cache = _DEVICE_COPIES.setdefault(self, {})
         hit = cache.get(key)
-        if hit is None or hit[0] is not value:
-            hit = (value, torch.as_tensor(np.asarray(value)).to(device, dtype))
+        if hit is None or hit[0] is not source:
+            hit = (source, compute())
             cache[key] = hit
         return hit[1]
-
-    def __getstate__(self):
-        state = (
-            super().__getstate__()
-            if hasattr(super(), "__getstate__")
-            else self.__dict__.copy()
-        )
-        state = dict(state)
-        state.pop("_tensor_cache", None)
-        return state

@@ -139,14 +139,15 @@ def test_make_generator_is_deterministic_per_seed():
     assert torch.equal(d, e)
 
 
-def test_tensor_cache_is_dropped_when_pickling():
+def test_device_copies_stay_out_of_state_and_pickles():
     est = _Est()
     est.components_ = np.eye(3, dtype=np.float32)
     t = est._tensor("components_", torch.device("cpu"))
     assert torch.equal(t, torch.eye(3))
     assert est._tensor("components_", torch.device("cpu")) is t  # cached
+    assert b"torch" not in pickle.dumps(est)
     clone = pickle.loads(pickle.dumps(est))
-    assert "_tensor_cache" not in clone.__dict__
+    assert vars(clone).keys() == {"device", "components_"}
     np.testing.assert_array_equal(clone.components_, est.components_)
     # a new attribute value invalidates the cache
     est.components_ = 2 * np.eye(3, dtype=np.float32)

@@ -363,7 +363,7 @@ def test_pickle_and_clone(digits):
     probe = KMeansProbe(k=10, random_state=0).fit(X, y)
     probe.predict(X)  # fills the device cache
     restored = pickle.loads(pickle.dumps(probe))
-    assert "_tensor_cache" not in restored.__dict__
+    assert b"torch" not in pickle.dumps(probe)  # no device state in the pickle
     np.testing.assert_array_equal(restored.predict(X), probe.predict(X))
     np.testing.assert_array_equal(restored.cluster_centers_, probe.cluster_centers_)
     fresh = clone(probe)

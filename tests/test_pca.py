@@ -240,7 +240,7 @@ def test_pickle_and_clone(digits):
     pca = TorchPCA(4, whiten=True, device="cpu").fit(digits)
     Z = pca.transform(digits)
     again = pickle.loads(pickle.dumps(pca))
-    assert "_tensor_cache" not in again.__dict__
+    assert b"torch" not in pickle.dumps(pca)  # no device state in the pickle
     assert_allclose(again.transform(digits), Z)
     again.partial_fit(digits)  # statistics survive pickling
     assert again.n_samples_seen_ == 2 * len(digits)

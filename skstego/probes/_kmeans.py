@@ -704,8 +704,6 @@ class KMeansProbe(
                 )
             self.mapping_ = hungarian_match(conf)
             self.n_classes_ = n_classes
-        # Warm the device cache so that later calls leave __dict__ unchanged.
-        self._tensor("cluster_centers_", device)
         return self
 
     def _label_all(

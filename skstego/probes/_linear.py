@@ -326,10 +326,6 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         self.classes_ = classes
         self.coef_ = coef.cpu().numpy()
         self.intercept_ = intercept.cpu().numpy()
-        # Populate the device cache now, so that predicting does not add
-        # attributes (scikit-learn checks that predict leaves __dict__ alone).
-        self._tensor("coef_", device)
-        self._tensor("intercept_", device)
         return self
 
     def _batch(self, n_labelled: int) -> int:

@@ -759,9 +759,6 @@ class TorchPCA(
         self.n_components_ = int(components.shape[0])
         self.n_samples_ = int(n)
         self.n_samples_seen_ = int(n)
-        # A fresh device cache, created here so that transform does not add
-        # attributes (scikit-learn's check_dict_unchanged).
-        self._tensor_cache = {}
 
     # ------------------------------------------------------------ transform
 

@@ -360,9 +360,6 @@ class RandomProjection(
         self.components_ = components.cpu().numpy()
         self.n_components_ = n_components
         self._n_features_out = n_components
-        # Warm the device cache (zero-copy on the CPU), so that transform only
-        # reuses it.
-        self._tensor("components_", device)
         return device
 
     def _transform(
@@ -373,14 +370,13 @@ class RandomProjection(
 
     def _inverse_components(self, device: torch.device) -> torch.Tensor:
         """Pseudo-inverse of ``components_`` (n_features, dim), cached."""
-        cache = self.__dict__.setdefault("_tensor_cache", {})
-        key = ("_inverse_components", str(device), torch.float32)
-        hit = cache.get(key)
-        if hit is None or hit[0] is not self.components_:
-            W = self._tensor("components_", device).double()
-            hit = (self.components_, torch.linalg.pinv(W).to(torch.float32))
-            cache[key] = hit
-        return hit[1]
+        return self._cached(
+            ("inverse_components", str(device)),
+            self.components_,
+            lambda: torch.linalg.pinv(
+                self._tensor("components_", device, torch.float64)
+            ).to(torch.float32),
+        )
 
     def _check_codes(self, X: Any) -> np.ndarray | torch.Tensor:
         """Validate codes for :meth:`inverse_transform`; never modifies X."""
