@@ -28,6 +28,7 @@ __all__ = [
     "accuracy_scorer",
     "confusion_matrix",
     "hungarian_match",
+    "integer_labels",
     "make_segmentation_scorer",
     "mean_iou",
     "miou_scorer",
@@ -37,27 +38,43 @@ __all__ = [
 ]
 
 
-def _as_labels(y: Any, name: str) -> torch.Tensor:
+def integer_labels(y: Any, name: str = "y") -> np.ndarray | torch.Tensor:
+    """Check that ``y`` holds integer labels; return it as int64, same shape.
+
+    Float arrays of whole, finite numbers are accepted and converted; the input
+    is never modified. NumPy stays NumPy, torch stays torch.
+
+    Raises
+    ------
+    ValueError
+        "Unknown label type" (scikit-learn's wording) for anything else.
+    """
     if isinstance(y, torch.Tensor):
-        t = y
-    else:
-        arr = np.asarray(y)
-        if arr.dtype.kind not in "iub":
-            if (
-                arr.dtype.kind == "f"
-                and np.all(np.isfinite(arr))
-                and np.all(arr == np.round(arr))
-            ):
-                arr = arr.astype(np.int64)
-            else:
-                raise ValueError(
-                    f"{name} must hold integer labels, got dtype {arr.dtype}."
-                )
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.is_floating_point():
-        if not bool(torch.all(torch.isfinite(t) & (t == torch.round(t)))):
-            raise ValueError(f"{name} must hold integer labels, got {t.dtype} values.")
-    return t.reshape(-1).long()
+        if y.is_floating_point() and not bool(
+            torch.all(torch.isfinite(y) & (y == torch.round(y)))
+        ):
+            raise ValueError(
+                f"Unknown label type: {name} must hold integer labels (class ids, "
+                f"-1 to ignore), got {y.dtype} values that are not whole numbers."
+            )
+        if y.is_complex():
+            raise ValueError(f"Unknown label type: {name} is complex.")
+        return y.long()
+    arr = np.asarray(y)
+    if arr.dtype.kind in "iub":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "f" and np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        return arr.astype(np.int64)
+    raise ValueError(
+        f"Unknown label type: {name} must hold integer labels (class ids, -1 to "
+        f"ignore), got dtype {arr.dtype}."
+    )
+
+
+def _as_labels(y: Any, name: str) -> torch.Tensor:
+    t = integer_labels(y, name)
+    t = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
+    return t.reshape(-1)
 
 
 def confusion_matrix(

@@ -452,7 +452,7 @@ def test_bad_input_errors(digits, maps):
         KMeansProbe(k=3).fit(Xm, ym[:, 0])
     with pytest.raises(ValueError, match="no valid label"):
         KMeansProbe(k=3).fit(X, np.full(len(X), -1))
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(ValueError, match="integer labels"):
         KMeansProbe(k=3).fit(X, y + 0.5)
     with pytest.raises(ValueError, match="init has shape"):
         KMeansProbe(k=3, init=np.zeros((2, 64))).fit(X)

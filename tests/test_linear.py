@@ -375,7 +375,7 @@ def test_bad_input():
         probe.fit(maps, -np.ones_like(small))
     with pytest.raises(ValueError, match="one class"):
         probe.fit(maps, np.zeros_like(small))
-    with pytest.raises(ValueError, match="labels must be integers"):
+    with pytest.raises(ValueError, match="y must hold integer labels"):
         probe.fit(maps, small + 0.5)
     with pytest.raises(ValueError):
         probe.fit(X[:, :, None], y)  # 3-D input

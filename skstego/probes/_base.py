@@ -10,7 +10,7 @@ large validation set never materialises all upsampled scores at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from .._device import (
     to_output,
     tokens_to_maps,
 )
+from ..metrics import integer_labels
 
 __all__ = ["check_targets", "predict_labels", "scored_confusion"]
 
@@ -39,22 +40,7 @@ def check_targets(X: Any, y: Any) -> np.ndarray | torch.Tensor:
     """
     if y is None:
         raise ValueError("This probe needs labels y; got y=None.")
-    if is_torch(y):
-        yt = y
-    else:
-        yt = np.asarray(y)
-        if yt.dtype.kind not in "iu":
-            if (
-                yt.dtype.kind == "f"
-                and np.all(np.isfinite(yt))
-                and np.all(yt == np.round(yt))
-            ):
-                yt = yt.astype(np.int64)
-            else:
-                raise ValueError(
-                    f"Unknown label type: labels must be integers (class ids, -1 "
-                    f"to ignore); got dtype {yt.dtype}."
-                )
+    yt = integer_labels(y, "y")
     if X.ndim == 2:
         if yt.ndim != 1 or yt.shape[0] != X.shape[0]:
             raise ValueError(
@@ -67,12 +53,7 @@ def check_targets(X: Any, y: Any) -> np.ndarray | torch.Tensor:
                 f"For 4-D maps X of shape {tuple(X.shape)}, y must be label maps "
                 f"(N, H, W) with N={X.shape[0]}; got shape {tuple(yt.shape)}."
             )
-    if is_torch(yt):
-        if yt.is_floating_point():
-            if not bool(torch.all(yt == torch.round(yt))):
-                raise ValueError("Labels must be integers (class ids, -1 to ignore).")
-        return yt.long()
-    return yt.astype(np.int64, copy=False)
+    return yt
 
 
 def _upsampled_scores(
@@ -96,6 +77,31 @@ def _image_batch(X: Any, n_outputs: int, size: tuple[int, int] | None) -> int:
     return rows_per_batch(per_image, DEFAULT_BATCH_ELEMENTS)
 
 
+def _argmax_batches(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    X: Any,
+    device: torch.device,
+    n_outputs: int,
+    size: tuple[int, int] | None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (slice, argmax ids on ``device``) batch by batch.
+
+    Ids are (n,) for tokens and (B, H, W) for maps, upsampled to ``size``.
+    """
+    batch = (
+        _image_batch(X, n_outputs, size)
+        if X.ndim == 4
+        else rows_per_batch(X.shape[1] + 2 * n_outputs)
+    )
+    with torch.no_grad():
+        for sl in iter_slices(X.shape[0], batch):
+            xb = as_tensor(X[sl], device)
+            if xb.ndim == 4:
+                yield sl, _upsampled_scores(score_fn, xb, size).argmax(dim=1)
+            else:
+                yield sl, score_fn(xb).argmax(dim=1)
+
+
 def predict_labels(
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     X: Any,
@@ -115,21 +121,10 @@ def predict_labels(
         size = tuple(int(s) for s in size)
         if len(size) != 2:
             raise ValueError(f"size must be (H, W), got {size!r}.")
-    batch = (
-        _image_batch(X, n_outputs, size)
-        if X.ndim == 4
-        else rows_per_batch(X.shape[1] + 2 * n_outputs)
-    )
     out = []
-    with torch.no_grad():
-        for sl in iter_slices(X.shape[0], batch):
-            xb = as_tensor(X[sl], device)
-            if xb.ndim == 4:
-                ids = _upsampled_scores(score_fn, xb, size).argmax(dim=1)
-            else:
-                ids = score_fn(xb).argmax(dim=1)
-            ids = label_fn(ids)
-            out.append(ids if is_torch(X) else ids.cpu())
+    for _, ids in _argmax_batches(score_fn, X, device, n_outputs, size):
+        ids = label_fn(ids)
+        out.append(ids if is_torch(X) else ids.cpu())
     return to_output(torch.cat(out), X)
 
 
@@ -151,22 +146,11 @@ def scored_confusion(
     """
     conf = torch.zeros(n_classes * n_outputs, dtype=torch.int64, device=device)
     size = tuple(y.shape[-2:]) if X.ndim == 4 else None
-    batch = (
-        _image_batch(X, n_outputs, size)
-        if X.ndim == 4
-        else rows_per_batch(X.shape[1] + 2 * n_outputs)
-    )
-    with torch.no_grad():
-        for sl in iter_slices(X.shape[0], batch):
-            xb = as_tensor(X[sl], device)
-            if xb.ndim == 4:
-                pred = _upsampled_scores(score_fn, xb, size).argmax(dim=1)
-            else:
-                pred = score_fn(xb).argmax(dim=1)
-            yb = torch.as_tensor(y[sl]).to(device, torch.int64).reshape(-1)
-            pred = pred.reshape(-1)
-            valid = (yb >= 0) & (yb < n_classes) & (yb != ignore_index)
-            conf += torch.bincount(
-                yb[valid] * n_outputs + pred[valid], minlength=n_classes * n_outputs
-            )
+    for sl, pred in _argmax_batches(score_fn, X, device, n_outputs, size):
+        yb = torch.as_tensor(y[sl]).to(device, torch.int64).reshape(-1)
+        pred = pred.reshape(-1)
+        valid = (yb >= 0) & (yb < n_classes) & (yb != ignore_index)
+        conf += torch.bincount(
+            yb[valid] * n_outputs + pred[valid], minlength=n_classes * n_outputs
+        )
     return conf.reshape(n_classes, n_outputs).cpu().numpy()
