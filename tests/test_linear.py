@@ -414,3 +414,19 @@ def test_cuda_fit_predict_and_pickle_to_cpu():
     # A CUDA-fitted model unpickles and predicts on the CPU.
     restored = pickle.loads(pickle.dumps(gpu)).set_params(device="cpu")
     assert (restored.predict(X) == gpu.predict(X)).mean() > 0.99
+
+
+def test_map_labels_unseen_in_fit_count_as_errors():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 4, 3, 3)).astype(np.float32)
+    y = rng.integers(0, 2, size=(6, 3, 3))
+    probe = LinearProbe(max_iter=20, random_state=0).fit(X, y)
+    pred = probe.predict(X)
+    y_new = y.copy()
+    y_new[0] = 5  # a class the probe never saw: every such pixel is an error
+    # independent count: accuracy over valid pixels with unseen ones as misses
+    expected = np.mean(np.where(y_new == 5, False, pred == y_new))
+    assert probe.score(X, y_new, metric="accuracy") == pytest.approx(expected)
+    assert probe.score(X, y_new, metric="accuracy") < probe.score(
+        X, y, metric="accuracy"
+    )

@@ -676,13 +676,16 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         else:
             labels = check_targets(X, y)
             ignore = -1 if self.ignore_index is None else self.ignore_index
+            # classes unseen in fit get rows of their own: they count as errors
+            seen = labels.reshape(-1).shape[0]
+            rows = max(n_classes, int(labels.max()) + 1 if seen else 0)
             conf = scored_confusion(
                 fn,
                 X,
                 labels,
                 device=device,
-                n_outputs=n_classes,
-                n_classes=n_classes,
+                n_outputs=rows,
+                n_classes=rows,
                 ignore_index=ignore,
             )
             metric = "miou" if metric == "auto" else metric
