@@ -12,12 +12,14 @@ Every estimator runs on the GPU when one is present (``device="auto"``) and
 returns NumPy for NumPy input, torch for torch input.
 """
 
+from .features import DinoFeaturizer
 from .probes import KMeansProbe, LinearProbe
 from .projection import RandomProjection, TorchPCA
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DinoFeaturizer",
     "KMeansProbe",
     "LinearProbe",
     "RandomProjection",

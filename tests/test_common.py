@@ -14,6 +14,15 @@ ESTIMATORS = [
     LinearProbe(),
 ]
 
+# Public estimators left out of the generic checks, each with its reason; their
+# own tests cover the parts of the contract that apply.
+NOT_CHECKED: dict[str, str] = {
+    # Takes images (N, H, W, 3) uint8 / paths / PIL, not the 2-D float data the
+    # generic checks feed; tests/test_featurizer.py checks clone, params,
+    # fit-returns-self, no mutation in __init__ and pickling.
+    "DinoFeaturizer": "images in, not 2-D features",
+}
+
 # Checks expected to fail, each with its reason. Aim: none.
 EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {}
 
@@ -33,7 +42,7 @@ def test_every_public_estimator_is_checked():
     public = {
         name for name in skstego.__all__ if isinstance(getattr(skstego, name), type)
     }
-    checked = {type(est).__name__ for est in ESTIMATORS}
+    checked = {type(est).__name__ for est in ESTIMATORS} | set(NOT_CHECKED)
     assert public == checked, public ^ checked
 
 

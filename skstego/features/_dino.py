@@ -1,0 +1,909 @@
+"""DinoFeaturizer: images in, frozen DINO ViT feature maps (N, C, h, w) out.
+
+The backbone is a timm Vision Transformer, frozen and in eval mode. It is built
+(and its weights loaded) once per process and device, in a module-level cache,
+so that the clones scikit-learn makes (``clone``, ``GridSearchCV``) share it and
+pickles of the estimator never contain it.
+
+Images go through the reference preprocessing (short side to ``resolution``,
+center crop, normalisation from the model's own data config) on the device,
+batch by batch, under :func:`torch.inference_mode` (bf16 autocast on CUDA).
+File paths, PIL images and lazy collections are decoded by a small pool of
+background threads with a bounded prefetch, overlapping with the forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from .._device import is_torch, resolve_device
+
+__all__ = ["DinoFeaturizer"]
+
+#: Images per batch on the CPU with ``batch_size="auto"``.
+CPU_BATCH_SIZE = 16
+#: First batch tried on CUDA with ``batch_size="auto"`` at 224 px (scaled by
+#: the number of pixels at other resolutions); halved on out-of-memory.
+CUDA_BATCH_SIZE_224 = 256
+#: Largest number of input values (pixels x channels) loaded at once.
+MAX_LOAD_VALUES = 256 * 1024 * 1024
+#: Seconds allowed to find out whether the Hugging Face hub is reachable.
+HUB_PROBE_TIMEOUT = 3.0
+
+# (model name, pretrained, weights path, weights mtime, device) -> module
+_BACKBONES: dict[tuple, torch.nn.Module] = {}
+# user module -> {device: the module or its copy on that device}
+_MODULE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (id(module), device, resolution) -> largest batch that ran without OOM
+_CUDA_BATCH: dict[tuple, int] = {}
+_LOCK = threading.RLock()
+_HUB_REACHABLE: list[bool] = []
+
+
+class DinoFeaturizer(TransformerMixin, BaseEstimator):
+    """Frozen DINO Vision Transformer feature maps of images.
+
+    A stateless transformer: :meth:`fit` only validates the parameters, and
+    :meth:`transform` turns images into the patch-token features of one block
+    of a frozen timm ViT, after the final LayerNorm, prefix tokens (class,
+    registers) dropped, as maps of shape ``(N, C, h, w)`` with
+    ``h = H / p`` and ``w = W / p`` for patch size ``p``. This is the input of
+    every reducer and probe of skstego and the backbone of STEGO.
+
+    Parameters
+    ----------
+    model : str or torch.nn.Module, default="vit_small_patch8_224.dino"
+        A timm ViT name (``"vit_small_patch8_224.dino"``,
+        ``"vit_base_patch8_224.dino"``, ``"vit_small_patch16_224.dino"``,
+        ``"vit_base_patch16_224.dino"``; DINOv2 names with patch 14 work too)
+        or a timm ``VisionTransformer`` instance. A module is used as given
+        (never copied by :func:`~sklearn.base.clone`, moved to another device
+        only through a cached copy, put in eval mode during the call); it
+        must support ``forward_intermediates``.
+
+    pretrained : bool, default=True
+        Load timm's pretrained weights from the Hugging Face hub (or its local
+        cache) for a model name. Offline without cached weights, building the
+        backbone fails within seconds with an error explaining how to pass a
+        local file instead. Ignored when ``weights`` is given or ``model`` is
+        a module.
+
+    weights : str or path-like, default=None
+        A local checkpoint for a model name: a ``.safetensors`` file or a
+        torch file loaded with ``weights_only=True``. timm state dicts and the
+        original DINO checkpoints (backbone weights, or a training checkpoint
+        whose ``teacher`` is used; ``module.`` / ``backbone.`` prefixes are
+        stripped and timm's conversion applied) are accepted.
+
+    resolution : int, default=224
+        Length the short side of each image is resized to (the reference
+        protocol trains at 224 and evaluates at 320). With ``crop="center"``
+        it must be a multiple of the model's patch size.
+
+    crop : {"center", "none"}, default="center"
+        ``"center"``: center crop ``resolution x resolution`` after the
+        resize, so that every image gives an ``(h, w) = (r / p, r / p)`` map.
+        ``"none"``: keep the whole image; the resized image's sides are
+        rounded to the nearest multiple of the patch size (slightly changing
+        the aspect ratio). Images whose maps differ in size then cannot be
+        stacked and raise a ValueError.
+
+    layer : int, default=-1
+        Block whose tokens are returned, Python-style (-1 is the last block,
+        -2 the one before). The final norm is applied to any block.
+
+    batch_size : int or "auto", default="auto"
+        Images per forward pass. ``"auto"``: 16 on the CPU; on CUDA start at
+        256 (at 224 px, scaled by pixel count) and halve on out-of-memory,
+        remembering the size that worked for later calls.
+
+    precision : {"auto", "float32", "bfloat16"}, default="auto"
+        Compute precision of the backbone: ``"auto"`` is bf16 autocast on
+        CUDA and float32 on the CPU. Outputs are float32 in every case.
+
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
+        Where the backbone runs; ``"auto"`` is CUDA when available.
+
+    verbose : bool or int, default=False
+        Show a tqdm progress bar over images.
+
+    See Also
+    --------
+    TorchPCA : Reduce the feature maps' channels.
+    KMeansProbe : Cluster feature maps into label maps.
+
+    Notes
+    -----
+    **Inputs.** ``transform`` accepts
+
+    * a NumPy array ``(N, H, W, 3)`` of uint8 (also 1 or 4 channels);
+    * a torch tensor ``(N, 3, H, W)``, uint8 or float in [0, 1] (it stays on
+      its device if it is on the featurizer's device);
+    * a sequence (list, or any lazy indexable collection) of PIL images, file
+      paths (``str`` / :class:`pathlib.Path`), ``(H, W, 3)`` / ``(H, W)``
+      uint8 arrays or ``(3, H, W)`` tensors, of possibly different sizes.
+      Grayscale and RGBA images are converted to RGB (alpha dropped).
+
+    **Output type.** NumPy for NumPy data (a batch array, or a sequence whose
+    first image is an array, as a lazy collection of decoded images or the
+    lists scikit-learn's splitters make), a torch tensor on the featurizer's
+    device for anything else (tensors, PIL images, paths), as in the rest of
+    skstego. Always float32.
+
+    **Fitting.** Images have no feature count, so ``fit`` sets no
+    ``n_features_in_`` and nothing else: the featurizer does not need fitting
+    (its ``requires_fit`` tag is False) and a pickle holds only parameters.
+
+    **Sizes other than the model's.** A backbone loaded by name is created
+    with ``dynamic_img_size=True`` (position embeddings resampled bicubically
+    to the image's grid, as DINO does). A module passed without that option
+    is switched to it only for the calls that need it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import timm
+    >>> from skstego import DinoFeaturizer
+    >>> vit = timm.models.VisionTransformer(
+    ...     img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2
+    ... )
+    >>> images = np.zeros((2, 80, 96, 3), dtype=np.uint8)
+    >>> featurizer = DinoFeaturizer(vit, resolution=64, device="cpu")
+    >>> featurizer.fit_transform(images).shape
+    (2, 32, 8, 8)
+    >>> DinoFeaturizer(vit, resolution=64, crop="none", device="cpu").transform(
+    ...     images
+    ... ).shape
+    (2, 32, 8, 10)
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        "model": [str, torch.nn.Module],
+        "pretrained": ["boolean"],
+        "weights": [str, os.PathLike, None],
+        "resolution": [Interval(Integral, 1, None, closed="left")],
+        "crop": [StrOptions({"center", "none"})],
+        "layer": [Integral],
+        "batch_size": [
+            Interval(Integral, 1, None, closed="left"),
+            StrOptions({"auto"}),
+        ],
+        "precision": [StrOptions({"auto", "float32", "bfloat16"})],
+        "device": [str, torch.device, None],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module = "vit_small_patch8_224.dino",
+        *,
+        pretrained: bool = True,
+        weights: str | os.PathLike | None = None,
+        resolution: int = 224,
+        crop: str = "center",
+        layer: int = -1,
+        batch_size: int | str = "auto",
+        precision: str = "auto",
+        device: str | torch.device | None = "auto",
+        verbose: bool | int = False,
+    ) -> None:
+        self.model = model
+        self.pretrained = pretrained
+        self.weights = weights
+        self.resolution = resolution
+        self.crop = crop
+        self.layer = layer
+        self.batch_size = batch_size
+        self.precision = precision
+        self.device = device
+        self.verbose = verbose
+
+    def __sklearn_clone__(self) -> DinoFeaturizer:
+        # A module passed as ``model`` is a frozen, shared resource: clones use
+        # the same object (scikit-learn would deep-copy it at every clone).
+        params = self.get_params(deep=False)
+        new_params = {
+            name: value
+            if isinstance(value, torch.nn.Module)
+            else clone(value, safe=False)
+            for name, value in params.items()
+        }
+        return type(self)(**new_params)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any = None) -> DinoFeaturizer:
+        """Validate the parameters; nothing is learnt.
+
+        Parameters
+        ----------
+        X : Ignored
+            Images; not used (the backbone is frozen).
+
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : DinoFeaturizer
+            The featurizer itself.
+        """
+        return self
+
+    def transform(self, X: Any) -> np.ndarray | torch.Tensor:
+        """Compute the feature maps of images.
+
+        Parameters
+        ----------
+        X : ndarray of shape (N, H, W, 3), torch.Tensor of shape (N, 3, H, W) \
+                or sequence of images
+            uint8 NumPy images, uint8 or [0, 1] float tensors, or a sequence of
+            PIL images, file paths or per-image arrays (sizes may differ).
+
+        Returns
+        -------
+        maps : ndarray or torch.Tensor of shape (N, C, h, w), float32
+            NumPy for NumPy input, torch on the featurizer's device otherwise.
+        """
+        self._validate_params()
+        device = resolve_device(self.device)
+        backbone = get_backbone(self.model, self.pretrained, self.weights, device)
+        return _featurize(self, backbone, X, device)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.transformer_tags.preserves_dtype = []
+        tags.non_deterministic = False
+        return tags
+
+
+# --------------------------------------------------------------------------
+# backbone: building, loading, caching
+# --------------------------------------------------------------------------
+def get_backbone(
+    model: str | torch.nn.Module,
+    pretrained: bool,
+    weights: str | os.PathLike | None,
+    device: torch.device,
+) -> torch.nn.Module:
+    """Return the frozen backbone for these parameters, built once per process."""
+    if isinstance(model, torch.nn.Module):
+        _check_vit(model, type(model).__name__)
+        current = next(model.parameters(), torch.empty(0)).device
+        if _same_device(current, device):
+            return model
+        with _LOCK:  # a frozen copy per other device (never referencing model)
+            copies = _MODULE_COPIES.setdefault(model, {})
+            if str(device) not in copies:
+                copies[str(device)] = _frozen(_deepcopy(model).to(device))
+            return copies[str(device)]
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights file {str(weights)!r} does not exist (resolved to {path})."
+            )
+        key = (model, False, str(path), path.stat().st_mtime_ns, str(device))
+    else:
+        key = (model, bool(pretrained), None, None, str(device))
+    with _LOCK:
+        if key not in _BACKBONES:
+            net = _create(model, pretrained=bool(pretrained) and weights is None)
+            if weights is not None:
+                load_weights(net, path)
+            _BACKBONES[key] = _frozen(net.to(device))
+        return _BACKBONES[key]
+
+
+def _deepcopy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (
+        current if b.index is None else b.index
+    )
+
+
+def _frozen(net: torch.nn.Module) -> torch.nn.Module:
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def _check_vit(net: Any, what: str) -> None:
+    needed = ("forward_intermediates", "patch_embed", "blocks", "num_prefix_tokens")
+    missing = [name for name in needed if not hasattr(net, name)]
+    if missing:
+        raise ValueError(
+            f"model {what} is not a timm Vision Transformer (it lacks "
+            f"{', '.join(missing)}); pass a timm ViT name such as "
+            "'vit_small_patch8_224.dino' or a timm.models.VisionTransformer."
+        )
+
+
+def _create(name: str, *, pretrained: bool) -> torch.nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(
+            f"model={name!r} is not a timm model name; DINO backbones are "
+            "'vit_small_patch8_224.dino', 'vit_base_patch8_224.dino', "
+            "'vit_small_patch16_224.dino' and 'vit_base_patch16_224.dino' "
+            "(see timm.list_models('*dino*'))."
+        )
+    kwargs = {"num_classes": 0, "dynamic_img_size": True}
+    if not pretrained:
+        net = _create_model(timm, name, False, kwargs)
+    else:
+        offline = _hub_offline()
+        try:
+            with _forced_offline(offline):
+                net = _create_model(timm, name, True, kwargs)
+        except (OSError, RuntimeError, ValueError) as exc:
+            why = (
+                "the Hugging Face hub is unreachable (offline)"
+                if offline
+                else "downloading them failed"
+            )
+            raise RuntimeError(
+                f"Could not load the pretrained weights of {name!r}: {why} and "
+                "they are not in the local cache. Pass a local checkpoint with "
+                'DinoFeaturizer(..., weights="path/to/file.pth" or ".safetensors"), '
+                "or pretrained=False for a randomly initialised backbone. "
+                f"(Cause: {type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
+    _check_vit(net, repr(name))
+    return net
+
+
+def _create_model(timm: Any, name: str, pretrained: bool, kwargs: dict):
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:  # not a ViT: no dynamic_img_size option
+        raise ValueError(
+            f"model={name!r} is not a timm Vision Transformer ({exc})."
+        ) from exc
+
+
+def _hub_offline() -> bool:
+    """True when the hub is off (HF_HUB_OFFLINE) or not reachable within seconds."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on it
+        return False
+    if constants.is_offline_mode():
+        return True
+    if not _HUB_REACHABLE:
+        _HUB_REACHABLE.append(_probe(constants.ENDPOINT))
+    return not _HUB_REACHABLE[0]
+
+
+def _probe(endpoint: str) -> bool:
+    """Can a TCP connection to the hub be opened within HUB_PROBE_TIMEOUT?"""
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or 443
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # DNS lookups ignore socket timeouts: bound the whole probe with a thread.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT + 0.5)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _forced_offline(offline: bool) -> Iterator[None]:
+    """Put huggingface_hub in offline mode (no retries) for the block."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def load_weights(net: torch.nn.Module, path: Path) -> None:
+    """Load a local timm or DINO checkpoint into ``net`` (safely, strictly)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"Could not read the weights file {str(path)!r}: {type(exc).__name__}: "
+            f"{exc}"
+        ) from exc
+    state = _unwrap_state_dict(state, path)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = checkpoint_filter_fn(state, net)
+    except Exception as exc:
+        raise ValueError(
+            f"The weights in {str(path)!r} do not fit the model: {exc}"
+        ) from exc
+    expected = set(net.state_dict())
+    # DINO's projection head (and a classifier) are not part of the backbone.
+    state = {
+        k: v for k, v in state.items() if k in expected or not k.startswith("head")
+    }
+    missing = sorted(expected - set(state) - {"head.weight", "head.bias"})
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"The weights in {str(path)!r} do not match the model: "
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}. Check the model name."
+        )
+    try:
+        net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"The weights in {str(path)!r} do not match the model: {exc}"
+        ) from exc
+
+
+def _unwrap_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the backbone state dict in a checkpoint; strip wrapper prefixes."""
+    for key in ("teacher", "state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(
+            f"The weights file {str(path)!r} does not hold a state dict of tensors."
+        )
+    prefixes = ("module.", "backbone.", "_orig_mod.")
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if state and all(
+                k.startswith(prefix) or k.startswith("head") for k in state
+            ):
+                if any(k.startswith(prefix) for k in state):
+                    state = {
+                        k.removeprefix(prefix): v
+                        for k, v in state.items()
+                        if k.startswith(prefix)
+                    }
+                    changed = True
+    return state
+
+
+# --------------------------------------------------------------------------
+# input handling
+# --------------------------------------------------------------------------
+def _check_batch(X: Any) -> np.ndarray | torch.Tensor:
+    """Validate an image batch: (N, H, W, C) NumPy or (N, C, H, W) tensor."""
+    if isinstance(X, np.ndarray):
+        if X.ndim != 4 or X.shape[-1] not in (1, 3, 4):
+            raise ValueError(
+                "Expected NumPy images of shape (N, H, W, 3) (or 1 / 4 channels), "
+                f"got an array of shape {X.shape}; for one image use X[None]."
+            )
+        if X.dtype != np.uint8:
+            raise ValueError(
+                f"Expected uint8 NumPy images, got dtype {X.dtype}; convert with "
+                "(X * 255).round().astype(np.uint8) for [0, 1] floats, or pass "
+                "a float torch tensor (N, 3, H, W) in [0, 1]."
+            )
+    else:
+        if X.ndim != 4 or X.shape[1] not in (1, 3, 4):
+            raise ValueError(
+                "Expected a tensor of images of shape (N, 3, H, W) (or 1 / 4 "
+                f"channels), got shape {tuple(X.shape)}."
+            )
+        if X.dtype != torch.uint8 and not X.is_floating_point():
+            raise ValueError(
+                f"Expected a uint8 or floating-point tensor, got dtype {X.dtype}."
+            )
+    if X.shape[0] < 1 or X.shape[-1] < 1 or X.shape[-2] < 1:
+        raise ValueError(f"Found no images (shape {tuple(X.shape)}).")
+    return X
+
+
+def _to_chw(image: Any, where: str) -> torch.Tensor:
+    """One image (path, PIL, array, tensor) -> (3, H, W) uint8/float CPU tensor."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as pil:
+                image = pil.convert("RGB")
+        except (OSError, ValueError) as exc:
+            kind = FileNotFoundError if not Path(image).exists() else OSError
+            raise kind(f"Could not read image {str(image)!r}: {exc}") from exc
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"Expected uint8 image arrays, got dtype {image.dtype} ({where})."
+            )
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(
+                "Expected an image array of shape (H, W, 3), (H, W) or "
+                f"(H, W, 1 / 4), got {image.shape} ({where})."
+            )
+        with warnings.catch_warnings():
+            # read-only arrays (PIL buffers, memory maps) are never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not")
+            chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return _rgb(chw)
+    if is_torch(image):
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(
+                "Expected an image tensor of shape (3, H, W), got "
+                f"{tuple(image.shape)} ({where})."
+            )
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise ValueError(f"Expected a uint8 or float tensor, got {image.dtype}.")
+        return _rgb(image)
+    raise ValueError(
+        f"Cannot read {type(image).__name__} as an image ({where}); pass file "
+        "paths, PIL images, (H, W, 3) uint8 arrays or (3, H, W) tensors."
+    )
+
+
+def _rgb(chw: torch.Tensor) -> torch.Tensor:
+    """Grayscale -> 3 channels; RGBA -> RGB (alpha dropped). Channels first."""
+    if chw.shape[0] == 1:
+        return chw.expand(3, -1, -1)
+    return chw[:3]
+
+
+# --------------------------------------------------------------------------
+# preprocessing and forward
+# --------------------------------------------------------------------------
+def _target_size(
+    h: int, w: int, resolution: int, crop: str, patch: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(resized size, crop box (top, left) or None) for one image."""
+    short = min(h, w)
+    if crop == "center":
+        if h <= w:
+            size = (resolution, int(resolution * w / h))
+        else:
+            size = (int(resolution * h / w), resolution)
+        top = round((size[0] - resolution) / 2.0)
+        left = round((size[1] - resolution) / 2.0)
+        return size, (top, left)
+    scale = resolution / short
+    size = tuple(
+        max(p, round(s * scale / p) * p) for s, p in zip((h, w), patch, strict=True)
+    )
+    return size, None
+
+
+def _resize_crop(x: torch.Tensor, runner: _Runner) -> torch.Tensor:
+    """(B, 3, H, W) uint8 or [0, 1] float on the device -> [0, 1] float32 at
+    the target size: short side resized (bilinear, antialiased), then center
+    cropped or rounded to multiples of the patch size."""
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    h, w = x.shape[-2:]
+    size, box = _target_size(h, w, runner.resolution, runner.crop, runner.patch)
+    if size != (h, w):
+        x = F.interpolate(
+            x, size=size, mode="bilinear", align_corners=False, antialias=True
+        )
+    if box is not None:
+        top, left = box
+        r = runner.resolution
+        x = x[..., top : top + r, left : left + r]
+    return x
+
+
+@contextlib.contextmanager
+def _any_size(net: torch.nn.Module, size: tuple[int, int]) -> Iterator[None]:
+    """Let a fixed-size timm ViT take ``size`` (as ``dynamic_img_size=True``)."""
+    pe = net.patch_embed
+    native = getattr(pe, "img_size", None)
+    if (
+        getattr(net, "dynamic_img_size", True)
+        or native is None
+        or tuple(native) == size
+    ):
+        yield
+        return
+    from timm.layers import Format
+
+    saved = (net.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt)
+    with _LOCK:
+        net.dynamic_img_size = True
+        pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
+        try:
+            yield
+        finally:
+            net.dynamic_img_size = saved[0]
+            pe.strict_img_size, pe.flatten, pe.output_fmt = saved[1:]
+
+
+class _Runner:
+    """Forward passes of one backbone with the featurizer's settings."""
+
+    def __init__(
+        self, est: DinoFeaturizer, net: torch.nn.Module, device: torch.device
+    ) -> None:
+        import timm.data
+
+        self.net, self.device = net, device
+        self.resolution, self.crop = int(est.resolution), est.crop
+        patch = net.patch_embed.patch_size
+        self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if self.crop == "center" and any(self.resolution % q for q in self.patch):
+            q = self.patch[0]
+            lower, upper = self.resolution // q * q, -(-self.resolution // q) * q
+            raise ValueError(
+                f"resolution={self.resolution} is not a multiple of the patch size "
+                f"{q} of this model, so a center crop cannot be cut into patches; "
+                f"use e.g. {lower} or {upper} (or crop='none')."
+            )
+        n_blocks = len(net.blocks)
+        layer = int(est.layer)
+        if not -n_blocks <= layer < n_blocks:
+            raise ValueError(
+                f"layer={layer} is out of range for a model with {n_blocks} blocks "
+                f"(use -{n_blocks} to {n_blocks - 1})."
+            )
+        self.layer = layer % n_blocks
+        config = timm.data.resolve_model_data_config(net)
+        self.mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1)
+        bf16 = est.precision == "bfloat16" or (
+            est.precision == "auto" and device.type == "cuda"
+        )
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.auto_batch = est.batch_size == "auto"
+        if not self.auto_batch:
+            self.batch_size = int(est.batch_size)
+        elif device.type == "cuda":
+            self.batch_key = (id(net), str(device), self.resolution, self.crop)
+            default = CUDA_BATCH_SIZE_224 * 224**2 // self.resolution**2
+            self.batch_size = _CUDA_BATCH.get(self.batch_key, max(1, default))
+        else:
+            self.batch_size = CPU_BATCH_SIZE
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Resized [0, 1] images (B, 3, H, W) on the device -> (B, C, h, w)."""
+        outputs = []
+        start = 0
+        while start < x.shape[0]:
+            stop = min(start + self.batch_size, x.shape[0])
+            out_of_memory = False
+            try:
+                outputs.append(self._forward(x[start:stop]))
+            except torch.cuda.OutOfMemoryError:
+                auto = self.auto_batch and self.device.type == "cuda"
+                if not auto or self.batch_size == 1:
+                    raise
+                out_of_memory = True
+            if out_of_memory:  # outside the handler: the failed batch is freed
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+                _CUDA_BATCH[self.batch_key] = self.batch_size
+                continue
+            start = stop
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x - self.mean) / self.std).contiguous()
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        net = self.net
+        training = net.training
+        net.eval()
+        try:
+            with torch.inference_mode(), autocast, _any_size(net, tuple(x.shape[-2:])):
+                (maps,) = net.forward_intermediates(
+                    x,
+                    indices=[self.layer],
+                    norm=True,
+                    stop_early=True,
+                    output_fmt="NCHW",
+                    intermediates_only=True,
+                )
+        finally:
+            if training:
+                net.train(training)
+        return maps.float()
+
+
+def _featurize(
+    est: DinoFeaturizer, net: torch.nn.Module, X: Any, device: torch.device
+) -> np.ndarray | torch.Tensor:
+    runner = _Runner(est, net, device)
+    # Output type: NumPy for NumPy data (a batch array, or a sequence whose
+    # first image is an array, known once it is read), else torch.
+    info = {"numpy": isinstance(X, np.ndarray)}
+    if isinstance(X, np.ndarray) or is_torch(X):
+        X = _check_batch(X)
+        n = X.shape[0]
+        batches = _array_batches(X, runner, device)
+    else:
+        if isinstance(X, (str, Path, dict)) or not (
+            isinstance(X, Sequence)
+            or (hasattr(X, "__len__") and hasattr(X, "__getitem__"))
+        ):
+            raise ValueError(
+                "Expected images as an (N, H, W, 3) uint8 array, an (N, 3, H, W) "
+                "tensor or a sequence of images (paths, PIL images, arrays); got "
+                f"{type(X).__name__}."
+            )
+        n = len(X)
+        if n == 0:
+            raise ValueError("Found no images (an empty sequence).")
+        batches = _sequence_batches(X, runner, device, info)
+
+    progress = None
+    if est.verbose:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=n, desc="DinoFeaturizer", unit="img")
+    outputs: list[torch.Tensor] = []
+    grid: tuple[int, int] | None = None
+    try:
+        for x in batches:
+            numpy_out = info["numpy"]
+            maps = runner.features(x)
+            if grid is None:
+                grid = tuple(maps.shape[-2:])
+            elif tuple(maps.shape[-2:]) != grid:
+                raise ValueError(
+                    f"Images give feature maps of different sizes ({grid} and "
+                    f"{tuple(maps.shape[-2:])}) with crop='none', which cannot be "
+                    "stacked into one (N, C, h, w) array; use crop='center', or "
+                    "transform images of one aspect ratio at a time."
+                )
+            if numpy_out and maps.is_cuda:
+                # asynchronous copy to pinned memory: the next batch's upload
+                # and forward pass are queued without waiting for it
+                host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
+                maps = host.copy_(maps, non_blocking=True)
+            outputs.append(maps.cpu() if numpy_out else maps)
+            if progress is not None:
+                progress.update(x.shape[0])
+    finally:
+        if progress is not None:
+            progress.close()
+    numpy_out = info["numpy"]
+    if numpy_out and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    Y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return Y.numpy() if numpy_out else Y
+
+
+def _array_batches(
+    X: np.ndarray | torch.Tensor, runner: _Runner, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Batches (B, 3, H, W) on the device from an image batch array/tensor.
+
+    At most about 256 Mi values (1 GiB as float32) are loaded at a time, so
+    large native images do not exhaust memory before they are resized.
+    """
+    pixels = int(np.prod(X.shape[1:]))
+    load = max(1, min(runner.batch_size, MAX_LOAD_VALUES // pixels))
+    for start in range(0, X.shape[0], load):
+        xb = X[start : start + load]
+        if isinstance(xb, np.ndarray):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is")
+                xb = torch.from_numpy(np.ascontiguousarray(xb)).permute(0, 3, 1, 2)
+            if device.type == "cuda":
+                xb = xb.pin_memory()
+        xb = xb.to(device, non_blocking=True)
+        if xb.shape[1] == 1:
+            xb = xb.expand(-1, 3, -1, -1)
+        elif xb.shape[1] == 4:
+            xb = xb[:, :3]
+        if xb.is_floating_point():
+            _check_unit_range(xb)
+        yield _resize_crop(xb, runner)
+
+
+def _check_unit_range(x: torch.Tensor) -> None:
+    lo, hi = torch.aminmax(x)
+    if not (float(lo) >= -1e-3 and float(hi) <= 1 + 1e-3):
+        raise ValueError(
+            "Float images must lie in [0, 1] (got values in "
+            f"[{float(lo):.3g}, {float(hi):.3g}]); pass uint8 for 0-255 images."
+        )
+
+
+def _sequence_batches(
+    X: Any, runner: _Runner, device: torch.device, info: dict
+) -> Iterator[torch.Tensor]:
+    """Batches on the device from a sequence of images, decoded in threads.
+
+    Images are read by a thread pool with at most two batches in flight.
+    Within a batch, each image is preprocessed to its target size on the
+    device; images ending at one size are stacked (one forward pass per size).
+    """
+    n = len(X)
+    load = max(1, min(runner.batch_size, 64))
+    workers = max(1, min(8, os.cpu_count() or 1))
+    pin = device.type == "cuda"
+
+    def read(i: int) -> torch.Tensor:
+        item = X[i]
+        if i == 0:
+            info["numpy"] = isinstance(item, np.ndarray)
+        image = _to_chw(item, f"image {i}")
+        if pin and not image.is_cuda:
+            image = image.contiguous().pin_memory()
+        return image
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        next_index = 0
+        for start in range(0, n, load):
+            stop = min(start + load, n)
+            while next_index < min(n, stop + load):  # prefetch one batch ahead
+                pending.append(pool.submit(read, next_index))
+                next_index += 1
+            images = [pending.popleft().result() for _ in range(start, stop)]
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for image in images:
+                image = image.to(device, non_blocking=True)
+                if image.is_floating_point():
+                    _check_unit_range(image)
+                prepared = _resize_crop(image[None], runner)
+                groups.setdefault(tuple(prepared.shape[-2:]), []).append(prepared)
+            for group in groups.values():
+                yield torch.cat(group)
