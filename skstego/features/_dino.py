@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._device import is_torch, resolve_device
+from .._device import as_tensor, is_torch, resolve_device
+from ..datasets._collection import _read_image
 
 __all__ = ["DinoFeaturizer"]
 
@@ -553,12 +554,9 @@ def _to_chw(image: Any, where: str) -> torch.Tensor:
     from PIL import Image
 
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as pil:
-                image = pil.convert("RGB")
-        except (OSError, ValueError) as exc:
-            kind = FileNotFoundError if not Path(image).exists() else OSError
-            raise kind(f"Could not read image {str(image)!r}: {exc}") from exc
+        # the collections' reader: RGB uint8, .mat and 16-bit files, the path
+        # named in FileNotFoundError / OSError
+        image = _read_image(os.fspath(image))
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -841,13 +839,10 @@ def _array_batches(
     load = max(1, min(runner.batch_size, MAX_LOAD_VALUES // pixels))
     for start in range(0, X.shape[0], load):
         xb = X[start : start + load]
-        if isinstance(xb, np.ndarray):
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is")
-                xb = torch.from_numpy(np.ascontiguousarray(xb)).permute(0, 3, 1, 2)
-            if device.type == "cuda":
-                xb = xb.pin_memory()
-        xb = xb.to(device, non_blocking=True)
+        if isinstance(xb, np.ndarray):  # pinned on CUDA, copied asynchronously
+            xb = as_tensor(xb, device, dtype=None).permute(0, 3, 1, 2)
+        else:
+            xb = xb.to(device, non_blocking=True)
         if xb.shape[1] == 1:
             xb = xb.expand(-1, 3, -1, -1)
         elif xb.shape[1] == 4:
