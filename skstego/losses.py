@@ -1,0 +1,459 @@
+"""STEGO's correspondence-distillation loss as plain functions.
+
+STEGO (Hamilton et al., ICLR 2022) trains a segmentation head so that the
+correlation of its codes follows the correlation of frozen DINO features. For
+two feature maps ``f1``, ``f2`` and their codes ``c1``, ``c2``:
+
+1. ``S x S`` points per image are read by bilinear sampling at uniformly random
+   coordinates in ``[-1, 1]^2`` (:func:`random_coords`, :func:`sample_points`);
+2. ``F = corr(f1, f2)`` and ``Cc = corr(c1, c2)`` are correlations of the
+   channel-normalised sampled maps (:func:`correlation`); ``F`` carries no
+   gradient and, with ``pointwise=True``, is centred per query point;
+3. ``loss(shift) = mean(-clamp(Cc) * (F - shift))``
+   (:func:`correlation_loss`).
+
+:func:`stego_loss` adds the three terms of the reference training objective:
+the image with itself (intra), with a K-NN partner (inter) and with other
+images of the batch (negatives, via :func:`derangement`).
+
+Every function takes explicit arguments (no configuration object) and works
+on any device and floating dtype; randomness comes from an optional
+``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "correlation",
+    "correlation_loss",
+    "derangement",
+    "random_coords",
+    "sample_points",
+    "stego_loss",
+]
+
+
+def _check_4d(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must be 4-D (batch, channels, height, width), got "
+            f"{x.ndim}-D with shape {tuple(x.shape)}."
+        )
+
+
+def _check_pair(
+    a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, *, dims: str
+) -> None:
+    """Check that ``a`` and ``b`` agree on the axes named in ``dims``."""
+    axes = {"batch": (0,), "channels": (1,), "spatial": (2, 3)}
+    for what in dims.split(","):
+        idx = axes[what]
+        sa = tuple(a.shape[i] for i in idx)
+        sb = tuple(b.shape[i] for i in idx)
+        if sa != sb:
+            raise ValueError(
+                f"{name_a} and {name_b} must have the same {what} size, got "
+                f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)}."
+            )
+
+
+def _draw_device(
+    generator: torch.Generator | None, device: torch.device | str | None
+) -> torch.device:
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def sample_points(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Read maps at continuous coordinates by bilinear sampling.
+
+    Parameters
+    ----------
+    maps : torch.Tensor of shape (B, C, H, W)
+        Feature maps or codes.
+    coords : torch.Tensor of shape (B, S, S2, 2)
+        Coordinates in ``[-1, 1]`` in ``(x, y)`` order, as
+        :func:`torch.nn.functional.grid_sample` expects: ``x = -1`` is the
+        centre of the left-most column and ``x = 1`` that of the right-most
+        (``align_corners=True``); points outside are clamped to the border.
+
+    Returns
+    -------
+    torch.Tensor of shape (B, C, S, S2)
+        ``out[b, :, i, j]`` is ``maps[b]`` read at ``coords[b, i, j]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> maps = torch.arange(6.0).reshape(1, 1, 2, 3)
+    >>> coords = torch.tensor([[[[-1.0, -1.0], [1.0, 1.0], [0.0, -1.0]]]])
+    >>> sample_points(maps, coords)
+    tensor([[[[0., 5., 1.]]]])
+    """
+    _check_4d(maps, "maps")
+    if (
+        not isinstance(coords, torch.Tensor)
+        or coords.ndim != 4
+        or coords.shape[-1] != 2
+    ):
+        raise ValueError(
+            "coords must be a tensor of shape (B, S, S, 2), got "
+            f"{tuple(getattr(coords, 'shape', ()))}."
+        )
+    if coords.shape[0] != maps.shape[0]:
+        raise ValueError(
+            f"maps and coords must have the same batch size, got {maps.shape[0]} "
+            f"and {coords.shape[0]}."
+        )
+    return F.grid_sample(
+        maps,
+        coords.to(device=maps.device, dtype=maps.dtype),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )
+
+
+def random_coords(
+    batch: int,
+    feature_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw uniformly random sampling coordinates in ``[-1, 1]^2``.
+
+    Parameters
+    ----------
+    batch : int
+        Number of images ``B``.
+    feature_samples : int
+        Points per side ``S``; ``S x S`` points are drawn per image.
+    generator : torch.Generator, optional
+        Source of randomness; the numbers are drawn on its device.
+    device : torch.device or str, optional
+        Device of the result (default: the generator's device, else CPU).
+
+    Returns
+    -------
+    torch.Tensor of shape (B, S, S, 2), float32
+        Coordinates for :func:`sample_points`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> c = random_coords(2, 11, generator=torch.Generator().manual_seed(0))
+    >>> c.shape, bool(c.abs().max() <= 1)
+    (torch.Size([2, 11, 11, 2]), True)
+    """
+    if batch < 0 or feature_samples < 1:
+        raise ValueError(
+            "batch must be >= 0 and feature_samples >= 1, got "
+            f"batch={batch}, feature_samples={feature_samples}."
+        )
+    draw = _draw_device(generator, device)
+    coords = torch.rand(
+        (batch, feature_samples, feature_samples, 2), generator=generator, device=draw
+    )
+    coords = coords * 2 - 1
+    return coords.to(device) if device is not None else coords
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine correlation between every point of ``a`` and every point of ``b``.
+
+    Parameters
+    ----------
+    a : torch.Tensor of shape (B, C, S, S2)
+    b : torch.Tensor of shape (B, C, T, T2)
+        Both are L2-normalised over channels first (a zero vector stays zero).
+
+    Returns
+    -------
+    torch.Tensor of shape (B, S, S2, T, T2)
+        ``out[n, h, w, i, j] = <a[n, :, h, w], b[n, :, i, j]>`` of the
+        normalised maps, in ``[-1, 1]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # (1, 2, 1, 2)
+    >>> correlation(a, a)[0, 0]
+    tensor([[[1., 0.]],
+    <BLANKLINE>
+            [[0., 1.]]])
+    """
+    _check_4d(a, "a")
+    _check_4d(b, "b")
+    _check_pair(a, b, "a", "b", dims="batch,channels")
+    a = F.normalize(a, dim=1)
+    b = F.normalize(b, dim=1)
+    return torch.einsum("nchw,ncij->nhwij", a, b)
+
+
+def correlation_loss(
+    feats1: torch.Tensor,
+    feats2: torch.Tensor,
+    codes1: torch.Tensor,
+    codes2: torch.Tensor,
+    shift: float,
+    *,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+) -> torch.Tensor:
+    """STEGO's correspondence-distillation loss on sampled maps.
+
+    ``F = correlation(feats1, feats2)`` is computed without gradient (the
+    features are detached); with ``pointwise`` it is centred per query point,
+    ``F <- F - mean_{i,j} F + mean(F_original)``. With
+    ``Cc = correlation(codes1, codes2)`` the loss is
+    ``mean(-clamp(Cc, lo, hi) * (F - shift))`` where ``lo = 0`` if
+    ``zero_clamp`` else ``-inf`` and ``hi = 0.8`` if ``stabilize`` else
+    ``+inf``. Gradients flow to the codes only.
+
+    Parameters
+    ----------
+    feats1, feats2 : torch.Tensor of shape (B, C, S, S) and (B, C, T, T)
+        Sampled feature maps (see :func:`sample_points`).
+    codes1, codes2 : torch.Tensor of shape (B, D, S, S) and (B, D, T, T)
+        Sampled codes at the same points as ``feats1`` and ``feats2``.
+    shift : float
+        Subtracted from the feature correlation: pairs whose correlation is
+        below ``shift`` push their codes apart.
+    pointwise : bool, default=True
+        Centre the feature correlation of each query point.
+    zero_clamp : bool, default=True
+        Clamp the code correlation below at 0.
+    stabilize : bool, default=False
+        Clamp the code correlation above at 0.8.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar, the mean over batch and all point pairs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> f = torch.randn(2, 8, 3, 3, generator=g)
+    >>> c = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    >>> loss = correlation_loss(f, f, c, c, 0.1)
+    >>> loss.ndim, loss.requires_grad
+    (0, True)
+    """
+    for x, name in (
+        (feats1, "feats1"),
+        (feats2, "feats2"),
+        (codes1, "codes1"),
+        (codes2, "codes2"),
+    ):
+        _check_4d(x, name)
+    _check_pair(feats1, feats2, "feats1", "feats2", dims="batch,channels")
+    _check_pair(codes1, codes2, "codes1", "codes2", dims="batch,channels")
+    _check_pair(feats1, codes1, "feats1", "codes1", dims="batch,spatial")
+    _check_pair(feats2, codes2, "feats2", "codes2", dims="batch,spatial")
+
+    with torch.no_grad():
+        fd = correlation(feats1.detach(), feats2.detach())
+        if pointwise:
+            old_mean = fd.mean()
+            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+            fd = fd - fd.mean() + old_mean
+    cd = correlation(codes1, codes2)
+    lo = 0.0 if zero_clamp else None
+    hi = 0.8 if stabilize else None
+    if lo is not None or hi is not None:
+        cd = cd.clamp(min=lo, max=hi)
+    return (-cd * (fd.to(cd.dtype) - shift)).mean()
+
+
+def derangement(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniformly random permutation of ``range(n)`` with no fixed points.
+
+    Drawn by rejection (``randperm`` until no element stays in place; about
+    ``e`` draws on average). The reference code's ``super_perm`` bumps fixed
+    points by one instead, which can repeat indices; this is a true
+    permutation.
+
+    Parameters
+    ----------
+    n : int
+        Size, at least 2.
+    generator : torch.Generator, optional
+        Source of randomness; the numbers are drawn on its device.
+    device : torch.device or str, optional
+        Device of the result (default: the generator's device, else CPU).
+
+    Returns
+    -------
+    torch.Tensor of shape (n,), int64
+
+    Raises
+    ------
+    ValueError
+        If ``n < 2`` (no derangement exists).
+
+    Examples
+    --------
+    >>> import torch
+    >>> derangement(2)
+    tensor([1, 0])
+    >>> p = derangement(5, generator=torch.Generator().manual_seed(0))
+    >>> bool((p != torch.arange(5)).all()), sorted(p.tolist())
+    (True, [0, 1, 2, 3, 4])
+    """
+    n = int(n)
+    if n < 2:
+        raise ValueError(
+            f"A permutation without fixed points needs n >= 2, got n={n} (the "
+            "negative term of the STEGO loss needs a batch of at least 2 images)."
+        )
+    draw = _draw_device(generator, device)
+    arange = torch.arange(n, device=draw)
+    while True:
+        perm = torch.randperm(n, generator=generator, device=draw)
+        if not bool((perm == arange).any()):
+            break
+    return perm.to(device) if device is not None else perm
+
+
+def stego_loss(
+    feats: torch.Tensor,
+    codes: torch.Tensor,
+    knn_feats: torch.Tensor,
+    knn_codes: torch.Tensor,
+    *,
+    pos_intra_weight: float = 0.67,
+    pos_inter_weight: float = 0.25,
+    neg_weight: float = 0.63,
+    pos_intra_shift: float = 0.08,
+    pos_inter_shift: float = 0.02,
+    neg_shift: float = 0.66,
+    neg_samples: int = 5,
+    feature_samples: int = 11,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabilize: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full STEGO training objective on a batch of feature maps and codes.
+
+    Randomness is drawn from ``generator`` in this order: coordinates of the
+    images (``random_coords(B, feature_samples)``), coordinates of the
+    partners (same call again), then one :func:`derangement` of ``range(B)``
+    per negative sample. The images are sampled at the first set; K-NN
+    partners and negatives at the second, as in the reference code. Then
+
+    * ``pos_intra = correlation_loss(f, f, c, c, pos_intra_shift)``,
+    * ``pos_inter = correlation_loss(f, f_knn, c, c_knn, pos_inter_shift)``,
+    * ``neg`` = mean over ``neg_samples`` derangements ``p`` of
+      ``correlation_loss(f, f[p], c, c[p], neg_shift)``,
+
+    and ``total = pos_intra_weight * pos_intra + pos_inter_weight * pos_inter
+    + neg_weight * neg``.
+
+    The defaults are the reference code's for ViT-S/8 on COCO-Stuff.
+
+    Parameters
+    ----------
+    feats : torch.Tensor of shape (B, C, H, W)
+        Feature maps of the batch (never receive gradients).
+    codes : torch.Tensor of shape (B, D, H, W)
+        Codes of the head for ``feats``.
+    knn_feats : torch.Tensor of shape (B, C, H2, W2)
+        Feature maps of each image's K-NN partner.
+    knn_codes : torch.Tensor of shape (B, D, H2, W2)
+        Codes of the partners.
+    pos_intra_weight, pos_inter_weight, neg_weight : float
+        Weights of the three terms (0.67, 0.25, 0.63).
+    pos_intra_shift, pos_inter_shift, neg_shift : float
+        Shifts of the three terms (0.08, 0.02, 0.66).
+    neg_samples : int, default=5
+        Number of derangements averaged for the negative term; 0 drops it
+        (its part is then 0). Needs ``B >= 2`` when positive.
+    feature_samples : int, default=11
+        Points per side sampled from each map.
+    pointwise, zero_clamp, stabilize : bool
+        Passed to :func:`correlation_loss`.
+    generator : torch.Generator, optional
+        Source of randomness (see above for the order of draws).
+
+    Returns
+    -------
+    total : torch.Tensor
+        Scalar loss to minimise.
+    parts : dict of str to torch.Tensor
+        Unweighted terms ``"pos_intra"``, ``"pos_inter"`` and ``"neg"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> feats, knn = torch.randn(2, 4, 16, 8, 8, generator=g)
+    >>> head = torch.nn.Conv2d(16, 5, 1)
+    >>> total, parts = stego_loss(feats, head(feats), knn, head(knn), generator=g)
+    >>> total.backward()
+    >>> sorted(parts), head.weight.grad is not None
+    (['neg', 'pos_inter', 'pos_intra'], True)
+    """
+    for x, name in (
+        (feats, "feats"),
+        (codes, "codes"),
+        (knn_feats, "knn_feats"),
+        (knn_codes, "knn_codes"),
+    ):
+        _check_4d(x, name)
+    _check_pair(feats, codes, "feats", "codes", dims="batch,spatial")
+    _check_pair(knn_feats, knn_codes, "knn_feats", "knn_codes", dims="batch,spatial")
+    _check_pair(feats, knn_feats, "feats", "knn_feats", dims="batch,channels")
+    _check_pair(codes, knn_codes, "codes", "knn_codes", dims="batch,channels")
+    neg_samples = int(neg_samples)
+    if neg_samples < 0:
+        raise ValueError(f"neg_samples must be >= 0, got {neg_samples}.")
+    batch = feats.shape[0]
+    if neg_samples > 0 and batch < 2:
+        raise ValueError(
+            f"The negative term needs a batch of at least 2 images, got {batch}; "
+            "use a larger batch or neg_samples=0."
+        )
+
+    device = feats.device
+    coords1 = random_coords(batch, feature_samples, generator=generator, device=device)
+    coords2 = random_coords(batch, feature_samples, generator=generator, device=device)
+    flags = {"pointwise": pointwise, "zero_clamp": zero_clamp, "stabilize": stabilize}
+
+    feats = feats.detach()
+    knn_feats = knn_feats.detach()
+    f1 = sample_points(feats, coords1)
+    c1 = sample_points(codes, coords1)
+    f_knn = sample_points(knn_feats, coords2)
+    c_knn = sample_points(knn_codes, coords2)
+
+    pos_intra = correlation_loss(f1, f1, c1, c1, pos_intra_shift, **flags)
+    pos_inter = correlation_loss(f1, f_knn, c1, c_knn, pos_inter_shift, **flags)
+
+    neg_losses = []
+    for _ in range(neg_samples):
+        perm = derangement(batch, generator=generator, device=device)
+        f_neg = sample_points(feats[perm], coords2)
+        c_neg = sample_points(codes[perm], coords2)
+        neg_losses.append(correlation_loss(f1, f_neg, c1, c_neg, neg_shift, **flags))
+    neg = torch.stack(neg_losses).mean() if neg_losses else pos_intra.new_zeros(())
+
+    total = (
+        pos_intra_weight * pos_intra + pos_inter_weight * pos_inter + neg_weight * neg
+    )
+    return total, {"pos_intra": pos_intra, "pos_inter": pos_inter, "neg": neg}
