@@ -1,0 +1,198 @@
+"""Tests for the nearest-neighbour positives (image descriptors and k-NN)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from skstego.projection._knn import image_descriptors, nearest_neighbors
+
+BACKENDS = ["torch", "faiss"]
+
+
+def _reference_neighbors(X, k):
+    """sklearn's brute-force cosine k-NN, one extra neighbour, self dropped."""
+    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(X)
+    idx = nn.kneighbors(X, return_distance=False)
+    return [[j for j in row if j != i][:k] for i, row in enumerate(idx)]
+
+
+def _reference_descriptors(maps):
+    mean = np.asarray(maps, dtype=np.float64).mean(axis=(2, 3))
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "faiss":
+        pytest.importorskip("faiss")
+    return request.param
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 16, 100])
+def test_matches_sklearn_cosine(backend, chunk_size):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((53, 12)).astype(np.float32)
+    k = 5
+    got = nearest_neighbors(X, k, backend=backend, chunk_size=chunk_size)
+    assert got.shape == (53, k)
+    assert got.dtype == np.int64
+    for i, (row, ref) in enumerate(zip(got, _reference_neighbors(X, k), strict=True)):
+        assert set(row) == set(ref), i
+    # ordered by decreasing similarity
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    sims = np.take_along_axis(Xn @ Xn.T, got, axis=1)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+
+
+def test_backends_agree_and_torch_input(backend):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((40, 8)).astype(np.float32)
+    ref = nearest_neighbors(X, 4, backend="torch")
+    got = nearest_neighbors(torch.from_numpy(X), 4, backend=backend, chunk_size=9)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_unnormalised_input_gives_cosine_neighbours(backend):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((30, 6)).astype(np.float32)
+    scaled = X * rng.uniform(0.1, 100.0, size=(30, 1)).astype(np.float32)
+    np.testing.assert_array_equal(
+        nearest_neighbors(scaled, 3, backend=backend),
+        nearest_neighbors(X, 3, backend=backend),
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_self_never_returned_with_duplicates(backend, chunk_size):
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((4, 5)).astype(np.float32)
+    # each base row repeated 6 times: more duplicates than k + 1
+    X = np.repeat(base, 6, axis=0)
+    k = 4
+    got = nearest_neighbors(X, k, backend=backend, chunk_size=chunk_size)
+    rows = np.arange(len(X))[:, None]
+    assert not np.any(got == rows)
+    # the neighbours are the other copies of the same row
+    np.testing.assert_array_equal(got // 6, np.broadcast_to(rows // 6, got.shape))
+    for row in got:
+        assert len(set(row)) == k
+
+
+def test_self_never_returned_all_identical(backend):
+    X = np.ones((10, 3), dtype=np.float32)
+    got = nearest_neighbors(X, 20, backend=backend, chunk_size=4)
+    assert got.shape == (10, 9)
+    for i, row in enumerate(got):
+        assert set(row) == set(range(10)) - {i}
+
+
+def test_k_capped_and_two_rows(backend):
+    X = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(nearest_neighbors(X, 30, backend=backend), [[1], [0]])
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="at least 2"):
+        nearest_neighbors(np.ones((1, 4), dtype=np.float32), backend="torch")
+    with pytest.raises(ValueError, match="at least 1"):
+        nearest_neighbors(np.eye(3, dtype=np.float32), 0, backend="torch")
+    with pytest.raises(ValueError, match="integer"):
+        nearest_neighbors(np.eye(3, dtype=np.float32), 1.5, backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        nearest_neighbors(np.eye(3, dtype=np.float32), backend="annoy")
+    with pytest.raises(ValueError, match="shape"):
+        nearest_neighbors(np.ones((3, 2, 2), dtype=np.float32))
+    X = np.eye(3, dtype=np.float32)
+    X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        nearest_neighbors(X, backend="torch")
+
+
+def test_deterministic(backend):
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((37, 10)).astype(np.float32)
+    a = nearest_neighbors(X, 6, backend=backend, chunk_size=5)
+    b = nearest_neighbors(X, 6, backend=backend, chunk_size=5)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_backend_runs():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((20, 4)).astype(np.float32)
+    np.testing.assert_array_equal(
+        nearest_neighbors(X, 3), nearest_neighbors(X, 3, backend="torch")
+    )
+
+
+def test_input_not_modified(backend):
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((15, 4)).astype(np.float32) * 3
+    before = X.copy()
+    nearest_neighbors(X, 3, backend=backend)
+    np.testing.assert_array_equal(X, before)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 3])
+def test_descriptors_match_numpy(batch_size):
+    rng = np.random.default_rng(7)
+    maps = rng.standard_normal((7, 5, 3, 4)).astype(np.float32)
+    got = image_descriptors(maps, device="cpu", batch_size=batch_size)
+    assert isinstance(got, torch.Tensor)
+    assert got.dtype == torch.float32
+    assert got.shape == (7, 5)
+    np.testing.assert_allclose(got.numpy(), _reference_descriptors(maps), atol=1e-6)
+
+
+def test_descriptors_from_memmap(tmp_path):
+    rng = np.random.default_rng(8)
+    data = rng.standard_normal((11, 4, 2, 3)).astype(np.float32)
+    mm = np.memmap(tmp_path / "maps.dat", dtype=np.float32, mode="w+", shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    ro = np.memmap(tmp_path / "maps.dat", dtype=np.float32, mode="r", shape=data.shape)
+    got = image_descriptors(ro, device="cpu", batch_size=4)
+    np.testing.assert_allclose(got.numpy(), _reference_descriptors(data), atol=1e-6)
+
+
+def test_descriptors_torch_and_tokens():
+    rng = np.random.default_rng(9)
+    maps = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    got = image_descriptors(torch.from_numpy(maps), device="cpu")
+    np.testing.assert_allclose(got.numpy(), _reference_descriptors(maps), atol=1e-6)
+    tokens = rng.standard_normal((6, 3)).astype(np.float32)
+    got = image_descriptors(tokens, device="cpu", batch_size=4)
+    ref = tokens / np.linalg.norm(tokens, axis=1, keepdims=True)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(torch.linalg.norm(got, dim=1).numpy(), 1.0, atol=1e-6)
+
+
+def test_descriptors_errors():
+    with pytest.raises(ValueError, match="4-D maps"):
+        image_descriptors(np.ones((2, 3, 4), dtype=np.float32), device="cpu")
+    maps = np.ones((2, 3, 2, 2), dtype=np.float32)
+    maps[1, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        image_descriptors(maps, device="cpu")
+
+
+def test_descriptors_then_neighbors(backend):
+    # two groups of images whose mean features point in opposite directions
+    rng = np.random.default_rng(10)
+    maps = rng.standard_normal((12, 6, 4, 4)).astype(np.float32) * 0.1
+    maps[:6, 0] += 1.0
+    maps[6:, 0] -= 1.0
+    desc = image_descriptors(maps, device="cpu")
+    got = nearest_neighbors(desc, 5, backend=backend)
+    rows = np.arange(12)[:, None]
+    np.testing.assert_array_equal(got // 6, np.broadcast_to(rows // 6, got.shape))
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(backend):
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((64, 16)).astype(np.float32)
+    cpu = nearest_neighbors(X, 5, backend=backend, device="cpu")
+    gpu = nearest_neighbors(torch.from_numpy(X).cuda(), 5, backend=backend)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert set(a) == set(b)
