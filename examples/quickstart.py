@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 from sklearn.pipeline import Pipeline
@@ -221,6 +222,7 @@ def main() -> None:
         raise SystemExit(f"--images {args.images}: not a directory.")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+    torch.manual_seed(SEED)  # a random backbone (offline) is the same every run
     featurizer = make_featurizer(args.model, args.weights, args.resolution)
     if args.images is not None:
         segment_folder(featurizer, args.images, args.k, args.resolution, args.out)
