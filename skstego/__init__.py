@@ -14,7 +14,7 @@ returns NumPy for NumPy input, torch for torch input.
 
 from .features import DinoFeaturizer
 from .probes import KMeansProbe, LinearProbe
-from .projection import RandomProjection, TorchPCA
+from .projection import RandomProjection, StegoProjector, TorchPCA
 
 __version__ = "0.1.0.dev0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "KMeansProbe",
     "LinearProbe",
     "RandomProjection",
+    "StegoProjector",
     "TorchPCA",
     "__version__",
 ]

@@ -3,7 +3,13 @@
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skstego import KMeansProbe, LinearProbe, RandomProjection, TorchPCA
+from skstego import (
+    KMeansProbe,
+    LinearProbe,
+    RandomProjection,
+    StegoProjector,
+    TorchPCA,
+)
 
 # Instances checked; parameters chosen only where a default cannot work on the
 # tiny data of the checks (sklearn does the same for its own estimators).
@@ -12,6 +18,7 @@ ESTIMATORS = [
     RandomProjection(dim=2),
     KMeansProbe(k=3),
     LinearProbe(),
+    StegoProjector(dim=2, n_steps=5, batch_size=4),
 ]
 
 # Public estimators left out of the generic checks, each with its reason; their

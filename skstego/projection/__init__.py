@@ -5,5 +5,6 @@ Each keeps the layout of its input (4-D maps in, 4-D codes out; 2-D in, 2-D out)
 
 from ._pca import TorchPCA
 from ._random import RandomProjection
+from ._stego import StegoProjector
 
-__all__ = ["RandomProjection", "TorchPCA"]
+__all__ = ["RandomProjection", "StegoProjector", "TorchPCA"]
