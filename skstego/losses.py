@@ -62,6 +62,27 @@ def _check_pair(
             )
 
 
+def _check_partners(
+    feats_a: torch.Tensor,
+    codes_a: torch.Tensor,
+    feats_b: torch.Tensor,
+    codes_b: torch.Tensor,
+    names: tuple[str, str, str, str],
+) -> None:
+    """Two (features, codes) pairs of 4-D maps that a loss term compares.
+
+    Features and codes of one image share batch and spatial size; the two
+    images' features (and codes) share batch and channel size.
+    """
+    for x, name in zip((feats_a, codes_a, feats_b, codes_b), names, strict=True):
+        _check_4d(x, name)
+    fa, ca, fb, cb = names
+    _check_pair(feats_a, feats_b, fa, fb, dims="batch,channels")
+    _check_pair(codes_a, codes_b, ca, cb, dims="batch,channels")
+    _check_pair(feats_a, codes_a, fa, ca, dims="batch,spatial")
+    _check_pair(feats_b, codes_b, fb, cb, dims="batch,spatial")
+
+
 def _draw_device(
     generator: torch.Generator | None, device: torch.device | str | None
 ) -> torch.device:
@@ -249,17 +270,9 @@ def correlation_loss(
     >>> loss.ndim, loss.requires_grad
     (0, True)
     """
-    for x, name in (
-        (feats1, "feats1"),
-        (feats2, "feats2"),
-        (codes1, "codes1"),
-        (codes2, "codes2"),
-    ):
-        _check_4d(x, name)
-    _check_pair(feats1, feats2, "feats1", "feats2", dims="batch,channels")
-    _check_pair(codes1, codes2, "codes1", "codes2", dims="batch,channels")
-    _check_pair(feats1, codes1, "feats1", "codes1", dims="batch,spatial")
-    _check_pair(feats2, codes2, "feats2", "codes2", dims="batch,spatial")
+    _check_partners(
+        feats1, codes1, feats2, codes2, ("feats1", "codes1", "feats2", "codes2")
+    )
 
     with torch.no_grad():
         fd = correlation(feats1.detach(), feats2.detach())
@@ -409,17 +422,9 @@ def stego_loss(
     >>> sorted(parts), head.weight.grad is not None
     (['neg', 'pos_inter', 'pos_intra'], True)
     """
-    for x, name in (
-        (feats, "feats"),
-        (codes, "codes"),
-        (knn_feats, "knn_feats"),
-        (knn_codes, "knn_codes"),
-    ):
-        _check_4d(x, name)
-    _check_pair(feats, codes, "feats", "codes", dims="batch,spatial")
-    _check_pair(knn_feats, knn_codes, "knn_feats", "knn_codes", dims="batch,spatial")
-    _check_pair(feats, knn_feats, "feats", "knn_feats", dims="batch,channels")
-    _check_pair(codes, knn_codes, "codes", "knn_codes", dims="batch,channels")
+    _check_partners(
+        feats, codes, knn_feats, knn_codes, ("feats", "codes", "knn_feats", "knn_codes")
+    )
     neg_samples = int(neg_samples)
     if neg_samples < 0:
         raise ValueError(f"neg_samples must be >= 0, got {neg_samples}.")
