@@ -9,8 +9,15 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
 from sklearn.pipeline import Pipeline
 
-from skstego import KMeansProbe, LinearProbe, RandomProjection, TorchPCA
-from skstego.datasets import make_feature_maps
+from skstego import (
+    DinoFeaturizer,
+    KMeansProbe,
+    LinearProbe,
+    RandomProjection,
+    StegoProjector,
+    TorchPCA,
+)
+from skstego.datasets import make_feature_maps, make_scenes
 from skstego.metrics import accuracy_scorer, miou_scorer, segmentation_report
 
 
@@ -123,3 +130,57 @@ def test_clone_and_pickle_round_trip(data):
     restored = pickle.loads(pickle.dumps(pipe))
     np.testing.assert_array_equal(restored.predict(maps), pipe.predict(maps))
     np.testing.assert_array_equal(restored[0].transform(maps), pipe[0].transform(maps))
+
+
+def _tiny_featurizer():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2
+    ).eval()
+    return DinoFeaturizer(vit, resolution=64, device="cpu", batch_size=8)
+
+
+def test_featurizer_stego_kmeans_pipeline_and_grid_search():
+    # The README's pipeline, end to end, on images: featurizer -> STEGO head
+    # -> k-means, then GridSearchCV over the head's dim (each fold retrains).
+    images, labels = make_scenes(12, size=64, n_classes=4, random_state=0)
+    stego = StegoProjector(
+        dim=70,
+        n_steps=4,
+        batch_size=4,
+        feature_samples=5,
+        device="cpu",
+        random_state=0,
+    )
+    pipe = Pipeline(
+        [
+            ("features", _tiny_featurizer()),
+            ("reduce", stego),
+            ("probe", KMeansProbe(k=4, device="cpu", random_state=0)),
+        ]
+    )
+    pipe.fit(images, labels)
+    pred = pipe.predict(images)
+    assert pred.shape == (12, 8, 8) and pred.dtype == np.int64
+    # scoring upsamples to the label size and equals the metric computed
+    # from the steps applied by hand
+    codes = pipe[:-1].transform(images)
+    assert codes.shape == (12, 70, 8, 8)
+    report = pipe[-1].score_report(codes, labels)
+    assert pipe.score(images, labels) == pytest.approx(report["miou"])
+    full = pipe[-1].predict(codes, size=(64, 64))
+    direct = segmentation_report(labels, full, n_classes=4)
+    assert report["miou"] == pytest.approx(direct["miou"])
+
+    search = GridSearchCV(
+        pipe, {"reduce__dim": [3, 6]}, cv=KFold(2), scoring=miou_scorer
+    )
+    search.fit(images, labels)
+    assert search.best_params_["reduce__dim"] in (3, 6)
+    assert (
+        search.best_estimator_["reduce"].head_state_["linear.weight"].shape[0]
+        == (search.best_params_["reduce__dim"])
+    )
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()

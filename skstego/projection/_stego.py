@@ -8,7 +8,9 @@ trained with the correspondence-distillation loss of
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -42,6 +44,9 @@ __all__ = ["StegoProjector"]
 #: Neighbours kept per image by the K-NN step (STEGO.md section 4).
 _KNN_POOL = 30
 
+#: Steps between progress-bar updates (each update waits for the device).
+_REPORT_EVERY = 20
+
 #: Names of the head's parameters, in ``head_state_``; conv weights are
 #: stored as 2-D (out, in) matrices (a 1x1 convolution is a matrix product).
 _PARAM_NAMES = (
@@ -52,6 +57,19 @@ _PARAM_NAMES = (
     "nonlinear.2.weight",
     "nonlinear.2.bias",
 )
+
+#: The same weights in the STEGO reference code's state dicts.
+_REFERENCE_NAMES = {
+    "linear.weight": "cluster1.weight",
+    "linear.bias": "cluster1.bias",
+    "nonlinear.0.weight": "cluster2.0.weight",
+    "nonlinear.0.bias": "cluster2.0.bias",
+    "nonlinear.2.weight": "cluster2.2.weight",
+    "nonlinear.2.bias": "cluster2.2.bias",
+}
+
+#: Metadata tag of files written by StegoProjector.save_head.
+_HEAD_FORMAT = "skstego.StegoProjector.head/1"
 
 #: Settings that reproduce the released checkpoints (STEGO.md section 3).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -183,6 +201,69 @@ def _load_adam(
         }
 
 
+def _read_head_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Head weights (skstego names, 2-D) and stored parameters of a file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"No head weights file at {path!r}.")
+    stored: dict[str, Any] = {}
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="np") as f:
+                meta = f.metadata() or {}
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") == _HEAD_FORMAT:
+                stored = json.loads(meta.get("params", "{}"))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict):
+                raise ValueError("it holds no state dict")
+            raw = {
+                k: v.detach().float().numpy()
+                for k, v in obj.items()
+                if isinstance(v, torch.Tensor)
+            }
+    except ValueError as exc:
+        raise ValueError(f"Could not read head weights from {path!r}: {exc}") from exc
+    except Exception as exc:  # safetensors / unpickler errors of many kinds
+        raise ValueError(
+            f"Could not read head weights from {path!r} ({type(exc).__name__}: "
+            f"{exc}). Expected a safetensors file or a plain torch state dict; "
+            "checkpoints that pickle other objects are refused for safety: "
+            "extract their state_dict first."
+        ) from exc
+    state = {}
+    for name in _PARAM_NAMES:
+        aliases = (name, _REFERENCE_NAMES[name])
+        hits = [k for k in raw for a in aliases if k == a or k.endswith("." + a)]
+        if len(hits) != 1:
+            raise ValueError(
+                f"{path!r} has {'no' if not hits else 'several'} weight for the "
+                f"head's {name!r} (or the reference's {_REFERENCE_NAMES[name]!r}); "
+                f"keys found: {sorted(raw)[:12]}."
+            )
+        value = np.asarray(raw[hits[0]], dtype=np.float32)
+        state[name] = value.reshape(value.shape[:2]) if value.ndim == 4 else value
+    dim, c = state["linear.weight"].shape
+    expected = {
+        "linear.bias": (dim,),
+        "nonlinear.0.weight": (c, c),
+        "nonlinear.0.bias": (c,),
+        "nonlinear.2.weight": (dim, c),
+        "nonlinear.2.bias": (dim,),
+    }
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise ValueError(
+                f"{path!r}: {name} has shape {state[name].shape}, expected {shape} "
+                f"for a head with dim={dim} on {c} channels."
+            )
+    return state, stored
+
+
 class StegoProjector(
     ClassNamePrefixFeaturesOutMixin,
     TransformerMixin,
@@ -275,6 +356,19 @@ class StegoProjector(
 
     Notes
     -----
+    The shifts are thresholds on the feature correlation ``F`` (cosine
+    similarity of the sampled feature vectors, after ``pointwise``
+    centring): code pairs whose features correlate above the shift are
+    pulled together, those below are pushed apart. The defaults and the
+    presets were tuned for DINO ViT features; features whose cosine
+    similarities sit elsewhere need other shifts. A quick check: compute
+    :func:`skstego.losses.correlation` on a few maps and put the negative
+    shift between the typical same-object and different-object values.
+    On :func:`skstego.datasets.make_feature_maps`, for instance, same-class
+    tokens have mean cosine 0.25 and different-class tokens 0.08, so the
+    DINO negative shift (0.66) pushes every pair apart; shifts of 0.3 (neg)
+    and 0.1 (intra, inter) train codes on which k-means finds the classes.
+
     NumPy arrays and memory maps are streamed: only the images of the current
     batch (and their partners) are moved to the device; torch tensors
     already on the device are used in place. Output is float32; NumPy in
@@ -400,6 +494,96 @@ class StegoProjector(
                 f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}."
             )
         return cls(**{**PRESETS[name], **params})
+
+    def save_head(self, path: str | os.PathLike) -> None:
+        """Write the trained head to a safetensors file.
+
+        The file holds the six weight matrices of ``head_state_`` under
+        their names (1x1 convolution weights as 2-D matrices) and, as
+        metadata, the estimator's parameters. It contains no code and no
+        pickle: :meth:`load_head` (or any safetensors reader) can open it
+        on any machine. Adam's state is not saved; pickle the estimator
+        (it holds only NumPy arrays) to continue training later.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Output file, conventionally ``*.safetensors``.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from skstego.projection._stego import StegoProjector
+        >>> maps = np.random.RandomState(0).rand(6, 8, 4, 4).astype(np.float32)
+        >>> stego = StegoProjector(dim=3, n_steps=2, batch_size=4, device="cpu",
+        ...                        random_state=0).fit(maps)
+        >>> path = os.path.join(tempfile.mkdtemp(), "head.safetensors")
+        >>> stego.save_head(path)
+        >>> loaded = StegoProjector.load_head(path, device="cpu")
+        >>> np.allclose(loaded.transform(maps), stego.transform(maps))
+        True
+        """
+        from safetensors.numpy import save_file
+
+        check_is_fitted(self)
+        params = {
+            k: v
+            for k, v in self.get_params(deep=False).items()
+            if isinstance(v, bool | int | float | str) or v is None
+        }
+        metadata = {
+            "format": _HEAD_FORMAT,
+            "n_features_in": str(self.n_features_in_),
+            "params": json.dumps(params),
+        }
+        arrays = {
+            k: np.ascontiguousarray(self.head_state_[k], dtype=np.float32)
+            for k in _PARAM_NAMES
+        }
+        save_file(arrays, os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load_head(cls, path: str | os.PathLike, **params: Any) -> StegoProjector:
+        """A fitted StegoProjector from a saved or a reference head.
+
+        Reads safetensors files written by :meth:`save_head` (their stored
+        parameters are restored) and plain weight files of the STEGO
+        reference code: a safetensors file or a ``torch.save``'d state dict
+        (read with ``weights_only=True``, so no pickled code runs) whose keys
+        end in ``cluster1.weight``, ``cluster1.bias``, ``cluster2.0.*`` and
+        ``cluster2.2.*`` (any prefix such as ``net.``), or in skstego's names.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Weights file.
+        **params
+            Estimator parameters (``device``...), overriding stored ones.
+
+        Returns
+        -------
+        StegoProjector
+            Fitted: ``transform`` works at once; ``partial_fit`` continues
+            training with a fresh Adam state.
+
+        Raises
+        ------
+        ValueError
+            If the file cannot be read or lacks head weights (the message
+            names the file and the keys found).
+        """
+        path = os.fspath(path)
+        state, stored = _read_head_file(path)
+        dim, n_features = state["linear.weight"].shape
+        est = cls(**{**stored, "dim": int(dim), **params})
+        est.head_state_ = state
+        est.optimizer_state_ = {"step": np.asarray(0, dtype=np.int64)}
+        est.loss_curve_ = np.empty(0, dtype=np.float64)
+        est.n_steps_ = est.n_iter_ = 0
+        est.n_features_in_ = int(n_features)
+        est._n_features_out = int(dim)
+        return est
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> StegoProjector:
@@ -546,11 +730,12 @@ class StegoProjector(
             m = (u < keep).to(torch.float32) / keep
             return m[0], m[1]
 
-        losses = np.empty(int(self.n_steps), dtype=np.float64)
+        # the loss stays on the device: reading it each step would wait for the
+        # GPU; the progress bar reads it only every _REPORT_EVERY steps
+        losses = torch.empty(int(self.n_steps), dtype=torch.float32, device=device)
         bar = tqdm(
             range(int(self.n_steps)), disable=not self.verbose, desc="StegoProjector"
         )
-        running = None
         for step in bar:
             idx = torch.randperm(n, generator=generator, device=device)[:batch]
             pick = torch.randint(n_pool, (batch,), generator=generator, device=device)
@@ -580,12 +765,13 @@ class StegoProjector(
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            value = float(total.detach())
-            losses[step] = value
-            if self.verbose:
-                running = value if running is None else 0.9 * running + 0.1 * value
-                bar.set_postfix(loss=f"{running:.4f}")
+            losses[step] = total.detach()
+            last = step + 1 == int(self.n_steps)
+            if self.verbose and ((step + 1) % _REPORT_EVERY == 0 or last):
+                recent = losses[max(0, step + 1 - _REPORT_EVERY) : step + 1]
+                bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
         bar.close()
+        losses = losses.cpu().numpy().astype(np.float64)
 
         self.head_state_ = {
             k: v.detach().to("cpu", torch.float32).numpy().copy()
