@@ -273,14 +273,42 @@ def correlation_loss(
     _check_partners(
         feats1, codes1, feats2, codes2, ("feats1", "codes1", "feats2", "codes2")
     )
-
     with torch.no_grad():
-        fd = correlation(feats1.detach(), feats2.detach())
+        f1 = F.normalize(feats1.detach(), dim=1)
+        f2 = F.normalize(feats2.detach(), dim=1)
+    return _normalized_loss(
+        f1,
+        f2,
+        F.normalize(codes1, dim=1),
+        F.normalize(codes2, dim=1),
+        shift,
+        pointwise=pointwise,
+        zero_clamp=zero_clamp,
+        stabilize=stabilize,
+    )
+
+
+def _normalized_loss(
+    feats1: torch.Tensor,
+    feats2: torch.Tensor,
+    codes1: torch.Tensor,
+    codes2: torch.Tensor,
+    shift: float,
+    *,
+    pointwise: bool,
+    zero_clamp: bool,
+    stabilize: bool,
+) -> torch.Tensor:
+    """:func:`correlation_loss` on maps already L2-normalised over channels
+    (features detached), so that a map shared by several terms is
+    normalised once."""
+    with torch.no_grad():
+        fd = torch.einsum("nchw,ncij->nhwij", feats1, feats2)
         if pointwise:
             old_mean = fd.mean()
             fd = fd - fd.mean(dim=(3, 4), keepdim=True)
             fd = fd - fd.mean() + old_mean
-    cd = correlation(codes1, codes2)
+    cd = torch.einsum("nchw,ncij->nhwij", codes1, codes2)
     lo = 0.0 if zero_clamp else None
     hi = 0.8 if stabilize else None
     if lo is not None or hi is not None:
@@ -442,20 +470,38 @@ def stego_loss(
 
     feats = feats.detach()
     knn_feats = knn_feats.detach()
-    f1 = sample_points(feats, coords1)
-    c1 = sample_points(codes, coords1)
-    f_knn = sample_points(knn_feats, coords2)
-    c_knn = sample_points(knn_codes, coords2)
+    # Every sampled map is normalised once and shared by the terms using it.
+    with torch.no_grad():
+        f1 = F.normalize(sample_points(feats, coords1), dim=1)
+        f_knn = F.normalize(sample_points(knn_feats, coords2), dim=1)
+    c1 = F.normalize(sample_points(codes, coords1), dim=1)
+    c_knn = F.normalize(sample_points(knn_codes, coords2), dim=1)
 
-    pos_intra = correlation_loss(f1, f1, c1, c1, pos_intra_shift, **flags)
-    pos_inter = correlation_loss(f1, f_knn, c1, c_knn, pos_inter_shift, **flags)
+    pos_intra = _normalized_loss(f1, f1, c1, c1, pos_intra_shift, **flags)
+    pos_inter = _normalized_loss(f1, f_knn, c1, c_knn, pos_inter_shift, **flags)
 
     neg_losses = []
-    for _ in range(neg_samples):
-        perm = derangement(batch, generator=generator, device=device)
-        f_neg = sample_points(feats[perm], coords2)
-        c_neg = sample_points(codes[perm], coords2)
-        neg_losses.append(correlation_loss(f1, f_neg, c1, c_neg, neg_shift, **flags))
+    if neg_samples:
+        # Negative n pairs image b with image perm_n[b] read at coords2[b].
+        # Reading image j at coords2[inverse(perm_n)[j]] and then reordering
+        # by perm_n gives exactly that without copying the permuted maps,
+        # and all negatives are read in one call (points side by side).
+        perms = [
+            derangement(batch, generator=generator, device=device)
+            for _ in range(neg_samples)
+        ]
+        coords_neg = torch.cat([coords2[torch.argsort(p)] for p in perms], dim=2)
+        with torch.no_grad():
+            f_all = F.normalize(sample_points(feats, coords_neg), dim=1)
+        c_all = F.normalize(sample_points(codes, coords_neg), dim=1)
+        width = coords2.shape[2]
+        for i, perm in enumerate(perms):
+            part = slice(i * width, (i + 1) * width)
+            f_neg = f_all[:, :, :, part][perm]
+            c_neg = c_all[:, :, :, part][perm]
+            neg_losses.append(
+                _normalized_loss(f1, f_neg, c1, c_neg, neg_shift, **flags)
+            )
     neg = torch.stack(neg_losses).mean() if neg_losses else pos_intra.new_zeros(())
 
     total = (

@@ -172,6 +172,24 @@ def test_score_metrics_on_tokens():
         probe.score(X, y, metric="f1")
 
 
+def test_score_report_matches_sklearn_on_maps_and_tokens():
+    from sklearn.metrics import jaccard_score as jac
+
+    maps, _, large = _scenes(seed=3)
+    probe = LinearProbe(random_state=0).fit(maps, large)
+    report = probe.score_report(maps, large)
+    pred = probe.predict(maps, size=large.shape[1:])
+    assert report["accuracy"] == pytest.approx(
+        accuracy_score(large.ravel(), pred.ravel())
+    )
+    per_class = jac(large.ravel(), pred.ravel(), average=None, labels=[0, 1, 2])
+    assert_allclose(report["iou"], per_class)
+    assert report["miou"] == pytest.approx(probe.score(maps, large))
+    X, y = _blobs()
+    tokens = LinearProbe(random_state=0).fit(X, y)
+    assert tokens.score_report(X, y)["accuracy"] == pytest.approx(tokens.score(X, y))
+
+
 # ------------------------------------------------------------------- maps
 def test_maps_with_same_size_labels_are_the_token_problem():
     maps, small, _ = _scenes()

@@ -664,6 +664,46 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 f"metric must be 'auto', 'accuracy' or 'miou', got {metric!r}."
             )
         X, device = self._checked(X)
+        if metric == "auto":
+            metric = "accuracy" if X.ndim == 2 else "miou"
+        return float(self._report(X, y, device)[metric])
+
+    def score_report(self, X: Any, y: Any) -> dict[str, Any]:
+        """All segmentation scores of the predictions on ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+(N, C, h, w)
+            Tokens or feature maps.
+
+        y : array-like or torch.Tensor of shape (n_samples,) or (N, H, W)
+            True labels, as in :meth:`score`.
+
+        Returns
+        -------
+        report : dict
+            As :func:`skstego.metrics.segmentation_report` with identity
+            matching (class ``i`` of the rows is ``classes_[i]``): ``miou``,
+            ``accuracy``, per-class ``iou``, ``precision``, ``recall``,
+            ``support`` and the ``confusion`` matrix. Labels unseen in fit
+            get rows of their own and count as errors.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skstego import LinearProbe
+        >>> X = np.array([[0.0], [0.1], [1.0], [1.1]], dtype=np.float32)
+        >>> y = np.array([0, 0, 1, 1])
+        >>> probe = LinearProbe(solver="lbfgs", device="cpu").fit(X, y)
+        >>> report = probe.score_report(X, y)
+        >>> float(report["accuracy"]), float(report["miou"])
+        (1.0, 1.0)
+        """
+        X, device = self._checked(X)
+        return self._report(X, y, device)
+
+    def _report(self, X: Any, y: Any, device: torch.device) -> dict[str, Any]:
         n_classes = len(self.classes_)
         fn = self._score_fn(device)
         if X.ndim == 2:
@@ -672,7 +712,6 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             conf = scored_confusion(
                 fn, X, y_enc, device=device, n_outputs=rows, n_classes=rows
             )
-            metric = "accuracy" if metric == "auto" else metric
         else:
             labels = check_targets(X, y)
             ignore = -1 if self.ignore_index is None else self.ignore_index
@@ -688,8 +727,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 n_classes=rows,
                 ignore_index=ignore,
             )
-            metric = "miou" if metric == "auto" else metric
-        return float(report_from_confusion(conf, matching="identity")[metric])
+        return report_from_confusion(conf, matching="identity")
 
     def _encode_score_labels(self, y: Any, n_samples: int) -> np.ndarray:
         """1-D labels -> class index; unseen -> n_classes; ignored -> -1."""
