@@ -1,0 +1,534 @@
+"""h-NNE as a scikit-learn reducer: hierarchy on the CPU, projection on the device.
+
+:class:`HNNEProjector` wraps :class:`hnne.HNNE` (Sarfraz et al., CVPR 2022).
+``fit`` builds a fresh ``HNNE`` on (a random subsample of) the tokens, so the
+hierarchy (FINCH) and the layout are exactly hnne's. ``transform`` then
+re-implements hnne's out-of-sample projection in torch, batch by batch on the
+estimator's device: exact nearest finest-level centroid, the preliminary PCA,
+hnne's inflation steps (2-D and 3-D targets) and the placement around the
+projected anchors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from .._device import (
+    DEFAULT_BATCH_ELEMENTS,
+    TorchEstimatorMixin,
+    apply_tokenwise,
+    as_tensor,
+    check_features,
+    is_torch,
+    iter_slices,
+    make_generator,
+    maps_to_tokens,
+    resolve_device,
+    rows_per_batch,
+)
+
+__all__ = ["HNNEProjector"]
+
+#: hnne clips inflated 2-D/3-D points to this norm (``MAX_NORM_ALLOWED``).
+_MAX_NORM = 3.0
+
+#: hnne's own message when no FINCH level has ``min_size_top_level`` clusters.
+_TOO_FEW = "too few points"
+
+
+# --------------------------------------------------------------------------
+# shared with HNNEClusterProbe
+# --------------------------------------------------------------------------
+
+
+def n_tokens(X: Any) -> int:
+    """Number of tokens of 2-D tokens or 4-D maps."""
+    return int(X.shape[0] * (X.shape[2] * X.shape[3] if X.ndim == 4 else 1))
+
+
+def hnne_seed(random_state: Any) -> int | None:
+    """The ``random_state`` hnne gets: an int as is, None as is, else drawn."""
+    if random_state is None or isinstance(random_state, Integral):
+        return None if random_state is None else int(random_state)
+    return int(check_random_state(random_state).randint(0, 2**31 - 1))
+
+
+def sample_tokens(
+    X: Any, max_samples: int | None, random_state: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens that hnne is fitted on, as a C-contiguous float32 NumPy array.
+
+    All tokens when there are at most ``max_samples`` (or it is None), else a
+    uniform draw without replacement of ``max_samples`` tokens, taken on the
+    CPU with a :class:`torch.Generator` seeded from ``random_state`` (so the
+    sample does not depend on the device). Returns the tokens and the sorted
+    flat indices of the drawn tokens (None when all are used). ``X`` is
+    never modified (a float32 2-D array may be shared, read-only).
+    """
+    cpu = torch.device("cpu")
+    if is_torch(X):
+        X = X.detach()
+    n = n_tokens(X)
+    if max_samples is None or n <= max_samples:
+        Xt = as_tensor(X, cpu)
+        Xt = maps_to_tokens(Xt) if Xt.ndim == 4 else Xt
+        return np.ascontiguousarray(Xt.numpy()), None
+    gen = make_generator(random_state, cpu)
+    idx = torch.randperm(n, generator=gen)[:max_samples].sort().values.numpy()
+    if X.ndim == 2:
+        sub = X[torch.from_numpy(idx).to(X.device)] if is_torch(X) else X[idx]
+    else:
+        b, c, h, w = X.shape
+        rows, cols = idx // (h * w), idx % (h * w)
+        if is_torch(X):
+            rows_t = torch.from_numpy(rows).to(X.device)
+            cols_t = torch.from_numpy(cols).to(X.device)
+            sub = X.reshape(b, c, h * w)[rows_t, :, cols_t]
+        else:
+            sub = X.reshape(b, c, h * w)[rows, :, cols]
+    return np.ascontiguousarray(as_tensor(sub, cpu).numpy()), idx
+
+
+def nearest_rows(
+    x: torch.Tensor, centers: torch.Tensor, cosine: bool, c_sq: torch.Tensor | None
+) -> torch.Tensor:
+    """Index of the nearest row of ``centers`` for every row of ``x``, exact.
+
+    ``centers`` are unit rows for cosine; ``c_sq`` is ``-|c|^2`` for the
+    Euclidean metric. Scores are computed in row chunks of at most
+    ``DEFAULT_BATCH_ELEMENTS`` values, so no (n, k) matrix is ever formed.
+    """
+    if cosine:
+        x = F.normalize(x, dim=1)
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for sl in iter_slices(x.shape[0], rows_per_batch(centers.shape[0])):
+        if cosine:
+            scores = x[sl] @ centers.T
+        else:
+            scores = torch.addmm(c_sq, x[sl], centers.T, alpha=2.0)
+        out[sl] = scores.argmax(dim=1)
+    return out
+
+
+def new_hnne(**params: Any) -> Any:
+    """A fresh :class:`hnne.HNNE` (imported here: it pulls in numba)."""
+    from hnne import HNNE
+
+    return HNNE(**params)
+
+
+# --------------------------------------------------------------------------
+# the estimator
+# --------------------------------------------------------------------------
+
+
+class HNNEProjector(
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    TorchEstimatorMixin,
+    BaseEstimator,
+):
+    """Reduce dimensionality with h-NNE, fitted on a token subsample.
+
+    h-NNE [1]_ builds a hierarchy of clusters with FINCH (first-neighbour
+    merges), projects the tokens with a PCA and moves them, level by level,
+    into discs around their cluster's projected anchor. The STEGO study [2]_
+    uses it as the non-linear reducer of its comparison (cosine metric, fitted
+    on 1M random tokens).
+
+    ``fit`` draws at most ``max_fit_samples`` tokens at random and fits a
+    fresh :class:`hnne.HNNE` on them (on the CPU: that is where hnne runs).
+    ``transform`` projects any tokens as :meth:`hnne.HNNE.transform` does,
+    but in torch, in batches, on the estimator's device: each token goes to
+    its nearest finest-level FINCH centroid (exact search, in chunks), through
+    the PCA, hnne's inflation (2-D and 3-D targets) and the anchor placement.
+    4-D maps (N, C, h, w) give codes (N, dim, h, w); 2-D tokens give (n, dim).
+
+    Parameters
+    ----------
+    dim : int, default=2
+        Dimensionality of the codes (hnne's ``n_components``). At most
+        ``n_features`` and the number of fit tokens (the projection starts
+        with a PCA).
+
+    metric : {"cosine", "euclidean"}, default="cosine"
+        Distance of the FINCH hierarchy and of the nearest-centroid search
+        in ``transform``.
+
+    radius : float, default=0.4
+        hnne's ``radius``: size of the disc around each anchor, as a fraction
+        of the distance to the nearest other anchor.
+
+    max_fit_samples : int or None, default=1_000_000
+        Fit on a random subsample of at most this many tokens (drawn from
+        ``random_state``); None fits on all tokens. FINCH's exact first
+        neighbours cost O(n^2) memory below hnne's ``ann_threshold`` (20 000
+        tokens) and approximate ones above.
+
+    preliminary_embedding : {"pca", "pca_centroids"}, default="pca"
+        hnne's first linear projection: a PCA of all fit tokens, or of the
+        centroids of a FINCH level with more than 1000 clusters. (hnne's
+        ``"random_linear"`` keeps no projection to apply to new tokens, so it
+        cannot serve a reducer.)
+
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
+        Where :meth:`transform` runs; ``"auto"`` is CUDA when available,
+        else the CPU. Resolved at ``fit`` and again at each call.
+
+    random_state : int, RandomState instance or None, default=None
+        Seeds the subsample (a CPU :class:`torch.Generator`) and is passed to
+        hnne (its PCA and approximate neighbours): an int is passed as is, so
+        without subsampling the result equals ``hnne.HNNE(...,
+        random_state=seed)``.
+
+    verbose : bool, default=False
+        Let hnne print its progress.
+
+    Attributes
+    ----------
+    hnne_ : hnne.HNNE
+        The fitted h-NNE model: its ``hierarchy_parameters`` (FINCH
+        ``partitions`` of the fit tokens, ``partition_sizes``,
+        ``lowest_level_centroids``) and ``projection_parameters``.
+
+    n_features_in_ : int
+        Number of features (channels, axis 1) seen during :term:`fit`.
+
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during :term:`fit`. Defined only when `X`
+        has feature names that are all strings.
+
+    See Also
+    --------
+    hnne.HNNE : The wrapped model (NumPy, CPU, not a scikit-learn reducer).
+    TorchPCA : Linear reduction; the study found h-NNE little better.
+    HNNEClusterProbe : Uses the same FINCH hierarchy as a cluster probe.
+
+    Notes
+    -----
+    ``fit_transform(X)`` is ``fit(X).transform(X)``, as scikit-learn expects
+    of a transformer. hnne's own ``fit_transform`` returns its training
+    layout instead, which differs from ``hnne.HNNE.transform`` on the same
+    points for a few percent of them: the layout places each point with its
+    FINCH cluster, ``transform`` with its nearest centroid. So codes of
+    training and validation tokens here come from one and the same function.
+
+    Compared with :meth:`hnne.HNNE.transform` (float64 NumPy, approximate
+    neighbours above 4e8 token-centroid pairs), the search here is always
+    exact and runs in float32. For ``dim > 3`` codes agree with hnne's to
+    float32 precision. For ``dim <= 3`` hnne's inflation divides by the
+    spread of small clusters, which magnifies float32 rounding of the PCA
+    (its own, as well): a fraction of a percent of tokens then differ by up
+    to about 1e-2. hnne's ``transform`` fails for ``dim=1`` and for a
+    hierarchy whose coarsest kept level has one cluster; here both work.
+
+    When FINCH finds fewer than 3 clusters at every level (tiny or
+    degenerate data), hnne refuses to fit; this estimator warns and keeps
+    all levels instead (hnne's ``min_size_top_level=1``): the codes are then
+    little more than a PCA.
+
+    References
+    ----------
+    .. [1] M. S. Sarfraz, M. Koulakis, C. Seibold and R. Stiefelhagen,
+           "Hierarchical Nearest Neighbor Graph Embedding for Efficient
+           Dimensionality Reduction", CVPR 2022.
+    .. [2] A. Koenig, M. Schambach and J. Otterbach, "Uncovering the Inner
+           Workings of STEGO for Safe Unsupervised Semantic Segmentation",
+           CVPR 2023 workshops.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_digits
+    >>> from skstego import HNNEProjector
+    >>> X = load_digits().data[:500].astype(np.float32)
+    >>> proj = HNNEProjector(dim=2, device="cpu", random_state=0).fit(X)
+    >>> proj.transform(X).shape
+    (500, 2)
+    >>> maps = X[:8, :48].reshape(8, 3, 4, 4)  # any (N, C, h, w) maps
+    >>> HNNEProjector(dim=2, device="cpu", random_state=0).fit_transform(maps).shape
+    (8, 2, 4, 4)
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "metric": [StrOptions({"cosine", "euclidean"})],
+        "radius": [Interval(Real, 0, None, closed="neither")],
+        "max_fit_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "preliminary_embedding": [StrOptions({"pca", "pca_centroids"})],
+        "device": [str, torch.device, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        dim: int = 2,
+        *,
+        metric: str = "cosine",
+        radius: float = 0.4,
+        max_fit_samples: int | None = 1_000_000,
+        preliminary_embedding: str = "pca",
+        device: str | torch.device | None = "auto",
+        random_state: Any = None,
+        verbose: bool = False,
+    ) -> None:
+        self.dim = dim
+        self.metric = metric
+        self.radius = radius
+        self.max_fit_samples = max_fit_samples
+        self.preliminary_embedding = preliminary_embedding
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any = None) -> HNNEProjector:
+        """Fit h-NNE on (a random subsample of) the tokens of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) \
+                or (N, n_features, h, w)
+            Tokens or feature maps. Not modified.
+
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : HNNEProjector
+            Fitted estimator.
+        """
+        X = check_features(self, X, reset=True)
+        self._fit(X, stacklevel=4)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_transform(self, X: Any, y: Any = None) -> np.ndarray | torch.Tensor:
+        """Fit h-NNE, then project every token of ``X``, validating ``X`` once.
+
+        Equal to ``fit(X).transform(X)`` (see Notes of the class).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) \
+                or (N, n_features, h, w)
+            Tokens or feature maps.
+
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        X_new : ndarray or torch.Tensor of shape (n_samples, dim) \
+                or (N, dim, h, w)
+            Codes, float32; NumPy for NumPy input, torch (on the estimator's
+            device) for torch input.
+        """
+        X = check_features(self, X, reset=True)
+        device = self._fit(X, stacklevel=5)  # + the set_output wrapper
+        return self._transform(X, device)
+
+    def transform(self, X: Any) -> np.ndarray | torch.Tensor:
+        """Project tokens as :meth:`hnne.HNNE.transform`, on the device.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) \
+                or (N, n_features, h, w)
+            Tokens or feature maps.
+
+        Returns
+        -------
+        X_new : ndarray or torch.Tensor of shape (n_samples, dim) \
+                or (N, dim, h, w)
+            Codes, float32; NumPy for NumPy input, torch (on the estimator's
+            device) for torch input.
+        """
+        check_is_fitted(self)
+        X = check_features(self, X, reset=False)
+        return self._transform(X, self._resolved_device())
+
+    # ------------------------------------------------------------ internals
+
+    def _fit(self, X: Any, stacklevel: int) -> torch.device:
+        device = resolve_device(self.device)
+        n_features = int(X.shape[1])
+        n_total = n_tokens(X)
+        n_fit = (
+            n_total
+            if self.max_fit_samples is None
+            else min(n_total, self.max_fit_samples)
+        )
+        if n_fit < 2:
+            raise ValueError(
+                f"h-NNE needs at least 2 tokens to build its hierarchy; got "
+                f"n_samples={n_fit} (1 sample). Pass more tokens"
+                + (" or a larger max_fit_samples." if n_total > n_fit else ".")
+            )
+        if self.dim > n_features:
+            raise ValueError(
+                f"dim={self.dim} is larger than n_features={n_features}: h-NNE "
+                "starts from a PCA of the tokens, which has at most n_features "
+                "components. Pass dim <= n_features."
+            )
+        if self.dim > n_fit:
+            raise ValueError(
+                f"dim={self.dim} is larger than the number of fit tokens "
+                f"n_samples={n_fit}: h-NNE's PCA has at most that many "
+                "components. Pass more tokens or a smaller dim."
+            )
+        tokens, _ = sample_tokens(X, self.max_fit_samples, self.random_state)
+        model = new_hnne(
+            n_components=int(self.dim),
+            metric=self.metric,
+            radius=float(self.radius),
+            preliminary_embedding=self.preliminary_embedding,
+            random_state=hnne_seed(self.random_state),
+        )
+        verbose = bool(self.verbose)
+        try:
+            model.fit_only_hierarchy(tokens, verbose=verbose)
+        except ValueError as exc:
+            if _TOO_FEW not in str(exc):
+                raise
+            warnings.warn(
+                f"h-NNE's hierarchy of these {n_fit} tokens has fewer than "
+                f"{model.min_size_top_level} clusters at every level, which hnne "
+                "refuses; all levels are kept instead and the codes are little "
+                "more than a PCA. Fit on more (or more varied) tokens.",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+            model.min_size_top_level = 1
+            model.fit_only_hierarchy(tokens, verbose=verbose)
+        # Reuses the hierarchy just built (hnne skips it when already done);
+        # the training layout it returns is not kept (see Notes).
+        model.fit(tokens, verbose=verbose)
+        self.hnne_ = model
+        self._n_features_out = int(self.dim)
+        return device
+
+    def _params(self, device: torch.device) -> dict[str, Any]:
+        """hnne's transform parameters as float32 tensors on ``device``, cached."""
+        return self._cached(
+            ("hnne", str(device)), self.hnne_, lambda: _tensors(self.hnne_, device)
+        )
+
+    def _transform(self, X: Any, device: torch.device) -> np.ndarray | torch.Tensor:
+        p = self._params(device)
+        cosine = self.metric == "cosine"
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return _project(x, p, cosine)
+
+        # Per token: the input, the output and a few (dim)-wide temporaries.
+        per_row = int(np.prod(X.shape[1:])) + 4 * self.dim * (
+            int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+        )
+        return apply_tokenwise(
+            fn,
+            X,
+            device=device,
+            out_features=int(self.dim),
+            batch_size=rows_per_batch(per_row, DEFAULT_BATCH_ELEMENTS // 4),
+        )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+# --------------------------------------------------------------------------
+# hnne's out-of-sample projection in torch
+# --------------------------------------------------------------------------
+
+
+def _tensors(model: Any, device: torch.device) -> dict[str, Any]:
+    """Everything :meth:`hnne.HNNE.transform` reads, as device tensors.
+
+    Per-anchor arrays are reshaped to (K,) or (K, dim): hnne leaves some of
+    them 0-d when the finest kept level has a single cluster.
+    """
+    hp, pp = model.hierarchy_parameters, model.projection_parameters
+    dim = int(model.n_components)
+
+    def t(a: Any, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        a = np.asarray(a, dtype=np.float64)
+        if shape is not None:
+            a = a.reshape(shape)
+        return torch.as_tensor(a, dtype=torch.float32, device=device)
+
+    centers = t(hp.lowest_level_centroids)
+    k = centers.shape[0]
+    pca = pp.pca
+    components = t(pca.components_)
+    inflation = []
+    if dim <= 3 and pp.inflation_params_list:
+        for rot, (m1, s1), (m2, s2) in pp.inflation_params_list[-1]:
+            rot = np.asarray(rot, dtype=np.float64)
+            inflation.append(
+                (
+                    t(m1, (k, dim)),
+                    t(s1, (k, dim)),
+                    t(rot),
+                    t(m2, (k, dim)),
+                    t(s2, (k, dim)),
+                    t(np.linalg.inv(rot)),
+                )
+            )
+    scaler = pp.scaler
+    scale = np.ones(centers.shape[1]) if scaler.scale_ is None else scaler.scale_
+    mean = np.zeros(centers.shape[1]) if scaler.mean_ is None else scaler.mean_
+    return {
+        "centers": F.normalize(centers, dim=1) if model.metric == "cosine" else centers,
+        "neg_c_sq": -(centers * centers).sum(dim=1),
+        "mean": t(mean),
+        "scale": t(scale),
+        "components_t": components.T.contiguous(),
+        # As scikit-learn's PCA.transform: X @ W.T - mean @ W.T.
+        "pca_shift": t(pca.mean_) @ components.T,
+        "whiten": t(np.sqrt(pca.explained_variance_)) if pca.whiten else None,
+        "inflation": inflation,
+        "clip": dim <= 3,
+        "anchors": t(pp.projected_centroids[-2], (k, dim)),
+        "points_mean": t(pp.points_means[-1], (k, dim)),
+        "max_radius": t(pp.points_max_radii[-1], (k, 1)),
+        "anchor_radius": t(pp.projected_centroid_radii[-1], (k, 1)),
+    }
+
+
+def _project(x: torch.Tensor, p: dict[str, Any], cosine: bool) -> torch.Tensor:
+    """hnne's ``transform`` of float32 tokens ``x`` (n, C) -> (n, dim)."""
+    idx = nearest_rows(x, p["centers"], cosine, None if cosine else p["neg_c_sq"])
+    z = (x - p["mean"]) / p["scale"]
+    z = z @ p["components_t"] - p["pca_shift"]
+    if p["whiten"] is not None:
+        z = z / p["whiten"]
+    for m1, s1, rot, m2, s2, inv in p["inflation"]:
+        z = (z - m1[idx]) / s1[idx]
+        z = z @ rot
+        z = (z - m2[idx]) / s2[idx]
+        z = z @ inv
+    if p["clip"]:
+        norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+        z = torch.where(norms > _MAX_NORM, _MAX_NORM * z / norms, z)
+    z = (z - p["points_mean"][idx]) / p["max_radius"][idx]
+    return p["anchors"][idx] + z * p["anchor_radius"][idx]
