@@ -13,13 +13,15 @@ returns NumPy for NumPy input, torch for torch input.
 """
 
 from .features import DinoFeaturizer
-from .probes import KMeansProbe, LinearProbe
-from .projection import RandomProjection, StegoProjector, TorchPCA
+from .probes import HNNEClusterProbe, KMeansProbe, LinearProbe
+from .projection import HNNEProjector, RandomProjection, StegoProjector, TorchPCA
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DinoFeaturizer",
+    "HNNEClusterProbe",
+    "HNNEProjector",
     "KMeansProbe",
     "LinearProbe",
     "RandomProjection",

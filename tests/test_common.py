@@ -4,6 +4,8 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skstego import (
+    HNNEClusterProbe,
+    HNNEProjector,
     KMeansProbe,
     LinearProbe,
     RandomProjection,
@@ -19,6 +21,8 @@ ESTIMATORS = [
     KMeansProbe(k=3),
     LinearProbe(),
     StegoProjector(dim=2, n_steps=5, batch_size=4),
+    HNNEProjector(dim=2),
+    HNNEClusterProbe(k=3),
 ]
 
 # Public estimators left out of the generic checks, each with its reason; their

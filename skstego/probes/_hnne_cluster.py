@@ -1,0 +1,444 @@
+"""HNNEClusterProbe: a level of h-NNE's FINCH hierarchy as the cluster probe.
+
+The STEGO study's supplementary suggests, as future work, skipping k-means and
+matching h-NNE's own clusters to classes with the Hungarian algorithm. This
+probe does that: it builds hnne's FINCH hierarchy on (a subsample of) the
+tokens, takes one level of it as the clustering, and assigns new tokens to the
+nearest centroid of that level. Matching and scoring are KMeansProbe's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClusterMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from .._device import TorchEstimatorMixin, check_features, is_torch, resolve_device
+from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
+from ..projection._hnne import hnne_seed, new_hnne, sample_tokens
+from ._base import check_targets, predict_labels, scored_confusion
+from ._kmeans import KMeansProbe, _n_valid_classes, _normalize_rows
+
+__all__ = ["HNNEClusterProbe"]
+
+
+class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
+    """Cluster probe from h-NNE's FINCH hierarchy, Hungarian-matched to classes.
+
+    ``fit`` builds the FINCH hierarchy that :class:`hnne.HNNE` builds (a
+    fresh ``HNNE``, ``fit_only_hierarchy``) on at most ``max_fit_samples``
+    random tokens, picks one level of it and stores the centroids of that
+    level's clusters. :meth:`predict` assigns every token to the nearest
+    centroid (cosine or Euclidean), on the device, as :class:`KMeansProbe`
+    does; with ``y`` in ``fit`` it returns classes through the Hungarian
+    mapping, and :meth:`score` / :meth:`score_report` follow KMeansProbe's
+    unsupervised protocol exactly (unmatched clusters count as errors).
+
+    Parameters
+    ----------
+    k : int or None, default=None
+        Wanted number of clusters: the level whose number of clusters is
+        closest to ``k`` is used (on a tie, the finer level). FINCH levels
+        are few and far apart (each has a few times fewer clusters than the
+        one below), so the number obtained is ``n_clusters_``, not ``k``; a
+        warning says so when ``k`` lies outside the hierarchy's range.
+
+    level : "auto" or int, default="auto"
+        Level of the hierarchy, 0 being the finest. ``"auto"`` uses ``k``, or
+        without ``k`` the coarsest level FINCH built (FINCH stops before
+        merging everything, so that level has at least 2 clusters unless the
+        tokens do not split at all). An int selects that level and excludes
+        ``k``.
+
+    metric : {"cosine", "euclidean"}, default="cosine"
+        Distance of the FINCH hierarchy and of the nearest-centroid
+        assignment. For cosine, centroids are the normalised means of the
+        normalised tokens of each cluster (spherical means).
+
+    max_fit_samples : int or None, default=1_000_000
+        Build the hierarchy on a random subsample of at most this many tokens
+        (drawn from ``random_state``); None uses all. FINCH uses exact first
+        neighbours (an n x n distance matrix) up to hnne's ``ann_threshold``
+        of 20 000 tokens, approximate ones (pynndescent) above.
+
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
+        Where centroids, predictions and scores are computed; the hierarchy
+        is built on the CPU by hnne. Resolved in :meth:`fit`.
+
+    random_state : int, RandomState instance or None, default=None
+        Seeds the subsample and is passed to hnne (its approximate
+        neighbours); an int is passed as is.
+
+    verbose : bool, default=False
+        Let hnne/FINCH print their progress.
+
+    Attributes
+    ----------
+    hnne_ : hnne.HNNE
+        The model that built the hierarchy; ``hnne_.hierarchy_parameters``
+        holds the FINCH ``partitions`` of the fit tokens (one column per
+        level) and their ``partition_sizes``. All levels are kept (hnne's
+        ``min_size_top_level`` is set to 1).
+
+    levels_ : ndarray of shape (n_levels,), int64
+        Number of clusters of every level, finest first.
+
+    level_ : int
+        Level used.
+
+    n_clusters_ : int
+        Number of clusters of that level, ``levels_[level_]``.
+
+    cluster_centers_ : ndarray of shape (n_clusters_, n_features), float32
+        Centroids of the level's clusters over the fit tokens; unit vectors
+        for ``metric="cosine"``.
+
+    labels_ : ndarray of int64, shape (n_samples,) or (N, h, w)
+        Cluster of every token of the training data, in its layout: the
+        FINCH partition for the tokens the hierarchy was built on, the
+        nearest centroid for the others (when subsampled).
+
+    n_features_in_ : int
+        Number of features (channels) seen during :meth:`fit`.
+
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during :meth:`fit`, for 2-D input with string
+        column names only.
+
+    mapping_ : ndarray of shape (n_clusters_,), int64
+        Only when ``fit`` got ``y``: class of every cluster by the Hungarian
+        assignment on the training confusion matrix; -1 for unmatched clusters.
+
+    n_classes_ : int
+        Only when ``fit`` got ``y``: largest valid label + 1.
+
+    See Also
+    --------
+    KMeansProbe : The same probe with k-means centroids.
+    HNNEProjector : h-NNE as a reducer, on the same hierarchy.
+    hnne.HNNE : Builds the hierarchy.
+
+    Notes
+    -----
+    A FINCH cluster is a connected group of first-neighbour links, not a
+    Voronoi cell: a few tokens of a cluster can lie nearer another cluster's
+    centroid, so :meth:`predict` on the fit tokens may differ from
+    ``labels_`` there (on well separated data it does not). Centroids are
+    computed in float32 on the device. Building the hierarchy costs hnne's
+    FINCH time and memory; it runs on the CPU.
+
+    References
+    ----------
+    .. [1] M. S. Sarfraz, V. Sharma and R. Stiefelhagen, "Efficient
+           Parameter-free Clustering Using First Neighbor Relations",
+           CVPR 2019.
+    .. [2] M. S. Sarfraz, M. Koulakis, C. Seibold and R. Stiefelhagen,
+           "Hierarchical Nearest Neighbor Graph Embedding for Efficient
+           Dimensionality Reduction", CVPR 2022.
+    .. [3] A. Koenig, M. Schambach and J. Otterbach, "Uncovering the Inner
+           Workings of STEGO for Safe Unsupervised Semantic Segmentation",
+           CVPR 2023 workshops (supplementary: future work).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skstego import HNNEClusterProbe
+    >>> rng = np.random.default_rng(1)
+    >>> means = rng.normal(size=(3, 8)) * 5
+    >>> y = np.repeat([0, 1, 2], 100)
+    >>> X = (means[y] + rng.normal(size=(300, 8))).astype(np.float32)
+    >>> probe = HNNEClusterProbe(k=3, device="cpu", random_state=0).fit(X, y)
+    >>> probe.levels_  # clusters per FINCH level, finest first
+    array([67, 14,  3])
+    >>> probe.n_clusters_, probe.score(X, y)
+    (3, 1.0)
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        "k": [Interval(Integral, 1, None, closed="left"), None],
+        "level": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
+        "metric": [StrOptions({"cosine", "euclidean"})],
+        "max_fit_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "device": [str, torch.device, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        k: int | None = None,
+        *,
+        level: str | int = "auto",
+        metric: str = "cosine",
+        max_fit_samples: int | None = 1_000_000,
+        device: str | torch.device | None = "auto",
+        random_state: Any = None,
+        verbose: bool = False,
+    ) -> None:
+        self.k = k
+        self.level = level
+        self.metric = metric
+        self.max_fit_samples = max_fit_samples
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ---------------------------------------------------------------- fit
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any = None) -> HNNEClusterProbe:
+        """Build the hierarchy, pick a level, fit its centroids (and mapping).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps. Not modified.
+        y : array-like or torch.Tensor of int, default=None
+            Optional labels, (n_samples,) for tokens or label maps (N, H, W)
+            for maps (any H, W; scores are upsampled bilinearly to it); -1 is
+            ignored. When given, ``mapping_`` and ``n_classes_`` are fitted.
+
+        Returns
+        -------
+        self : HNNEClusterProbe
+            Fitted estimator.
+        """
+        if self.level != "auto" and self.k is not None:
+            raise ValueError(
+                f"Give either k (wanted number of clusters) or level (index in "
+                f"the hierarchy), not both; got k={self.k}, level={self.level}."
+            )
+        X = check_features(self, X, reset=True)
+        if is_torch(X):
+            X = X.detach()
+        if y is not None:
+            y = check_targets(X, y)
+        device = resolve_device(self.device)
+        cosine = self.metric == "cosine"
+
+        tokens, idx = sample_tokens(X, self.max_fit_samples, self.random_state)
+        model = new_hnne(metric=self.metric, random_state=hnne_seed(self.random_state))
+        model.min_size_top_level = 1  # keep every level FINCH builds
+        model.fit_only_hierarchy(tokens, verbose=bool(self.verbose))
+        hp = model.hierarchy_parameters
+        levels = np.asarray(hp.partition_sizes, dtype=np.int64)
+        level = self._choose_level(levels)
+        partition = np.asarray(hp.partitions[:, level], dtype=np.int64)
+        n_clusters = int(levels[level])
+
+        xs = torch.as_tensor(tokens).to(device)
+        if cosine:
+            xs = _normalize_rows(xs)
+        part = torch.as_tensor(partition, device=device)
+        sums = torch.zeros(n_clusters, xs.shape[1], dtype=xs.dtype, device=device)
+        sums.index_add_(0, part, xs)
+        counts = torch.bincount(part, minlength=n_clusters).clamp_min(1)
+        centers = sums / counts[:, None].to(sums.dtype)
+        if cosine:
+            centers = _normalize_rows(centers)
+        del xs, sums
+
+        self.hnne_ = model
+        self.levels_ = levels
+        self.level_ = int(level)
+        self.n_clusters_ = n_clusters
+        self.cluster_centers_ = centers.cpu().numpy().astype(np.float32)
+
+        if idx is None:
+            labels = partition
+        else:  # nearest centroid for all, FINCH's own clusters where known
+            labels = self._predict_ids(X, device).reshape(-1)
+            labels = (labels.cpu().numpy() if is_torch(labels) else labels).copy()
+            labels[idx] = partition
+        if X.ndim == 4:
+            labels = labels.reshape(X.shape[0], X.shape[2], X.shape[3])
+        self.labels_ = labels
+
+        for name in ("mapping_", "n_classes_"):
+            self.__dict__.pop(name, None)
+        if y is not None:
+            n_classes = _n_valid_classes(y)
+            if n_classes == 0:
+                raise ValueError(
+                    "y holds no valid label (all labels are negative); fit without "
+                    "y, or pass class ids >= 0."
+                )
+            if X.ndim == 2 or tuple(y.shape[-2:]) == tuple(X.shape[-2:]):
+                conf = confusion_matrix(
+                    y, labels, n_classes=n_classes, n_pred=n_clusters
+                )
+            else:
+                conf = scored_confusion(
+                    self._scorer(device),
+                    X,
+                    y,
+                    device=device,
+                    n_outputs=n_clusters,
+                    n_classes=n_classes,
+                )
+            self.mapping_ = hungarian_match(conf)
+            self.n_classes_ = n_classes
+        return self
+
+    def _choose_level(self, levels: np.ndarray) -> int:
+        """Index of the level to use (see ``k`` and ``level``)."""
+        if self.level != "auto":
+            if self.level >= len(levels):
+                raise ValueError(
+                    f"level={self.level} does not exist: the hierarchy of these "
+                    f"tokens has {len(levels)} level(s) (0 to {len(levels) - 1}) "
+                    f"with {levels.tolist()} clusters."
+                )
+            return int(self.level)
+        if self.k is None:
+            return len(levels) - 1
+        level = int(np.argmin(np.abs(levels - self.k)))  # first = finer on ties
+        if self.k > levels[0] or self.k < levels[-1]:
+            warnings.warn(
+                f"k={self.k} is outside the range of the FINCH hierarchy of these "
+                f"tokens ({levels.tolist()} clusters per level); using level "
+                f"{level} with {levels[level]} clusters.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return level
+
+    # ------------------------------------------------------------ inference
+
+    #: Token scores (m, C) -> (m, n_clusters) to maximise, as KMeansProbe's.
+    _scorer = KMeansProbe._scorer
+
+    def _check_X(self, X: Any) -> Any:
+        check_is_fitted(self)
+        return check_features(self, X, reset=False)
+
+    def _predict_ids(self, X: Any, device: torch.device, size=None, label_fn=None):
+        return predict_labels(
+            self._scorer(device),
+            X,
+            device=device,
+            n_outputs=self.n_clusters_,
+            size=size,
+            label_fn=label_fn,
+        )
+
+    def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
+        """Class (when fitted with ``y``) or cluster of every token.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps.
+        size : tuple of (int, int), default=None
+            For maps only: upsample the cluster scores bilinearly to (H, W)
+            before the argmax.
+
+        Returns
+        -------
+        labels : ndarray or torch.Tensor of int64, shape (n_samples,), (N, h, w) \
+                or (N, H, W)
+            Class ids through ``mapping_`` (-1 for unmatched clusters) when
+            ``fit`` got ``y``, else the nearest cluster. NumPy for NumPy
+            input, torch on the estimator's device for torch input.
+        """
+        X = self._check_X(X)
+        if size is not None and X.ndim != 4:
+            raise ValueError("size only applies to 4-D maps (N, C, h, w).")
+        device = self._resolved_device()
+        label_fn = None
+        if hasattr(self, "mapping_"):
+            label_fn = self._tensor("mapping_", device, torch.int64).__getitem__
+        return self._predict_ids(X, device, size=size, label_fn=label_fn)
+
+    def fit_predict(self, X: Any, y: Any = None) -> Any:
+        """Fit, then return the training clusters (or their classes).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps.
+        y : array-like or torch.Tensor of int, default=None
+            Optional labels, as in :meth:`fit`.
+
+        Returns
+        -------
+        labels : ndarray or torch.Tensor of int64, shape (n_samples,) or (N, h, w)
+            ``labels_`` without ``y``; their classes (``mapping_[labels_]``)
+            with ``y``.
+        """
+        self.fit(X, y)
+        labels = self.labels_
+        if hasattr(self, "mapping_"):
+            labels = self.mapping_[labels]
+        if is_torch(X):
+            return torch.from_numpy(labels).to(self._resolved_device())
+        return labels
+
+    def score_report(self, X: Any, y: Any) -> dict[str, Any]:
+        """All scores of the unsupervised protocol on ``(X, y)``.
+
+        Clusters are matched to classes by the Hungarian algorithm on the
+        confusion matrix of ``(X, y)`` itself; ``mapping_`` is not used.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps.
+        y : array-like or torch.Tensor of int
+            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
+            ignored.
+
+        Returns
+        -------
+        report : dict
+            As :func:`skstego.metrics.segmentation_report`: ``miou``,
+            ``accuracy``, per-class ``iou``, ``precision``, ``recall``,
+            ``support``, the ``confusion`` (n_classes, n_clusters_) and the
+            ``mapping``. Pixels of unmatched clusters count as errors.
+        """
+        X = self._check_X(X)
+        y = check_targets(X, y)
+        device = self._resolved_device()
+        n_classes = max(_n_valid_classes(y), getattr(self, "n_classes_", 0), 1)
+        conf = scored_confusion(
+            self._scorer(device),
+            X,
+            y,
+            device=device,
+            n_outputs=self.n_clusters_,
+            n_classes=n_classes,
+        )
+        return report_from_confusion(conf, matching="hungarian")
+
+    def score(self, X: Any, y: Any, *, metric: str = "miou") -> float:
+        """Mean IoU (or pixel accuracy) under Hungarian matching on ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps.
+        y : array-like or torch.Tensor of int
+            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
+            ignored.
+        metric : {"miou", "accuracy"}, default="miou"
+            Score returned; both are fractions in [0, 1], greater is better.
+
+        Returns
+        -------
+        score : float
+            See :meth:`score_report`.
+        """
+        if metric not in ("miou", "accuracy"):
+            raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
+        return float(self.score_report(X, y)[metric])
