@@ -97,11 +97,16 @@ def _as_rgb(image: Any, name: str = "image") -> np.ndarray:
     """(H, W, 3) uint8 RGB from (H, W, 3|4), (3, H, W) or (H, W) input.
 
     uint8/integer values are taken in [0, 255], floats in [0, 1] (the
-    featurizer's conventions); channels-first (3, H, W) tensors are accepted.
+    featurizer's conventions). A (3, H, W) array is channels-first; when its
+    last axis could be channels too (3 or 4), tensors are read channels-first
+    and NumPy arrays channels-last.
     """
     arr = _to_numpy(image)
-    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] not in (3, 4):
-        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[0] == 3:
+        # channels first, unless channels-last is as plausible and the input
+        # is NumPy (NumPy images are (H, W, 3), tensors (3, H, W))
+        if arr.shape[-1] not in (3, 4) or is_torch(image):
+            arr = arr.transpose(1, 2, 0)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
@@ -224,7 +229,9 @@ def overlay(
     Parameters
     ----------
     image : array-like or torch.Tensor, (H, W, 3), (3, H, W) or (H, W)
-        uint8 values in [0, 255] or floats in [0, 1].
+        uint8 values in [0, 255] or floats in [0, 1]; an alpha channel is
+        dropped. When both readings fit (e.g. (3, 5, 4)), tensors are taken
+        channels-first and NumPy arrays channels-last.
     labels : array-like or torch.Tensor of int, shape (h, w)
         Class ids, -1 to ignore.
     palette : array-like of shape (n_colors, 3), optional
