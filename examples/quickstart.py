@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
@@ -41,6 +42,7 @@ from skstego.metrics import (
     hungarian_match,
     miou_scorer,
 )
+from skstego.plotting import colorize, plot_palette, plot_segmentation
 
 SEED = 0
 N_CLASSES = 5
@@ -71,13 +73,6 @@ def square_crop(image: np.ndarray, resolution: int) -> np.ndarray:
     top = (resized.shape[0] - resolution) // 2
     left = (resized.shape[1] - resolution) // 2
     return resized[top : top + resolution, left : left + resolution]
-
-
-def colour(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    out = np.zeros((*labels.shape, 3), np.uint8)  # ignored pixels stay black
-    valid = labels >= 0
-    out[valid] = palette[labels[valid] % len(palette)]
-    return out
 
 
 def save_rows(rows: list[list[np.ndarray]], path: Path, scale: int = 2) -> None:
@@ -117,15 +112,31 @@ def segment_scenes(featurizer, resolution: int, out: Path) -> None:
     conf = confusion_matrix(labels[val], pred, n_classes=N_CLASSES, n_pred=N_CLASSES)
     mapped = hungarian_match(conf)[pred]
     palette = default_palette(N_CLASSES)
-    rows = [
-        [images[val][i], colour(labels[val][i], palette), colour(mapped[i], palette)]
-        for i in range(4)
-    ]
+    names = [f"class {c}" for c in range(N_CLASSES)]
     # scikit-learn's two sample photos, segmented by the same pipeline
     photos = [square_crop(p, resolution) for p in load_sample_images().images]
     photo_pred = pipe.predict(np.stack(photos), size=(resolution, resolution))
-    rows += [[p, colour(q, palette)] for p, q in zip(photos, photo_pred, strict=True)]
-    save_rows(rows, out)
+    fig, axes = plt.subplots(6, 3, figsize=(6.6, 13.2))
+    for i in range(4):
+        plot_segmentation(
+            images[val][i],
+            mapped[i],
+            labels[val][i],
+            palette=palette,
+            axes=axes[i],
+            legend=False,
+        )
+    for row, photo, clusters in zip(axes[4:], photos, photo_pred, strict=True):
+        plot_segmentation(photo, clusters, palette=palette, axes=row[:2], legend=False)
+        row[0].set_title("sample photo")
+        row[1].set_title("clusters")
+        row[2].set_axis_off()
+    plot_palette(palette, names, ax=axes[4, 2]).set_title("scene classes")
+    for ax in axes[1:4].flat:
+        ax.set_title("")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
     print(f"wrote {out} (rows: image | ground truth | prediction; sample photos)")
 
 
@@ -145,7 +156,7 @@ def segment_folder(featurizer, folder: Path, k: int, resolution: int, out: Path)
     )
     pred = np.asarray(pipe.fit(images).predict(images, size=(resolution, resolution)))
     palette = default_palette(k)
-    rows = [[images[i], colour(pred[i], palette)] for i in range(min(8, len(images)))]
+    rows = [[images[i], colorize(pred[i], palette)] for i in range(min(8, len(images)))]
     save_rows(rows, out)
     print(f"segmented {len(images)} images of {folder} into {k} clusters; wrote {out}")
 
