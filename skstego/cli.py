@@ -1,0 +1,1145 @@
+"""The ``skstego`` command line: segment images, fit and evaluate models.
+
+Three subcommands (``skstego COMMAND --help`` for all options)::
+
+    skstego segment IMAGES... --out DIR      label + overlay PNG per image
+    skstego fit IMAGES... --out MODEL.skstego
+    skstego evaluate MODEL.skstego --dataset cocostuff27 --root DIR
+
+``segment`` without ``--pipeline`` fits unsupervised on the images it is
+given (DINO features, once; a reducer; k-means) and predicts them; with
+``--pipeline`` (a file from ``skstego fit``) it only predicts. It is
+resumable: images whose outputs exist are skipped (``--overwrite`` redoes
+them); an unreadable image is reported and the others are still written.
+
+Every error is one line on stderr. Exit codes: 0 success, 1 some images
+failed (the others were written), 2 usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+DEFAULT_MODEL = "vit_small_patch8_224.dino"
+#: Image file extensions found in folders (as the dataset loaders').
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".mat",
+)
+#: The STEGO reference's scale of cosine similarities before the softmax.
+KMEANS_SOFTMAX_SCALE = 2.0
+#: Label value written for pixels without a class (unmatched clusters).
+IGNORE_VALUE = 255
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  some images could not be read or segmented (listed on stderr; the
+     others were written)
+  2  usage or setup error (bad arguments, no images, unreadable model file,
+     DINO weights unavailable offline: pass --weights FILE, or
+     --random-weights for smoke tests)
+"""
+
+
+class UsageError(Exception):
+    """A problem with the arguments or the setup: one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``skstego`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    code : int
+        0 on success, 1 when some images failed (the others were written),
+        2 for usage and setup errors. Errors are printed as one line on
+        stderr, without a traceback (``--debug`` shows it).
+
+    Examples
+    --------
+    >>> from skstego.cli import main
+    >>> main(["--version"])  # doctest: +ELLIPSIS
+    skstego ...
+    0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argparse usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "command", None) is None:
+        parser.print_usage(sys.stderr)
+        print(
+            "skstego: error: choose a command: segment, fit or evaluate",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("skstego: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        _error(exc)
+        return EXIT_USAGE
+
+
+def _error(exc: BaseException | str) -> None:
+    text = str(exc) if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    print(f"skstego: error: {_one_line(text)}", file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="skstego",
+        description="Unsupervised semantic segmentation with DINO features "
+        "(STEGO and its baselines).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"skstego {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment images: a label PNG and an overlay PNG per image",
+        description="Segment image files and folders (searched recursively). "
+        "Without --pipeline, fit DINO features -> reducer -> k-means on the "
+        "images themselves (unsupervised) and predict them; the fitted model "
+        "is saved as OUT/pipeline.skstego. With --pipeline, only predict. "
+        "Writes OUT/<name>_label.png (palette PNG of class ids, 255 = none), "
+        "OUT/<name>_overlay.png and OUT/summary.csv / summary.json. Images "
+        "whose two PNGs exist are skipped (--overwrite redoes them). "
+        "Outputs have the size of the input images.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    seg.add_argument("images", nargs="+", metavar="IMAGES", help="files or folders")
+    seg.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _add_backbone_args(seg, resolution_default=None)
+    seg.add_argument(
+        "--pipeline",
+        metavar="FILE",
+        help="a model from `skstego fit` (then --model, --weights, --k and "
+        "--projector are not used)",
+    )
+    seg.add_argument(
+        "--k", type=_positive_int, default=27, help="clusters (default 27)"
+    )
+    seg.add_argument(
+        "--projector",
+        default="pca:64",
+        metavar="SPEC",
+        help="reducer before k-means: pca:DIM, rp:DIM (random projection), "
+        "none, or a FILE holding a fitted reducer (default pca:64)",
+    )
+    seg.add_argument(
+        "--crf",
+        action="store_true",
+        help="refine with a dense CRF (skstego.postprocess.crf_refine)",
+    )
+    seg.add_argument(
+        "--alpha",
+        type=_unit_float,
+        default=0.5,
+        help="opacity of the colours in the overlay (default 0.5)",
+    )
+    seg.add_argument(
+        "--overwrite", action="store_true", help="redo images already segmented"
+    )
+    _add_run_args(seg)
+    seg.set_defaults(run=_segment)
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a pipeline (featurizer, reducer, probe) and save it",
+        description="Featurize the images (center crops), fit the reducer and "
+        "the probe, and save the pipeline with skstego.io.save (no pickle). "
+        "With --labels DIR (label PNGs named like the images: DIR/<name>.png, "
+        "255 = ignore), k-means also learns its cluster-to-class mapping and "
+        "--probe linear becomes possible.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    fit.add_argument("images", nargs="+", metavar="IMAGES", help="files or folders")
+    fit.add_argument(
+        "--out", required=True, metavar="MODEL.skstego", help="model file to write"
+    )
+    _add_backbone_args(fit, resolution_default=224)
+    fit.add_argument(
+        "--projector",
+        default="pca:64",
+        metavar="SPEC",
+        help="pca:DIM, rp:DIM, stego:DIM (STEGO head) or none (default pca:64)",
+    )
+    fit.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="training steps of the STEGO head (default: StegoProjector's)",
+    )
+    fit.add_argument(
+        "--k", type=_positive_int, default=27, help="k-means clusters (default 27)"
+    )
+    fit.add_argument("--labels", metavar="DIR", help="folder of label PNGs")
+    fit.add_argument(
+        "--probe", choices=("kmeans", "linear"), default="kmeans", help="probe"
+    )
+    _add_run_args(fit)
+    fit.set_defaults(run=_fit)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a model on a labelled dataset (mIoU, accuracy, per class)",
+        description="Score a model from `skstego fit` on a dataset in the "
+        "STEGO layouts (see skstego.datasets). k-means models are scored as "
+        "STEGO does, with clusters matched to classes by the Hungarian "
+        "algorithm on the evaluation data; linear probes with their classes.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    ev.add_argument("model", metavar="MODEL.skstego")
+    ev.add_argument(
+        "--dataset",
+        required=True,
+        choices=("cocostuff27", "cityscapes27", "potsdam3", "folder"),
+    )
+    ev.add_argument("--root", required=True, metavar="DIR", help="dataset folder")
+    ev.add_argument(
+        "--split",
+        default=None,
+        help="split (default: val; labelled_test for potsdam3)",
+    )
+    ev.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=None,
+        help="center crop side (default: the model's featurizer resolution)",
+    )
+    ev.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    _add_run_args(ev)
+    ev.set_defaults(run=_evaluate)
+    return parser
+
+
+def _add_backbone_args(p: argparse.ArgumentParser, resolution_default: Any) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help=f"timm DINO ViT name (default {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--weights", metavar="FILE", help="local backbone checkpoint (offline use)"
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="randomly initialised backbone (pretrained=False): for smoke tests "
+        "and offline demos only, the segmentations are meaningless",
+    )
+    default = (
+        "the model's, else 320" if resolution_default is None else resolution_default
+    )
+    p.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=resolution_default,
+        help=f"short side of the images fed to the backbone (default {default})",
+    )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per forward pass (default: automatic)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one line"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------
+class _Item:
+    """One input image: its path and the name its outputs are derived from."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self.name = name  # relative, with the extension
+        self.status = "pending"
+        self.error = ""
+        self.classes: list[int] = []
+        self.label_path = ""
+        self.overlay_path = ""
+
+
+def _collect(arguments: Iterable[str]) -> tuple[list[_Item], list[_Item]]:
+    """Images named by files and folders -> (items, missing arguments).
+
+    A folder contributes the image files below it (recursively, by
+    extension), named ``<folder name>/<relative path>``; a file is named by
+    its file name. The same file named twice is kept once.
+    """
+    items, missing, seen = [], [], set()
+    for arg in arguments:
+        path = Path(arg)
+        if path.is_dir():
+            base = path.resolve().name or "images"
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+            pairs = [(p, f"{base}/{p.relative_to(path).as_posix()}") for p in found]
+        elif path.is_file():
+            pairs = [(path, path.name)]
+        else:
+            item = _Item(str(path), path.name)
+            item.status, item.error = "failed", "no such file or folder"
+            missing.append(item)
+            continue
+        for p, name in pairs:
+            key = os.path.realpath(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            items.append(_Item(str(p), name))
+    return items, missing
+
+
+def _assign_outputs(items: list[_Item], out: Path) -> None:
+    """Output paths ``out/<name without extension>_{label,overlay}.png``.
+
+    Images whose names differ only by extension keep it (``a.jpg_label.png``).
+    """
+    stems: dict[str, list[_Item]] = {}
+    for item in items:
+        stems.setdefault(os.path.splitext(item.name)[0], []).append(item)
+    taken: dict[str, str] = {}
+    for stem, group in stems.items():
+        for item in group:
+            base = stem if len(group) == 1 else item.name
+            if base in taken:
+                raise UsageError(
+                    f"{taken[base]!r} and {item.path!r} would both be written to "
+                    f"{str(out / base)!r}_*.png; segment them in separate runs."
+                )
+            taken[base] = item.path
+            item.label_path = str(out / f"{base}_label.png")
+            item.overlay_path = str(out / f"{base}_overlay.png")
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from the file header, None when unknown."""
+    if path.lower().endswith(".mat"):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except Exception:
+        return None
+
+
+def _read(path: str) -> np.ndarray:
+    from .datasets._collection import _read_image
+
+    return _read_image(path)
+
+
+# --------------------------------------------------------------------------
+# building models
+# --------------------------------------------------------------------------
+def _featurizer(args: argparse.Namespace, resolution: int) -> Any:
+    from .features import DinoFeaturizer
+
+    if args.random_weights and args.weights:
+        raise UsageError("--random-weights and --weights exclude each other.")
+    return DinoFeaturizer(
+        args.model or DEFAULT_MODEL,
+        pretrained=not args.random_weights,
+        weights=args.weights,
+        resolution=resolution,
+        batch_size=args.batch_size or "auto",
+        device=args.device,
+    )
+
+
+def _check_device(device: str) -> None:
+    from ._device import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from None
+
+
+def _check_backbone(featurizer: Any) -> None:
+    """Build the backbone now, so that setup errors are not per-image errors."""
+    try:
+        featurizer.transform(np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    except RuntimeError as exc:  # weights unavailable (offline)
+        raise UsageError(
+            f"{exc} On the command line: --weights FILE for a local checkpoint, "
+            "or --random-weights for a smoke test."
+        ) from None
+
+
+def _reducer(spec: str, seed: int, device: str, steps: int | None = None) -> Any:
+    """``pca:DIM``, ``rp:DIM``, ``stego:DIM``, ``none`` or a model file."""
+    from . import RandomProjection, StegoProjector, TorchPCA
+
+    kind, _, dim = spec.partition(":")
+    kinds = {"pca": TorchPCA, "rp": RandomProjection, "stego": StegoProjector}
+    if kind in kinds and dim:
+        try:
+            n = int(dim)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            raise UsageError(
+                f"--projector {spec!r}: DIM must be a positive integer."
+            ) from None
+        extra = {"n_steps": steps} if kind == "stego" and steps else {}
+        return kinds[kind](n, random_state=seed, device=device, **extra)
+    if spec == "none":
+        return "passthrough"
+    if os.path.isfile(spec):
+        from .io import load
+
+        reducer = load(spec, device=device)
+        if not hasattr(reducer, "transform") or hasattr(reducer, "steps"):
+            raise UsageError(
+                f"--projector {spec!r} holds a {type(reducer).__name__}, not a "
+                "fitted reducer (TorchPCA, RandomProjection, StegoProjector)."
+            )
+        return reducer
+    raise UsageError(
+        f"--projector {spec!r}: expected pca:DIM, rp:DIM, none or an existing "
+        "model file."
+    )
+
+
+def _split_pipeline(pipe: Any, where: str) -> tuple[Any, Any, Any]:
+    """(featurizer, reducer or "passthrough", probe) of a saved pipeline."""
+    from sklearn.pipeline import Pipeline
+
+    from . import DinoFeaturizer, KMeansProbe, LinearProbe
+
+    steps = [s for _, s in pipe.steps] if isinstance(pipe, Pipeline) else []
+    if (
+        len(steps) < 2
+        or not isinstance(steps[0], DinoFeaturizer)
+        or not isinstance(steps[-1], (KMeansProbe, LinearProbe))
+    ):
+        raise UsageError(
+            f"{where!r} is not a segmentation pipeline (DinoFeaturizer, "
+            "reducers, KMeansProbe or LinearProbe); make one with `skstego fit`."
+        )
+    middle = [s for s in steps[1:-1] if s is not None and s != "passthrough"]
+    if not middle:
+        reducer: Any = "passthrough"
+    elif len(middle) == 1:
+        reducer = middle[0]
+    else:
+        reducer = Pipeline([(f"r{i}", s) for i, s in enumerate(middle)])
+    return steps[0], reducer, steps[-1]
+
+
+def _reduce(reducer: Any, maps: np.ndarray) -> np.ndarray:
+    return maps if isinstance(reducer, str) else reducer.transform(maps)
+
+
+# --------------------------------------------------------------------------
+# prediction
+# --------------------------------------------------------------------------
+def _label_ids(probe: Any) -> np.ndarray | None:
+    """Class value of each argmax index, None when indices are the labels."""
+    classes = getattr(probe, "classes_", None)
+    if classes is None or classes.dtype.kind not in "iu":
+        return None
+    return classes.astype(np.int64)
+
+
+def _n_labels(probe: Any) -> int:
+    """Number of distinct label values a probe can output."""
+    classes = getattr(probe, "classes_", None)
+    if classes is not None:
+        return int(classes.max()) + 1 if classes.dtype.kind in "iu" else len(classes)
+    if hasattr(probe, "mapping_"):
+        return int(max(probe.mapping_.max() + 1, 1))
+    return int(probe.k)
+
+
+def _predict(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Label maps (N, H, W) at ``size``: class values, -1 for none."""
+    ids = np.asarray(probe.predict(codes, size=size))
+    table = _label_ids(probe)
+    return table[ids] if table is not None else ids
+
+
+def _probabilities(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> Any:
+    """Class (or cluster) probabilities (N, K, H, W), a float32 NumPy array.
+
+    KMeansProbe: softmax of the cosine similarities to the centroids (from
+    ``transform``) times 2, as the STEGO reference; Euclidean k-means uses
+    minus the distances. LinearProbe: softmax of the logits. Scores are
+    upsampled bilinearly to ``size`` before the softmax, so the argmax equals
+    ``probe.predict(codes, size=size)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if hasattr(probe, "cluster_centers_"):
+        scores = torch.as_tensor(np.asarray(probe.transform(codes)))
+        if probe.metric == "cosine":
+            scores = scores * KMEANS_SOFTMAX_SCALE
+        else:
+            scores = -scores
+    else:
+        scores = torch.as_tensor(np.asarray(probe.decision_function(codes)))
+    scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+    return torch.softmax(scores, dim=1).numpy()
+
+
+def _crf_labels(
+    probe: Any, codes: np.ndarray, images: np.ndarray, crf: Callable
+) -> np.ndarray:
+    proba = _probabilities(probe, codes, tuple(images.shape[1:3]))
+    ids = np.asarray(crf(images, proba)).argmax(1)
+    if hasattr(probe, "mapping_"):
+        return probe.mapping_[ids]
+    table = _label_ids(probe)
+    return table[ids] if table is not None else ids
+
+
+def _load_crf(device: str) -> Callable:
+    """``crf_refine`` on ``device``: NumPy probabilities in, NumPy out."""
+    try:
+        from .postprocess import crf_refine
+    except ImportError as exc:
+        raise UsageError(
+            f"--crf needs skstego.postprocess.crf_refine, which cannot be imported "
+            f"({exc})."
+        ) from None
+    return functools.partial(crf_refine, device=device)
+
+
+# --------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------
+def _palette(n_labels: int) -> np.ndarray:
+    from .datasets import default_palette
+
+    return default_palette(max(1, min(n_labels, IGNORE_VALUE)))
+
+
+def _save_png(image: Any, path: str) -> None:
+    """Write through a temporary file, so that a crash leaves no partial PNG."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.part"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_outputs(
+    item: _Item,
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: np.ndarray,
+    alpha: float,
+) -> None:
+    from PIL import Image
+
+    labels = np.asarray(labels)
+    valid = labels >= 0
+    stored = np.where(valid, labels, IGNORE_VALUE).astype(np.uint8)
+    png = Image.fromarray(stored, mode="P")
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = palette
+    png.putpalette(flat.reshape(-1).tolist())
+    _save_png(png, item.label_path)
+    colours = flat[stored].astype(np.float32)
+    blend = image.astype(np.float32)
+    blend[valid] = (1.0 - alpha) * blend[valid] + alpha * colours[valid]
+    overlay = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    _save_png(Image.fromarray(overlay, mode="RGB"), item.overlay_path)
+    item.classes = sorted(int(c) for c in np.unique(labels[valid]))
+
+
+def _classes_in(label_png: str) -> list[int]:
+    from PIL import Image
+
+    try:
+        with Image.open(label_png) as img:
+            values = np.unique(np.asarray(img))
+    except Exception:
+        return []
+    return [int(v) for v in values if v != IGNORE_VALUE]
+
+
+def _write_summary(items: list[_Item], out: Path) -> None:
+    rows = [
+        {
+            "image": item.path,
+            "label": item.label_path,
+            "overlay": item.overlay_path,
+            "status": item.status,
+            "classes": item.classes,
+            "error": item.error,
+        }
+        for item in items
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.json", "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    with open(out / "summary.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "classes": " ".join(map(str, row["classes"]))})
+
+
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------
+# reading and featurizing in chunks, one failure at a time
+# --------------------------------------------------------------------------
+def _chunks(items: list[_Item], size: int) -> Iterable[list[_Item]]:
+    """Chunks of items whose files have one size (one forward pass each)."""
+    groups: dict[Any, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(_image_size(item.path) or ("?", item.path), []).append(item)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def _fail(item: _Item, exc: BaseException) -> None:
+    item.status = "failed"
+    item.error = _one_line(str(exc) or type(exc).__name__)
+
+
+def _read_chunk(chunk: list[_Item]) -> list[tuple[_Item, np.ndarray]]:
+    good = []
+    for item in chunk:
+        try:
+            good.append((item, _read(item.path)))
+        except (OSError, ValueError) as exc:
+            _fail(item, exc)
+    return good
+
+
+def _featurize(
+    featurizer: Any, pairs: list[tuple[_Item, np.ndarray]]
+) -> Iterable[tuple[list[_Item], list[np.ndarray], np.ndarray]]:
+    """(items, images, maps) per image shape; a failing group is retried image
+    by image, so that one bad image does not take the others down."""
+    shapes: dict[tuple, list[tuple[_Item, np.ndarray]]] = {}
+    for item, image in pairs:
+        shapes.setdefault(image.shape, []).append((item, image))
+    for group in shapes.values():
+        try:
+            maps = featurizer.transform(np.stack([im for _, im in group]))
+        except (ValueError, RuntimeError) as exc:
+            if len(group) == 1:
+                _fail(group[0][0], exc)
+                continue
+            for single in group:
+                yield from _featurize(featurizer, [single])
+            continue
+        yield [it for it, _ in group], [im for _, im in group], maps
+
+
+# --------------------------------------------------------------------------
+# segment
+# --------------------------------------------------------------------------
+def _segment(args: argparse.Namespace) -> int:
+    from sklearn.base import clone
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} exists and is not a folder.")
+    items, missing = _collect(args.images)
+    if not items:
+        raise UsageError(
+            "no images found in "
+            + ", ".join(repr(a) for a in args.images)
+            + f" (extensions: {' '.join(IMAGE_EXTENSIONS)})."
+        )
+    _assign_outputs(items, out)
+    _check_device(args.device)
+    crf = _load_crf(args.device) if args.crf else None
+
+    pending = []
+    for item in items:
+        done = os.path.isfile(item.label_path) and os.path.isfile(item.overlay_path)
+        if done and not args.overwrite:
+            item.status = "skipped"
+            item.classes = _classes_in(item.label_path)
+        else:
+            pending.append(item)
+
+    if pending:
+        if args.pipeline:
+            for flag in ("model", "weights"):
+                if getattr(args, flag):
+                    raise UsageError(
+                        f"--{flag} does not apply with --pipeline (the model file "
+                        "holds its featurizer)."
+                    )
+            from .io import load
+
+            featurizer, reducer, probe = _split_pipeline(
+                load(args.pipeline, device=args.device), args.pipeline
+            )
+            featurizer = clone(featurizer).set_params(device=args.device)
+            if args.batch_size:
+                featurizer.set_params(batch_size=args.batch_size)
+            if args.random_weights:
+                featurizer.set_params(pretrained=False, weights=None)
+            resolution = args.resolution or featurizer.resolution
+        else:
+            resolution = args.resolution or 320
+            featurizer = _featurizer(args, resolution)
+            reducer = _reducer(args.projector, args.seed, args.device)
+            probe = None
+            if args.k > IGNORE_VALUE:
+                raise UsageError(f"--k {args.k}: at most {IGNORE_VALUE} clusters.")
+        # whole images, sides rounded to the patch size: one map per image
+        featurizer.set_params(resolution=resolution, crop="none")
+        _check_backbone(featurizer)
+        chunk = args.batch_size or 16
+        if probe is None:
+            reducer, probe = _fit_on(featurizer, reducer, items, args, chunk)
+            model_path = out / "pipeline.skstego"
+            _save_pipeline(featurizer, reducer, probe, resolution, model_path)
+            if not args.quiet:
+                print(f"saved the fitted model as {model_path}", file=sys.stderr)
+        _predict_items(featurizer, reducer, probe, pending, args, chunk, crf)
+
+    everything = items + missing
+    _write_summary(everything, out)
+    failed = [item for item in everything if item.status == "failed"]
+    ok = sum(item.status == "ok" for item in everything)
+    skipped = sum(item.status == "skipped" for item in everything)
+    if not args.quiet:
+        print(
+            f"segmented {ok} image(s), skipped {skipped} already done, "
+            f"{len(failed)} failed; summary in {out / 'summary.csv'}",
+            file=sys.stderr,
+        )
+    for item in failed:
+        print(f"skstego: failed: {item.path}: {item.error}", file=sys.stderr)
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _fit_on(
+    featurizer: Any,
+    reducer: Any,
+    items: list[_Item],
+    args: argparse.Namespace,
+    chunk: int,
+) -> tuple[Any, Any]:
+    """Fit reducer and k-means on the tokens of every readable image."""
+    import torch
+
+    from . import KMeansProbe
+    from ._device import maps_to_tokens
+
+    tokens = []
+    bar = _progress(len(items), "featurize", args.quiet)
+    for part in _chunks(items, chunk):
+        for _, _, maps in _featurize(featurizer, _read_chunk(part)):
+            tokens.append(maps_to_tokens(torch.from_numpy(maps)).numpy())
+        bar.update(len(part))
+    bar.close()
+    if not tokens:
+        raise UsageError("none of the images could be read; nothing to fit.")
+    X = np.concatenate(tokens)
+    if not isinstance(reducer, str) and not _is_fitted(reducer):
+        reducer.fit(X)
+    codes = _reduce(reducer, X)
+    k = int(args.k)
+    if codes.shape[0] < k:
+        raise UsageError(
+            f"the images give {codes.shape[0]} feature tokens, fewer than --k {k}; "
+            "use more or larger images, a higher --resolution or a smaller --k."
+        )
+    probe = KMeansProbe(k, random_state=args.seed, device=args.device)
+    probe.fit(codes)
+    return reducer, probe
+
+
+def _is_fitted(estimator: Any) -> bool:
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(estimator)
+    except Exception:
+        return False
+    return True
+
+
+def _save_pipeline(
+    featurizer: Any, reducer: Any, probe: Any, resolution: int, path: Path
+) -> None:
+    from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
+
+    from .io import save
+
+    features = clone(featurizer).set_params(crop="center", resolution=resolution)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(
+        Pipeline([("features", features), ("reduce", reducer), ("probe", probe)]),
+        path,
+    )
+
+
+def _predict_items(
+    featurizer: Any,
+    reducer: Any,
+    probe: Any,
+    pending: list[_Item],
+    args: argparse.Namespace,
+    chunk: int,
+    crf: Callable | None,
+) -> None:
+    palette = _palette(_n_labels(probe))
+    bar = _progress(len(pending), "segment", args.quiet)
+    for part in _chunks(pending, chunk):
+        for group, images, maps in _featurize(featurizer, _read_chunk(part)):
+            try:
+                codes = _reduce(reducer, maps)
+            except (ValueError, RuntimeError) as exc:
+                for item in group:
+                    _fail(item, exc)
+                continue
+            for i, (item, image) in enumerate(zip(group, images, strict=True)):
+                try:
+                    size = tuple(image.shape[:2])
+                    if crf is None:
+                        labels = _predict(probe, codes[i : i + 1], size)[0]
+                    else:
+                        labels = _crf_labels(probe, codes[i : i + 1], image[None], crf)[
+                            0
+                        ]
+                    _write_outputs(item, image, labels, palette, args.alpha)
+                    item.status, item.error = "ok", ""
+                except (OSError, ValueError, RuntimeError) as exc:
+                    _fail(item, exc)
+        bar.update(len(part))
+    bar.close()
+
+
+# --------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------
+def _fit(args: argparse.Namespace) -> int:
+    from sklearn.pipeline import Pipeline
+
+    from . import KMeansProbe, LinearProbe
+    from .datasets import ImageCollection
+    from .datasets._loaders import _KeepBut255
+    from .io import save
+
+    out = Path(args.out)
+    if not out.parent.is_dir() and str(out.parent):
+        raise UsageError(f"--out: the folder {str(out.parent)!r} does not exist.")
+    if args.probe == "linear" and not args.labels:
+        raise UsageError("--probe linear needs --labels DIR (a supervised probe).")
+    items, missing = _collect(args.images)
+    if not items:
+        raise UsageError(
+            "no images found in " + ", ".join(repr(a) for a in args.images) + "."
+        )
+    _check_device(args.device)
+    label_files = None
+    if args.labels:
+        label_files = [_label_file(args.labels, item) for item in items]
+    resolution = args.resolution
+    coll = ImageCollection(
+        [item.path for item in items],
+        label_files,
+        resolution=resolution,
+        label_fn=_KeepBut255(),
+    )
+    featurizer = _featurizer(args, resolution)
+    _check_backbone(featurizer)
+    reducer = _reducer(args.projector, args.seed, args.device, args.steps)
+
+    maps, labels = [], []
+    chunk = args.batch_size or 16
+    bar = _progress(len(items), "featurize", args.quiet)
+    for start in range(0, len(items), chunk):
+        batch = []
+        for i in range(start, min(start + chunk, len(items))):
+            try:
+                image = coll[i]
+                label = coll.labels[i] if label_files else None
+            except (OSError, ValueError) as exc:
+                _fail(items[i], exc)
+                continue
+            batch.append((items[i], image, label))
+        if batch:
+            maps.append(featurizer.transform(np.stack([b[1] for b in batch])))
+            if label_files:
+                labels.extend(b[2] for b in batch)
+        bar.update(min(chunk, len(items) - start))
+    bar.close()
+    failed = [item for item in items + missing if item.status == "failed"]
+    for item in failed:
+        print(f"skstego: failed: {item.path}: {item.error}", file=sys.stderr)
+    if not maps:
+        raise UsageError("none of the images could be read; nothing to fit.")
+    X = np.concatenate(maps)
+    y = np.stack(labels) if label_files else None
+    if not isinstance(reducer, str):
+        codes = (
+            reducer.transform(X) if _is_fitted(reducer) else reducer.fit_transform(X)
+        )
+    else:
+        codes = X
+    if args.probe == "kmeans":
+        probe = KMeansProbe(args.k, random_state=args.seed, device=args.device)
+    else:
+        probe = LinearProbe(random_state=args.seed, device=args.device)
+    probe.fit(codes, y)
+    pipe = Pipeline([("features", featurizer), ("reduce", reducer), ("probe", probe)])
+    save(pipe, out)
+    if not args.quiet:
+        print(
+            f"fitted on {X.shape[0]} image(s) ({len(failed)} failed); saved {out}",
+            file=sys.stderr,
+        )
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _label_file(folder: str, item: _Item) -> str:
+    """``folder/<name without extension>.png``, or ``folder/<file stem>.png``."""
+    candidates = [
+        os.path.join(folder, os.path.splitext(item.name)[0] + ".png"),
+        os.path.join(folder, os.path.splitext(os.path.basename(item.path))[0] + ".png"),
+    ]
+    if "/" in item.name:  # folder inputs: also without the folder's own name
+        rel = item.name.split("/", 1)[1]
+        candidates.insert(1, os.path.join(folder, os.path.splitext(rel)[0] + ".png"))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise UsageError(
+        f"no label file for {item.path!r} in {folder!r} (looked for "
+        f"{', '.join(repr(c) for c in candidates)})."
+    )
+
+
+# --------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------
+_LOADERS = {
+    "cocostuff27": "load_cocostuff27",
+    "cityscapes27": "load_cityscapes27",
+    "potsdam3": "load_potsdam3",
+    "folder": "load_image_folder",
+}
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sklearn.base import clone
+
+    from . import KMeansProbe, datasets
+    from .io import load
+    from .metrics import confusion_matrix, report_from_confusion
+
+    _check_device(args.device)
+    featurizer, reducer, probe = _split_pipeline(
+        load(args.model, device=args.device), args.model
+    )
+    featurizer = clone(featurizer).set_params(device=args.device, crop="center")
+    if args.batch_size:
+        featurizer.set_params(batch_size=args.batch_size)
+    resolution = args.resolution or featurizer.resolution
+    featurizer.set_params(resolution=resolution)
+    loader = getattr(datasets, _LOADERS[args.dataset])
+    split = {} if args.split is None else {"split": args.split}
+    coll = loader(args.root, resolution=resolution, **split)
+    if coll.labels is None:
+        raise UsageError(
+            f"the {args.dataset} data in {args.root!r} have no label maps to "
+            "score against."
+        )
+    _check_backbone(featurizer)
+
+    clusters = isinstance(probe, KMeansProbe)
+    if clusters:  # raw cluster ids: matched on the evaluation data below
+        raw = copy.copy(probe)
+        raw.__dict__.pop("mapping_", None)
+        raw.__dict__.pop("n_classes_", None)
+    n_classes = coll.n_classes
+    n_pred = int(probe.k) if clusters else _n_labels(probe)
+    chunks = []
+    failed: list[tuple[str, str]] = []
+    chunk = args.batch_size or 16
+    bar = _progress(len(coll), "evaluate", args.quiet)
+    for start in range(0, len(coll), chunk):
+        images, labels = [], []
+        for i in range(start, min(start + chunk, len(coll))):
+            try:
+                images.append(coll[i])
+                labels.append(coll.labels[i])
+            except (OSError, ValueError) as exc:
+                failed.append((coll.paths[i], _one_line(str(exc))))
+                images = images[: len(labels)]
+        bar.update(min(chunk, len(coll) - start))
+        if not images:
+            continue
+        codes = _reduce(reducer, featurizer.transform(np.stack(images)))
+        y = np.stack(labels)
+        pred = (
+            np.asarray(raw.predict(codes, size=y.shape[-2:]))
+            if clusters
+            else _predict(probe, codes, tuple(y.shape[-2:]))
+        )
+        chunks.append((y, pred))
+    bar.close()
+    if not chunks:
+        raise UsageError("none of the evaluation images could be read.")
+    if n_classes is None:
+        n_classes = max(int(y.max()) + 1 for y, _ in chunks)
+    conf = np.zeros((n_classes, max(n_pred, 1)), dtype=np.int64)
+    support = np.zeros(n_classes, dtype=np.int64)
+    for y, pred in chunks:
+        conf += confusion_matrix(y, pred, n_classes=n_classes, n_pred=conf.shape[1])
+        valid = y[(y >= 0) & (y < n_classes)]
+        support += np.bincount(valid, minlength=n_classes)
+    report = report_from_confusion(
+        conf, matching="hungarian" if clusters else "identity", support=support
+    )
+    names = coll.classes or [str(c) for c in range(n_classes)]
+    _print_report(report, names, sum(len(y) for y, _ in chunks))
+    if args.json:
+        _write_json_report(report, names, args, sum(len(y) for y, _ in chunks))
+    for path, why in failed:
+        print(f"skstego: failed: {path}: {why}", file=sys.stderr)
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _pct(value: float) -> str:
+    return "   n/a" if value is None or math.isnan(value) else f"{100 * value:6.2f}"
+
+
+def _print_report(report: dict, names: list[str], n_images: int) -> None:
+    print(f"images: {n_images}")
+    print(f"mIoU: {100 * report['miou']:.2f}")
+    print(f"pixel accuracy: {100 * report['accuracy']:.2f}")
+    width = max(5, *(len(n) for n in names))
+    print(f"{'class':>5}  {'name':<{width}}  {'IoU':>6}  {'support':>10}")
+    for c, name in enumerate(names):
+        iou = float(report["iou"][c]) if c < len(report["iou"]) else float("nan")
+        support = int(report["support"][c]) if c < len(report["support"]) else 0
+        print(f"{c:>5}  {name:<{width}}  {_pct(iou)}  {support:>10}")
+
+
+def _finite(values: Any) -> list[float | None]:
+    return [None if math.isnan(float(v)) else float(v) for v in values]
+
+
+def _write_json_report(
+    report: dict, names: list[str], args: argparse.Namespace, n_images: int
+) -> None:
+    mapping = report.get("mapping")
+    data = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "root": args.root,
+        "split": args.split,
+        "n_images": n_images,
+        "miou": report["miou"],
+        "accuracy": report["accuracy"],
+        "classes": names,
+        "iou": _finite(report["iou"]),
+        "precision": _finite(report["precision"]),
+        "recall": _finite(report["recall"]),
+        "support": [int(v) for v in report["support"]],
+        "confusion": np.asarray(report["confusion"]).tolist(),
+        "mapping": None if mapping is None else np.asarray(mapping).tolist(),
+    }
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)

@@ -1,0 +1,426 @@
+"""The command line, through ``main([...])`` (and once through ``python -m``).
+
+A tiny randomly initialised timm ViT at 64 px keeps every call fast; the
+backbone is built once per process and shared by the in-process references.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from skstego import DinoFeaturizer, KMeansProbe, TorchPCA
+from skstego._device import maps_to_tokens
+from skstego.cli import main
+from skstego.datasets import (
+    ImageCollection,
+    default_palette,
+    load_image_folder,
+    make_scenes,
+)
+from skstego.io import load
+from skstego.metrics import segmentation_report
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+MODEL = "vit_tiny_patch16_224"
+RES = 64
+BACKBONE = ["--model", MODEL, "--random-weights", "--resolution", str(RES)]
+RUN = ["--device", "cpu", "--quiet"]
+N_IMAGES, N_CLASSES = 4, 3
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """4 scene PNGs (48 x 56) in ``imgs/``, label PNGs (255 = ignore) in
+    ``labels/``; also laid out as an image-folder dataset in ``dataset/``."""
+    root = tmp_path_factory.mktemp("scenes")
+    images, labels = make_scenes(
+        N_IMAGES, size=(48, 56), n_classes=N_CLASSES, random_state=0
+    )
+    for sub in ("imgs", "labels", "dataset/imgs/val", "dataset/labels/val"):
+        (root / sub).mkdir(parents=True)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        stored = np.where(label < 0, 255, label).astype(np.uint8)
+        for folder in ("imgs", "dataset/imgs/val"):
+            Image.fromarray(image).save(root / folder / f"scene{i}.png")
+        for folder in ("labels", "dataset/labels/val"):
+            Image.fromarray(stored).save(root / folder / f"scene{i}.png")
+    return root, images, labels
+
+
+@pytest.fixture(scope="module")
+def fitted_model(scenes, tmp_path_factory):
+    """A model from ``skstego fit`` (PCA 4, k-means 3), and its path."""
+    root, _, _ = scenes
+    path = tmp_path_factory.mktemp("model") / "model.skstego"
+    args = ["fit", str(root / "imgs"), "--out", str(path), *BACKBONE, *RUN]
+    assert main([*args, "--projector", "pca:4", "--k", "3"]) == 0
+    return path
+
+
+def _featurizer():
+    return DinoFeaturizer(
+        MODEL, pretrained=False, resolution=RES, crop="none", device="cpu"
+    )
+
+
+def _read_png(path):
+    with Image.open(path) as img:
+        return img.mode, np.asarray(img), img.getpalette()
+
+
+def _labels_of(out, images):
+    """Label maps written for scene0..N (255 -> -1) and the PNG modes."""
+    maps = []
+    for i in range(len(images)):
+        mode, arr, _ = _read_png(out / "imgs" / f"scene{i}_label.png")
+        assert mode == "P"
+        maps.append(np.where(arr == 255, -1, arr.astype(np.int64)))
+    return np.stack(maps)
+
+
+def _summary(out):
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "summary.json") as f:
+        assert json.load(f) == [
+            {**r, "classes": [int(c) for c in r["classes"].split()]} for r in rows
+        ]
+    return {os.path.basename(r["image"]): r for r in rows}
+
+
+# --------------------------------------------------------------------------
+# segment
+# --------------------------------------------------------------------------
+def test_segment_fits_on_the_images_and_writes_their_labels(scenes, tmp_path):
+    root, images, _ = scenes
+    out = tmp_path / "out"
+    args = ["segment", str(root / "imgs"), "--out", str(out), *BACKBONE, *RUN]
+    assert main([*args, "--projector", "pca:4", "--k", "3"]) == 0
+
+    # reference: featurize once (whole images), PCA, k-means, predict at size
+    maps = _featurizer().transform(images)
+    tokens = maps_to_tokens(torch.from_numpy(maps)).numpy()
+    pca = TorchPCA(dim=4, random_state=0, device="cpu").fit(tokens)
+    probe = KMeansProbe(k=3, random_state=0, device="cpu").fit(pca.transform(tokens))
+    expected = probe.predict(pca.transform(maps), size=images.shape[1:3])
+    written = _labels_of(out, images)
+    np.testing.assert_array_equal(written, expected)
+
+    # palette PNG with default_palette; overlay = alpha blend, alpha 0.5
+    palette = default_palette(3)
+    _, _, png_palette = _read_png(out / "imgs" / "scene0_label.png")
+    assert png_palette[:9] == palette.reshape(-1).tolist()
+    for i, image in enumerate(images):
+        mode, overlay, _ = _read_png(out / "imgs" / f"scene{i}_overlay.png")
+        blend = 0.5 * image.astype(np.float64) + 0.5 * palette[written[i]]
+        assert mode == "RGB"
+        np.testing.assert_allclose(overlay, np.rint(blend), atol=1)
+
+    rows = _summary(out)
+    assert sorted(rows) == [f"scene{i}.png" for i in range(N_IMAGES)]
+    for i in range(N_IMAGES):
+        row = rows[f"scene{i}.png"]
+        assert row["status"] == "ok" and row["error"] == ""
+        assert [int(c) for c in row["classes"].split()] == np.unique(
+            written[i]
+        ).tolist()
+    # the fitted model is kept and predicts the same labels
+    pipe = load(out / "pipeline.skstego")
+    np.testing.assert_array_equal(pipe[-1].cluster_centers_, probe.cluster_centers_)
+
+
+def test_segment_resumes_and_overwrites(scenes, tmp_path, fitted_model):
+    root, _, _ = scenes
+    out = tmp_path / "out"
+    args = [
+        "segment",
+        str(root / "imgs"),
+        "--out",
+        str(out),
+        "--pipeline",
+        str(fitted_model),
+        *RUN,
+    ]
+    assert main(args) == 0
+    files = sorted(p for p in out.rglob("*.png"))
+    assert len(files) == 2 * N_IMAGES
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+
+    assert main(args) == 0  # nothing to do: every output exists
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert {r["status"] for r in _summary(out).values()} == {"skipped"}
+
+    (out / "imgs" / "scene2_overlay.png").unlink()  # an interrupted image
+    assert main(args) == 0
+    rows = _summary(out)
+    assert rows["scene2.png"]["status"] == "ok"
+    assert [rows[f"scene{i}.png"]["status"] for i in (0, 1, 3)] == ["skipped"] * 3
+    for p in files:
+        if "scene2" not in p.name:
+            assert p.stat().st_mtime_ns == stamps[p]
+
+    assert main([*args, "--overwrite"]) == 0
+    assert {r["status"] for r in _summary(out).values()} == {"ok"}
+
+
+def test_segment_with_pipeline_predicts_what_the_model_predicts(
+    scenes, tmp_path, fitted_model
+):
+    root, images, _ = scenes
+    out = tmp_path / "out"
+    args = ["segment", str(root / "imgs"), "--out", str(out)]
+    assert main([*args, "--pipeline", str(fitted_model), *RUN]) == 0
+    pipe = load(fitted_model)
+    maps = _featurizer().transform(images)
+    expected = pipe[-1].predict(pipe[1].transform(maps), size=images.shape[1:3])
+    np.testing.assert_array_equal(_labels_of(out, images), expected)
+
+
+def test_corrupt_files_are_reported_and_the_rest_written(
+    scenes, tmp_path, fitted_model, capsys
+):
+    root, images, _ = scenes
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"scene{i}.png").write_bytes(
+            (root / "imgs" / f"scene{i}.png").read_bytes()
+        )
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    good = (root / "imgs" / "scene3.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(
+        [
+            *("segment", str(folder), str(tmp_path / "missing.png")),
+            *("--out", str(out), "--pipeline", str(fitted_model), *RUN),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    for name in ("broken.jpg", "truncated.png", "missing.png"):
+        assert f"failed: {tmp_path}" in err and name in err
+    rows = _summary(out)
+    assert rows["scene0.png"]["status"] == rows["scene1.png"]["status"] == "ok"
+    for name in ("broken.jpg", "truncated.png", "missing.png"):
+        assert rows[name]["status"] == "failed" and rows[name]["error"]
+    assert sorted(p.name for p in (out / "mixed").iterdir()) == [
+        "scene0_label.png",
+        "scene0_overlay.png",
+        "scene1_label.png",
+        "scene1_overlay.png",
+    ]
+    pipe = load(fitted_model)
+    expected = pipe[-1].predict(
+        pipe[1].transform(_featurizer().transform(images[:2])), size=(48, 56)
+    )
+    for i in range(2):
+        _, arr, _ = _read_png(out / "mixed" / f"scene{i}_label.png")
+        np.testing.assert_array_equal(arr, expected[i])
+
+
+def test_crf_gets_softmax_of_twice_the_cosine_similarities(
+    scenes, tmp_path, fitted_model, monkeypatch
+):
+    postprocess = pytest.importorskip("skstego.postprocess")
+    calls = []
+
+    def recording_crf(images, proba, **kwargs):
+        calls.append((images.copy(), proba.copy(), kwargs))
+        return proba[:, ::-1]  # labels must come from what the CRF returns
+
+    monkeypatch.setattr(postprocess, "crf_refine", recording_crf)
+    _, images, _ = scenes
+    image = np.ascontiguousarray(images[1][:24, :32])
+    Image.fromarray(image).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "small.png"), "--out", str(out)]
+    assert main([*args, "--pipeline", str(fitted_model), "--crf", *RUN]) == 0
+
+    pipe = load(fitted_model)
+    codes = pipe[1].transform(_featurizer().transform(image[None]))
+    centers = pipe[-1].cluster_centers_
+    unit_codes = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+    unit_centers = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    cosine = np.einsum("nchw,kc->nkhw", unit_codes, unit_centers)
+    scores = F.interpolate(
+        torch.from_numpy(2.0 * cosine).float(), size=(24, 32), mode="bilinear"
+    )
+    expected = torch.softmax(scores, dim=1).numpy()
+    ((crf_images, proba, kwargs),) = calls
+    np.testing.assert_array_equal(crf_images, image[None])
+    np.testing.assert_allclose(proba, expected, atol=1e-5)
+    assert kwargs == {"device": "cpu"}
+    _, written, _ = _read_png(out / "small_label.png")
+    np.testing.assert_array_equal(written, 2 - expected.argmax(1)[0])
+
+
+# --------------------------------------------------------------------------
+# fit and evaluate
+# --------------------------------------------------------------------------
+def test_fit_saves_the_pipeline_it_fits(scenes, fitted_model):
+    root, _, _ = scenes
+    pipe = load(fitted_model)
+    assert [type(s).__name__ for _, s in pipe.steps] == [
+        "DinoFeaturizer",
+        "TorchPCA",
+        "KMeansProbe",
+    ]
+    features = pipe[0]
+    assert (features.model, features.pretrained, features.resolution) == (
+        MODEL,
+        False,
+        RES,
+    )
+    # reference: the collections' center crops (as the dataset loaders'),
+    # featurized, PCA 4, k-means 3
+    crops = ImageCollection(sorted(map(str, (root / "imgs").iterdir())), resolution=RES)
+    featurizer = DinoFeaturizer(MODEL, pretrained=False, resolution=RES, device="cpu")
+    maps = featurizer.transform(np.stack(list(crops)))
+    pca = TorchPCA(dim=4, random_state=0, device="cpu").fit(maps)
+    probe = KMeansProbe(k=3, random_state=0, device="cpu").fit(pca.transform(maps))
+    np.testing.assert_allclose(pipe[1].components_, pca.components_, atol=1e-6)
+    np.testing.assert_allclose(
+        pipe[2].cluster_centers_, probe.cluster_centers_, atol=1e-5
+    )
+
+
+def test_fit_linear_probe_with_labels(scenes, tmp_path):
+    root, images, _ = scenes
+    path = tmp_path / "linear.skstego"
+    args = ["fit", str(root / "imgs"), "--out", str(path), *BACKBONE, *RUN]
+    assert main([*args, "--labels", str(root / "labels"), "--probe", "linear"]) == 0
+    pipe = load(path)
+    assert type(pipe[-1]).__name__ == "LinearProbe"
+    np.testing.assert_array_equal(pipe[-1].classes_, np.arange(N_CLASSES))
+    # segmenting with it writes class ids (classes_ of the argmax)
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "segment",
+                str(root / "imgs"),
+                "--out",
+                str(out),
+                "--pipeline",
+                str(path),
+                *RUN,
+            ]
+        )
+        == 0
+    )
+    codes = pipe[1].transform(_featurizer().transform(images))
+    expected = pipe[-1].classes_[pipe[-1].predict(codes, size=(48, 56))]
+    np.testing.assert_array_equal(_labels_of(out, images), expected)
+
+
+def test_evaluate_equals_segmentation_report(scenes, fitted_model, tmp_path, capsys):
+    root, _, _ = scenes
+    report_file = tmp_path / "scores.json"
+    capsys.readouterr()
+    code = main(
+        [
+            *("evaluate", str(fitted_model), "--dataset", "folder"),
+            *("--root", str(root / "dataset"), "--json", str(report_file), *RUN),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    # reference: the loader's center crops, the pipeline's raw clusters,
+    # Hungarian matching on the evaluation data
+    pipe = load(fitted_model)
+    coll = load_image_folder(root / "dataset", resolution=RES)
+    y = np.stack(list(coll.labels))
+    images = np.stack(list(coll))
+    clusters = pipe.predict(images, size=y.shape[1:])
+    expected = segmentation_report(
+        y, clusters, n_classes=N_CLASSES, n_pred=3, matching="hungarian"
+    )
+    scores = json.loads(report_file.read_text())
+    assert scores["miou"] == pytest.approx(expected["miou"], abs=1e-12)
+    assert scores["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    np.testing.assert_allclose(
+        np.array(scores["iou"], dtype=float), expected["iou"], atol=1e-12
+    )
+    assert scores["support"] == expected["support"].tolist()
+    assert scores["mapping"] == expected["mapping"].tolist()
+    assert f"mIoU: {100 * expected['miou']:.2f}" in printed
+    assert f"pixel accuracy: {100 * expected['accuracy']:.2f}" in printed
+    assert (
+        len([line for line in printed.splitlines() if line[:5].strip().isdigit()])
+        == N_CLASSES
+    )
+
+
+# --------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------
+def test_offline_default_model_exits_2_with_one_line(scenes, tmp_path, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py
+    root, _, _ = scenes
+    capsys.readouterr()
+    code = main(["segment", str(root / "imgs"), "--out", str(tmp_path / "o"), *RUN])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("skstego: error: ") and "Traceback" not in err
+    assert "vit_small_patch8_224.dino" in err and "--weights" in err
+    assert not (tmp_path / "o" / "imgs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "choose a command"),
+        (["segment", "{tmp}/nothing-here", "--out", "{tmp}/o"], "no images found"),
+        (
+            ["segment", "{imgs}", "--out", "{tmp}/o", "--projector", "svd:3"],
+            "--projector",
+        ),
+        (
+            ["segment", "{imgs}", "--out", "{tmp}/o", "--pipeline", "{tmp}/x.txt"],
+            "x.txt",
+        ),
+        (["segment", "{imgs}", "--out", "{tmp}/o", "--device", "nonsense"], "--device"),
+        (
+            ["fit", "{imgs}", "--out", "{tmp}/m.skstego", "--probe", "linear"],
+            "--labels",
+        ),
+        (
+            ["fit", "{imgs}", "--out", "{tmp}/m", "--random-weights", "--weights", "w"],
+            "exclude",
+        ),
+        (["segment", "--out"], "expected one argument"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, scenes, tmp_path, capsys):
+    root, _, _ = scenes
+    (tmp_path / "x.txt").write_text("not a model")
+    argv = [a.format(tmp=tmp_path, imgs=root / "imgs") for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_python_m_skstego_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "skstego", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for word in ("segment", "fit", "evaluate", "exit codes", "2  usage"):
+        assert word in result.stdout
