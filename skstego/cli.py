@@ -162,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--pipeline",
         metavar="FILE",
-        help="a model from `skstego fit` (then --model, --weights, --k and "
-        "--projector are not used)",
+        help="a model from `skstego fit` (then --k and --projector are not "
+        "used; --weights replaces the model's checkpoint path)",
     )
     seg.add_argument(
         "--k", type=_positive_int, default=27, help="clusters (default 27)"
@@ -344,14 +344,18 @@ class _Item:
         self.overlay_path = ""
 
 
-def _collect(arguments: Iterable[str]) -> tuple[list[_Item], list[_Item]]:
+def _collect(
+    arguments: Iterable[str], exclude: str | os.PathLike | None = None
+) -> tuple[list[_Item], list[_Item]]:
     """Images named by files and folders -> (items, missing arguments).
 
     A folder contributes the image files below it (recursively, by
     extension), named ``<folder name>/<relative path>``; a file is named by
-    its file name. The same file named twice is kept once.
+    its file name. The same file named twice is kept once; files below
+    ``exclude`` (the output folder) are left out of folders.
     """
     items, missing, seen = [], [], set()
+    skip = None if exclude is None else os.path.join(os.path.realpath(exclude), "")
     for arg in arguments:
         path = Path(arg)
         if path.is_dir():
@@ -359,7 +363,9 @@ def _collect(arguments: Iterable[str]) -> tuple[list[_Item], list[_Item]]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and p.is_file()
+                and not (skip and os.path.realpath(p).startswith(skip))
             )
             pairs = [(p, f"{base}/{p.relative_to(path).as_posix()}") for p in found]
         elif path.is_file():
@@ -736,7 +742,7 @@ def _segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a folder.")
-    items, missing = _collect(args.images)
+    items, missing = _collect(args.images, exclude=out)
     if not items:
         raise UsageError(
             "no images found in "
@@ -758,12 +764,13 @@ def _segment(args: argparse.Namespace) -> int:
 
     if pending:
         if args.pipeline:
-            for flag in ("model", "weights"):
-                if getattr(args, flag):
-                    raise UsageError(
-                        f"--{flag} does not apply with --pipeline (the model file "
-                        "holds its featurizer)."
-                    )
+            if args.model:
+                raise UsageError(
+                    "--model does not apply with --pipeline (the model file holds "
+                    "its featurizer)."
+                )
+            if args.random_weights and args.weights:
+                raise UsageError("--random-weights and --weights exclude each other.")
             from .io import load
 
             featurizer, reducer, probe = _split_pipeline(
@@ -772,12 +779,20 @@ def _segment(args: argparse.Namespace) -> int:
             featurizer = clone(featurizer).set_params(device=args.device)
             if args.batch_size:
                 featurizer.set_params(batch_size=args.batch_size)
+            if args.weights:  # the checkpoint moved, or another copy of it
+                featurizer.set_params(weights=args.weights)
             if args.random_weights:
                 featurizer.set_params(pretrained=False, weights=None)
             resolution = args.resolution or featurizer.resolution
         else:
             resolution = args.resolution or 320
             featurizer = _featurizer(args, resolution)
+            if args.projector.startswith("stego:"):
+                raise UsageError(
+                    "--projector stego:DIM is trained on whole feature maps: fit it "
+                    "with `skstego fit --projector stego:DIM`, then segment with "
+                    "--pipeline MODEL."
+                )
             reducer = _reducer(args.projector, args.seed, args.device)
             probe = None
             if args.k > IGNORE_VALUE:

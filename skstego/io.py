@@ -269,10 +269,15 @@ def _public_name(estimator: Any) -> str:
         if cls is allowed:
             return name
     allowed_names = ", ".join(n.rsplit(".", 1)[-1] for n in _ALLOWED)
+    why = (
+        "its fitted state (e.g. an hnne model) has no pickle-free form"
+        if cls.__module__.startswith("skstego.")
+        else "it is not a skstego estimator"
+    )
     raise TypeError(
-        f"{cls.__module__}.{cls.__qualname__} cannot be saved by skstego.io: the "
-        f"format stores {allowed_names} and pipelines of them. Use pickle or "
-        "joblib (trusted files only) for other estimators."
+        f"{cls.__qualname__} ({cls.__module__}) cannot be saved by skstego.io: "
+        f"{why}. The format stores {allowed_names} and pipelines of them; use "
+        "joblib.dump or pickle (trusted files only) for this estimator."
     )
 
 
@@ -322,6 +327,8 @@ def _encode_params(cls_name: str, params: dict, key: str, arrays: dict) -> dict:
     for name, value in params.items():
         if isinstance(value, torch.device):
             value = str(value)
+        elif isinstance(value, os.PathLike):  # e.g. a weights file
+            value = os.fspath(value)
         try:
             out[name] = _encode_value(value, f"{key}#param.{name}", arrays)
         except TypeError:

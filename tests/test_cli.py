@@ -172,6 +172,23 @@ def test_segment_resumes_and_overwrites(scenes, tmp_path, fitted_model):
     assert {r["status"] for r in _summary(out).values()} == {"ok"}
 
 
+def test_output_folder_inside_the_input_folder_is_not_an_input(
+    scenes, tmp_path, fitted_model
+):
+    root, _, _ = scenes
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        data = (root / "imgs" / f"scene{i}.png").read_bytes()
+        (folder / f"scene{i}.png").write_bytes(data)
+    args = ["segment", str(folder), "--out", str(folder / "seg")]
+    for _ in range(2):
+        assert main([*args, "--pipeline", str(fitted_model), *RUN]) == 0
+    rows = _summary(folder / "seg")
+    assert sorted(rows) == ["scene0.png", "scene1.png"]
+    assert {r["status"] for r in rows.values()} == {"skipped"}
+
+
 def test_segment_with_pipeline_predicts_what_the_model_predicts(
     scenes, tmp_path, fitted_model
 ):

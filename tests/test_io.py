@@ -164,6 +164,15 @@ def test_pipeline_with_featurizer_round_trip(tmp_path):
     assert loaded[0].get_params() == pipe[0].get_params()
 
 
+def test_featurizer_parameters_round_trip(tmp_path):
+    weights = tmp_path / "backbone.safetensors"  # a path: stored as its name
+    featurizer = DinoFeaturizer(
+        "vit_small_patch16_224.dino", weights=weights, resolution=448, layer=-2
+    )
+    loaded = load(save(featurizer, tmp_path / "f.skstego"))
+    assert loaded.get_params() == {**featurizer.get_params(), "weights": str(weights)}
+
+
 def test_cuda_models_load_on_cpu(tmp_path):
     pipe = Pipeline(
         [
@@ -233,6 +242,17 @@ def test_foreign_estimators_are_refused(tmp_path):
         save(StandardScaler().fit(TOKENS), tmp_path / "s.skstego")
     with pytest.raises(TypeError, match="StandardScaler"):
         save(Pipeline([("scale", StandardScaler())]), tmp_path / "s.skstego")
+
+
+@pytest.mark.parametrize("name", ["HNNEProjector", "HNNEClusterProbe"])
+def test_hnne_estimators_are_refused_by_name(name, tmp_path):
+    import skstego
+
+    cls = getattr(skstego, name, None)
+    if cls is None:
+        pytest.skip(f"skstego has no {name}")
+    with pytest.raises(TypeError, match=name):
+        save(cls(), tmp_path / "h.skstego")
 
 
 def test_state_without_plain_form_names_class_and_attribute(tmp_path):
