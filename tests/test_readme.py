@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,10 +23,27 @@ def test_readme_python_blocks_run(capsys):
     assert namespace["grid"].best_params_["reduce__dim"] in (3, 6, 12)
 
 
-def test_getting_started_python_blocks_run(capsys):
+# Documentation pages whose Python blocks run, each page in one namespace.
+# tests/test_docs.py fails when a page with Python blocks is missing here.
+DOC_PAGES = [
+    "getting-started.md",
+    "guide/data.md",
+    "guide/devices.md",
+    "guide/evaluation.md",
+    "guide/stego.md",
+    "guide/study.md",
+    "guide/sklearn.md",
+    "guide/scaling.md",
+]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_docs_python_blocks_run(page, capsys):
+    blocks = _python_blocks(ROOT / "docs" / page)
+    assert blocks, f"docs/{page} has no Python block"
     namespace: dict = {}
-    for block in _python_blocks(ROOT / "docs" / "getting-started.md"):
-        exec(compile(block, "getting-started.md", "exec"), namespace)
+    for block in blocks:
+        exec(compile(block, f"docs/{page}", "exec"), namespace)
 
 
 def test_readme_shell_commands_are_the_ones_ci_runs():

@@ -131,11 +131,13 @@ _COCOSTUFF27 = (
     ("structural", [98, 112, 137, 145, 163]),
     ("water", [119, 147, 154, 177, 178]),
 )
+#: Names of the 27 coarse COCO-Stuff classes, in class-id order.
 COCOSTUFF27_CLASSES: list[str] = [name for name, _ in _COCOSTUFF27]
 #: Coarse class of each fine COCO-Stuff id 0-181 (index = fine id).
 COCOSTUFF27_FINE_TO_COARSE: np.ndarray = _table([ids for _, ids in _COCOSTUFF27], 182)
 COCOSTUFF27_FINE_TO_COARSE.flags.writeable = False
 
+#: Names of the 27 Cityscapes classes (labelIds 7 to 33), in class-id order.
 CITYSCAPES27_CLASSES: list[str] = [
     "road",
     "sidewalk",
@@ -201,6 +203,7 @@ _CITYSCAPES27_PALETTE = np.array(
 # labelId - 7 for labelIds 7..33, else ignore
 _CITYSCAPES27_TABLE = np.array([-1] * 7 + list(range(27)), dtype=np.int64)
 
+#: Names of the 3 Potsdam classes, in class-id order.
 POTSDAM3_CLASSES: list[str] = [
     "roads and cars",
     "buildings and clutter",
