@@ -59,7 +59,6 @@ autosummary_generate = sorted(
     path.relative_to(DOCS).as_posix() for path in (DOCS / "api").glob("*.rst")
 )
 autosummary_imported_members = False
-autodoc_default_options = {"members": True, "inherited-members": False}
 autodoc_typehints = "none"  # numpydoc docstrings already give the types
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False

@@ -26,6 +26,7 @@ def test_readme_python_blocks_run(capsys):
 # Documentation pages whose Python blocks run, each page in one namespace.
 # tests/test_docs.py fails when a page with Python blocks is missing here.
 DOC_PAGES = [
+    "index.md",
     "getting-started.md",
     "guide/data.md",
     "guide/devices.md",
