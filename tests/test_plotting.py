@@ -485,3 +485,24 @@ def test_reliability_diagram_rejects_bad_input(y, proba, match):
 def test_reliability_diagram_rejects_bad_n_bins():
     with pytest.raises(ValueError, match="n_bins"):
         plot_reliability_diagram(Y, PROBA, n_bins=0)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_plot_like_cpu_ones():
+    proba = torch.softmax(torch.randn(2, 4, 5, 6), dim=1)
+    labels = torch.randint(-1, 4, (2, 5, 6))
+    ax_cpu = plot_reliability_diagram(labels, proba, n_bins=6)
+    ax_gpu = plot_reliability_diagram(labels.cuda(), proba.cuda(), n_bins=6)
+    np.testing.assert_allclose(
+        [b.get_height() for b in ax_gpu.patches],
+        [b.get_height() for b in ax_cpu.patches],
+    )
+    np.testing.assert_array_equal(
+        colorize(labels.cuda(), torch.from_numpy(PALETTE).cuda()),
+        colorize(labels, PALETTE),
+    )
+    image = torch.rand(3, 5, 6, device="cuda")
+    np.testing.assert_array_equal(
+        overlay(image, labels[0].cuda(), palette=PALETTE),
+        overlay(image.cpu(), labels[0], palette=PALETTE),
+    )
