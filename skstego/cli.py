@@ -66,6 +66,15 @@ exit codes:
 """
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wrapped descriptions; texts laid out by hand (the epilog) kept as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n  " in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class UsageError(Exception):
     """A problem with the arguments or the setup: one line, exit code 2."""
 
@@ -136,11 +145,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Unsupervised semantic segmentation with DINO features "
         "(STEGO and its baselines).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"skstego {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _Formatter
 
     seg = sub.add_parser(
         "segment",
@@ -256,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
         "--resolution",
         type=_positive_int,
         default=None,
+        metavar="PX",
         help="center crop side (default: the model's featurizer resolution)",
     )
     ev.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
@@ -287,6 +297,7 @@ def _add_backbone_args(p: argparse.ArgumentParser, resolution_default: Any) -> N
         "--resolution",
         type=_positive_int,
         default=resolution_default,
+        metavar="PX",
         help=f"short side of the images fed to the backbone (default {default})",
     )
 
@@ -299,6 +310,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=_positive_int,
         default=None,
+        metavar="N",
         help="images per forward pass (default: automatic)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -138,12 +138,19 @@ def save(estimator: Any, path: str | os.PathLike) -> Path:
         ):
             zf.writestr(_MANIFEST, text)
             zf.writestr(_ARRAYS, blob)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load(path: str | os.PathLike, *, device: Any = None) -> Any:

@@ -215,6 +215,13 @@ def test_manifest_content(tmp_path):
     assert arrays[key].shape == (3, 12)
 
 
+def test_file_mode_follows_umask(tmp_path):
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")
+    path = save(FITTED["pca"](), tmp_path / "m.skstego")
+    assert path.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
 def test_save_does_not_change_the_estimator(tmp_path):
     est = FITTED["stego"]()
     snapshot = {k: np.copy(v) for k, v in est.head_state_.items()}
