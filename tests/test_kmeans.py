@@ -465,3 +465,67 @@ def test_bad_input_errors(digits, maps):
         probe.score(X, y, metric="f1")
     with pytest.raises(ValueError, match="features"):
         probe.predict(X[:, :10])
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_predict_proba_is_a_softmax_over_centroids(metric):
+    X = load_digits().data.astype(np.float32)[:300]
+    probe = KMeansProbe(k=6, metric=metric, device="cpu", random_state=0).fit(X)
+    proba = probe.predict_proba(X)
+    c = probe.cluster_centers_.astype(np.float64)
+    if metric == "cosine":
+        xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+        scores = xn @ c.T / 0.5  # the reference's factor 2
+    else:
+        scores = -cdist(X, c, "sqeuclidean") / 0.5
+    np.testing.assert_allclose(proba, _softmax(scores), atol=1e-4)
+    assert np.array_equal(proba.argmax(axis=1), probe.predict(X))
+    soft = clone(probe).set_params(temperature=1e3).fit(X).predict_proba(X)
+    assert soft.max(axis=1).mean() < proba.max(axis=1).mean()
+    assert np.array_equal(soft.argmax(axis=1), probe.predict(X))
+
+
+def test_predict_proba_maps_through_the_hungarian_assignment():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 4
+    y = rng.integers(0, 3, size=400)
+    X = (centers[y] + rng.normal(size=(400, 8))).astype(np.float32)
+    # k = classes: every cluster matched, columns are classes
+    probe = KMeansProbe(k=3, device="cpu", random_state=0).fit(X, y)
+    proba = probe.predict_proba(X)
+    cluster = clone(probe).fit(X).predict_proba(X)
+    assert proba.shape == (400, 3)
+    np.testing.assert_allclose(proba[:, probe.mapping_], cluster, atol=1e-6)
+    assert np.array_equal(proba.argmax(axis=1), probe.predict(X))
+    # k > classes: the unmatched clusters' mass gets a last column
+    probe5 = KMeansProbe(k=5, device="cpu", random_state=0).fit(X, y)
+    proba5 = probe5.predict_proba(X)
+    assert proba5.shape == (400, 4)
+    np.testing.assert_allclose(proba5.sum(axis=1), 1.0, rtol=1e-5)
+    raw = clone(probe5).fit(X).predict_proba(X)
+    unmatched = probe5.mapping_ < 0
+    np.testing.assert_allclose(proba5[:, 3], raw[:, unmatched].sum(axis=1), atol=1e-6)
+
+
+def test_predict_proba_on_maps_upsamples_like_predict():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(4, 5, 6, 6)).astype(np.float32)
+    probe = KMeansProbe(k=3, device="cpu", random_state=0).fit(maps)
+    proba = probe.predict_proba(maps, size=(12, 12))
+    assert proba.shape == (4, 3, 12, 12)
+    assert np.array_equal(proba.argmax(axis=1), probe.predict(maps, size=(12, 12)))
+    small = probe.predict_proba(maps)
+    sims = torch.from_numpy(probe.transform(maps))
+    up = F.interpolate(sims, size=(12, 12), mode="bilinear")
+    np.testing.assert_allclose(proba, torch.softmax(up / 0.5, dim=1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        small, torch.softmax(sims / 0.5, dim=1).numpy(), atol=1e-5
+    )
+    out = probe.predict_proba(torch.from_numpy(maps))
+    assert isinstance(out, torch.Tensor) and out.shape == (4, 3, 6, 6)

@@ -121,6 +121,42 @@ def test_probabilities_and_scores_are_consistent():
     assert_allclose(probe.decision_function(X), logits, rtol=1e-4, atol=1e-4)
 
 
+def test_predict_proba_on_maps_upsamples_like_predict():
+    maps, _, large = _scenes(seed=2)
+    probe = LinearProbe(random_state=0).fit(maps, large)
+    small = probe.predict_proba(maps)
+    assert small.shape == (6, 3, 6, 6)
+    proba = probe.predict_proba(maps, size=(12, 12))
+    assert proba.shape == (6, 3, 12, 12)
+    assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert_array_equal(proba.argmax(axis=1), probe.predict(maps, size=(12, 12)))
+    # independent reference: logits of the stated linear map, upsampled, softmaxed
+    logits = (
+        np.einsum("kc,nchw->nkhw", probe.coef_, maps)
+        + probe.intercept_[None, :, None, None]
+    )
+    up = F.interpolate(torch.from_numpy(logits).float(), size=(12, 12), mode="bilinear")
+    assert_allclose(proba, torch.softmax(up, dim=1).numpy(), atol=1e-4)
+    tproba = probe.predict_proba(torch.from_numpy(maps), size=(12, 12))
+    assert isinstance(tproba, torch.Tensor)
+    assert_allclose(tproba.numpy(), proba, atol=1e-6)
+    with pytest.raises(ValueError, match="4-D"):
+        probe.predict_proba(maps[:, :, 0, 0], size=(3, 3))
+
+
+def test_maps_predict_classes_of_a_token_fit():
+    # fitted on tokens with labels 3 and 7, predictions on maps are 3 and 7
+    maps, small, _ = _scenes(n_classes=2, seed=4)
+    tokens = maps_to_tokens(torch.from_numpy(maps)).numpy()
+    y = np.where(small.reshape(-1) == 0, 3, 7)
+    probe = LinearProbe(random_state=0).fit(tokens, y)
+    pred = probe.predict(maps)
+    assert set(np.unique(pred)) <= {3, 7}
+    assert_array_equal(pred.reshape(-1), probe.predict(tokens))
+    tpred = probe.predict(torch.from_numpy(maps))
+    assert_array_equal(tpred.numpy(), pred)
+
+
 def test_binary_decision_function_is_log_odds():
     X, y = _blobs(n_classes=2)
     probe = LinearProbe(random_state=0).fit(X, y)

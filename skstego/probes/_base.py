@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
+    apply_tokenwise,
     as_tensor,
     is_torch,
     iter_slices,
@@ -154,3 +155,38 @@ def scored_confusion(
             yb[valid] * n_outputs + pred[valid], minlength=n_classes * n_outputs
         )
     return conf.reshape(n_classes, n_outputs).cpu().numpy()
+
+
+def score_maps(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    X: Any,
+    *,
+    device: torch.device,
+    n_outputs: int,
+    post: Callable[[torch.Tensor], torch.Tensor],
+    out_features: int,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray | torch.Tensor:
+    """``post(scores)`` per token: (n, out) for tokens, (N, out, h, w) for maps.
+
+    ``post`` acts along dimension 1 (softmax, cluster -> class sums...) of
+    (m, K) token scores or (B, K, H, W) map scores alike. ``size`` upsamples
+    map scores bilinearly to (H, W) before ``post``, as for predictions.
+    Output follows input type.
+    """
+    if X.ndim == 2 or size is None:
+        if size is not None:
+            raise ValueError("size applies to 4-D feature maps only.")
+        return apply_tokenwise(
+            lambda t: post(score_fn(t)), X, device=device, out_features=out_features
+        )
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"size must be (H, W), got {size!r}.")
+    out = []
+    with torch.no_grad():
+        for sl in iter_slices(X.shape[0], _image_batch(X, n_outputs, size)):
+            scores = _upsampled_scores(score_fn, as_tensor(X[sl], device), size)
+            res = post(scores)
+            out.append(res if is_torch(X) else res.cpu())
+    return to_output(torch.cat(out), X)

@@ -44,7 +44,7 @@ from .._device import (
     rows_per_batch,
 )
 from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
-from ._base import check_targets, predict_labels, scored_confusion
+from ._base import check_targets, predict_labels, score_maps, scored_confusion
 
 __all__ = ["KMeansProbe"]
 
@@ -436,6 +436,14 @@ class KMeansProbe(
         iterations. ``"auto"`` picks torch: as fast as faiss on the CPU, it
         honours ``tol`` and keeps the tokens on the GPU.
 
+    temperature : float, default=0.5
+        Softness of :meth:`predict_proba`: a softmax of the cosine
+        similarities (``metric="cosine"``) or of the negative squared
+        distances (``"euclidean"``) to the centroids, divided by
+        ``temperature``. The STEGO reference scales similarities by 2,
+        i.e. ``temperature=0.5``. Does not affect fitting or
+        :meth:`predict`.
+
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where to compute; ``"auto"`` is CUDA when available, else the CPU.
         Resolved in :meth:`fit`.
@@ -537,6 +545,7 @@ class KMeansProbe(
         "init": [StrOptions({"k-means++", "random"}), "array-like"],
         "max_samples": [Interval(Integral, 1, None, closed="left"), None],
         "backend": [StrOptions({"auto", "torch", "faiss"})],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -553,6 +562,7 @@ class KMeansProbe(
         init: Any = "k-means++",
         max_samples: int | None = 1_000_000,
         backend: str = "auto",
+        temperature: float = 0.5,
         device: str | torch.device | None = "auto",
         random_state: Any = None,
         verbose: bool = False,
@@ -565,6 +575,7 @@ class KMeansProbe(
         self.init = init
         self.max_samples = max_samples
         self.backend = backend
+        self.temperature = temperature
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -779,6 +790,77 @@ class KMeansProbe(
             n_outputs=self.k,
             size=size,
             label_fn=label_fn,
+        )
+
+    def predict_proba(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
+        """Soft assignment of every token to clusters, or to classes.
+
+        A softmax over the centroids of the cosine similarity (or negative
+        squared Euclidean distance) divided by ``temperature``. When ``fit``
+        got ``y``, cluster probabilities are summed into the classes of
+        ``mapping_``: column ``c`` is the probability of class ``c``
+        (``n_classes_`` columns), plus one last column holding the mass of
+        unmatched clusters when there are any (their class is -1). Every
+        row sums to one; its argmax is the :meth:`predict` label whenever
+        every cluster is matched (and always without ``y``).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps.
+        size : tuple of (int, int), default=None
+            For maps only: upsample the scores bilinearly to (H, W) before
+            the softmax, as :meth:`predict` does.
+
+        Returns
+        -------
+        proba : ndarray or torch.Tensor of float32, shape (n_samples, n_cols) \
+                or (N, n_cols, h, w) / (N, n_cols, H, W)
+            ``n_cols`` is ``k`` without ``y``; with ``y`` it is
+            ``n_classes_`` (+ 1 when some cluster is unmatched).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skstego import KMeansProbe
+        >>> X = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+        >>> probe = KMeansProbe(k=2, device="cpu", random_state=0).fit(X, [0, 0, 1, 1])
+        >>> proba = probe.predict_proba(X)
+        >>> proba.shape, bool(np.allclose(proba.sum(axis=1), 1))
+        ((4, 2), True)
+        >>> (proba.argmax(axis=1) == probe.predict(X)).all()
+        np.True_
+        """
+        X = self._check_X(X)
+        device = self._resolved_device()
+        scale = 1.0 / float(self.temperature)
+        width = self.k
+        if hasattr(self, "mapping_"):
+            mapping = self._tensor("mapping_", device, torch.int64)
+            n_classes = int(self.n_classes_)
+            columns = torch.where(mapping >= 0, mapping, n_classes)
+            width = n_classes + int(bool((mapping < 0).any()))
+
+            def post(scores: torch.Tensor) -> torch.Tensor:
+                p = torch.softmax(scores * scale, dim=1)
+                shape = list(p.shape)
+                shape[1] = width
+                return p.new_zeros(shape).index_add_(1, columns, p)
+
+        else:
+
+            def post(scores: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(scores * scale, dim=1)
+
+        return score_maps(
+            self._scorer(device),
+            X,
+            device=device,
+            n_outputs=self.k,
+            post=post,
+            out_features=width,
+            size=size,
         )
 
     def fit_predict(self, X: Any, y: Any = None) -> Any:

@@ -32,7 +32,7 @@ from .._device import (
     tokens_to_maps,
 )
 from ..metrics import report_from_confusion
-from ._base import check_targets, predict_labels, scored_confusion
+from ._base import check_targets, predict_labels, score_maps, scored_confusion
 
 __all__ = ["LinearProbe"]
 
@@ -544,7 +544,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             return apply_tokenwise(binary, X, device=device, out_features=0)
         return apply_tokenwise(fn, X, device=device, out_features=len(self.classes_))
 
-    def predict_proba(self, X: Any) -> np.ndarray | torch.Tensor:
+    def predict_proba(
+        self, X: Any, *, size: tuple[int, int] | None = None
+    ) -> np.ndarray | torch.Tensor:
         """Class probabilities (softmax of the logits).
 
         Parameters
@@ -553,19 +555,27 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 (N, C, h, w)
             Tokens or feature maps.
 
+        size : tuple of int (H, W), optional
+            For feature maps: upsample the logits bilinearly to (H, W) before
+            the softmax, as :meth:`predict` does.
+
         Returns
         -------
         proba : ndarray or torch.Tensor of shape (n_samples, n_classes) or \
 (N, n_classes, h, w)
-            Probabilities in the order of ``classes_``.
+            Probabilities in the order of ``classes_``; (N, n_classes, H, W)
+            with ``size``.
         """
         X, device = self._checked(X)
-        fn = self._score_fn(device)
-        return apply_tokenwise(
-            lambda t: torch.softmax(fn(t), dim=1),
+        n_classes = len(self.classes_)
+        return score_maps(
+            self._score_fn(device),
             X,
             device=device,
-            out_features=len(self.classes_),
+            n_outputs=n_classes,
+            post=lambda scores: torch.softmax(scores, dim=1),
+            out_features=n_classes,
+            size=size,
         )
 
     def predict_log_proba(self, X: Any) -> np.ndarray | torch.Tensor:
@@ -625,8 +635,8 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             n_outputs=len(self.classes_),
             size=size,
         )
-        if X.ndim == 4:
-            return ids
+        if X.ndim == 4 and np.array_equal(self.classes_, np.arange(len(self.classes_))):
+            return ids  # label maps: classes are their indices
         if not is_torch(ids):
             return self.classes_[ids]
         if self.classes_.dtype.kind in "iufb":
