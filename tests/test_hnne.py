@@ -183,3 +183,19 @@ def test_wrong_feature_count_at_transform(digits):
     proj = HNNEProjector(dim=4, device="cpu", random_state=0).fit(digits[:200])
     with pytest.raises(ValueError, match="64 features"):
         proj.transform(digits[:10, :10])
+
+
+# ----------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_transform_matches_cpu(digits):
+    proj = HNNEProjector(dim=8, device="cpu", random_state=0).fit(digits)
+    expected = proj.transform(digits)
+    proj.set_params(device="cuda")
+    out = proj.transform(torch.from_numpy(digits).cuda())
+    assert out.is_cuda and out.dtype == torch.float32
+    np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-4, atol=1e-4)
+    maps = digits[:24].reshape(24, 4, 4, 4)
+    codes = HNNEProjector(dim=3, device="cuda", random_state=0).fit_transform(maps)
+    assert isinstance(codes, np.ndarray) and codes.shape == (24, 3, 4, 4)

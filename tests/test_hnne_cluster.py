@@ -234,3 +234,18 @@ def test_bad_labels(digits):
     X, y = digits
     with pytest.raises(ValueError, match="y must be 1-D"):
         HNNEClusterProbe(device="cpu").fit(X, y[:10])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(feature_maps):
+    X, y = feature_maps
+    cpu = HNNEClusterProbe(k=4, device="cpu", random_state=0).fit(X, y)
+    gpu = HNNEClusterProbe(k=4, device="cuda", random_state=0).fit(X, y)
+    np.testing.assert_array_equal(gpu.labels_, cpu.labels_)
+    np.testing.assert_allclose(
+        gpu.cluster_centers_, cpu.cluster_centers_, rtol=1e-4, atol=1e-5
+    )
+    out = gpu.predict(torch.from_numpy(X).cuda(), size=y.shape[-2:])
+    assert out.is_cuda
+    np.testing.assert_array_equal(out.cpu().numpy(), cpu.predict(X, size=y.shape[-2:]))
+    assert gpu.score(X, y) == pytest.approx(cpu.score(X, y))
