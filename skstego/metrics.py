@@ -24,9 +24,22 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ._cluster_metrics import (
+    calinski_harabasz_score,
+    clustering_stability,
+    davies_bouldin_score,
+    expected_calibration_error,
+    silhouette_samples,
+    silhouette_score,
+)
+
 __all__ = [
     "accuracy_scorer",
+    "calinski_harabasz_score",
+    "clustering_stability",
     "confusion_matrix",
+    "davies_bouldin_score",
+    "expected_calibration_error",
     "hungarian_match",
     "integer_labels",
     "make_segmentation_scorer",
@@ -35,6 +48,8 @@ __all__ = [
     "pixel_accuracy",
     "report_from_confusion",
     "segmentation_report",
+    "silhouette_samples",
+    "silhouette_score",
 ]
 
 

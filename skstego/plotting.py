@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._cluster_metrics import (
+    _calibration_bins,
+    _check_n_bins,
+    _confidence_and_correct,
+    _ece_from_bins,
+    expected_calibration_error,
+)
 from ._device import is_torch
 from .datasets import default_palette
 from .metrics import integer_labels
@@ -773,111 +780,11 @@ def plot_dimension_sweep(
 # --------------------------------------------------------------------------
 # calibration
 # --------------------------------------------------------------------------
-def _confidence_and_correct(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Max probability and whether its class is right, over labelled pixels.
-
-    Accepts (n,) labels with (n, K) probabilities, or label maps (N, H, W)
-    with (N, K, H, W) probabilities (NumPy or torch; the reduction over K
-    runs where the tensor lives). Negative labels are left out.
-    """
-    import torch
-
-    y = integer_labels(y_true, "y_true")
-    p = proba if is_torch(proba) else torch.from_numpy(np.asarray(proba))
-    y = y if is_torch(y) else torch.from_numpy(np.ascontiguousarray(y))
-    y = y.to(p.device)
-    if y.ndim not in (1, 3) or p.ndim != y.ndim + 1:
-        raise ValueError(
-            "Expected y_true (n,) with proba (n, K), or label maps (N, H, W) with "
-            f"proba (N, K, H, W); got y_true {tuple(y.shape)} and proba "
-            f"{tuple(p.shape)}."
-        )
-    if p.shape[0] != y.shape[0] or tuple(p.shape[2:]) != tuple(y.shape[1:]):
-        raise ValueError(
-            f"y_true {tuple(y.shape)} and proba {tuple(p.shape)} do not match: "
-            "proba needs the class axis at position 1 and the same other sizes "
-            "(resize the probabilities to the label size first)."
-        )
-    if not (p.is_floating_point() and p.shape[1] > 0):
-        raise ValueError(
-            f"proba must hold float probabilities for K >= 1 classes, got dtype "
-            f"{p.dtype} and shape {tuple(p.shape)}."
-        )
-    if p.numel() and not bool(
-        torch.isfinite(p).all() & (p >= 0).all() & (p <= 1).all()
-    ):
-        raise ValueError(
-            "proba must hold probabilities in [0, 1] (e.g. predict_proba), not "
-            "logits or NaN."
-        )
-    n_classes = p.shape[1]
-    if y.numel() and int(y.max()) >= n_classes:
-        raise ValueError(
-            f"y_true holds label {int(y.max())} but proba has only {n_classes} classes."
-        )
-    conf, pred = p.max(dim=1)
-    valid = y >= 0
-    conf, correct = conf[valid], pred[valid] == y[valid]
-    if conf.numel() == 0:
-        raise ValueError("y_true holds no labelled pixels (all negative).")
-    return (
-        conf.detach().cpu().numpy().astype(np.float64),
-        correct.detach().cpu().numpy(),
-    )
-
-
-def _calibration_bins(
-    confidence: np.ndarray, correct: np.ndarray, n_bins: int
-) -> dict[str, np.ndarray]:
-    """Equal-width bins of confidence: edges, counts, accuracy and confidence.
-
-    Bin ``b`` holds confidences in ``(edges[b], edges[b + 1]]`` (the first bin
-    also 0), as :func:`sklearn.calibration.calibration_curve`. Empty bins get
-    NaN accuracy and confidence.
-    """
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ids = np.searchsorted(edges[1:-1], confidence)
-    counts = np.bincount(ids, minlength=n_bins)
-    hits = np.bincount(ids, weights=correct.astype(np.float64), minlength=n_bins)
-    sums = np.bincount(ids, weights=confidence, minlength=n_bins)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accuracy = np.where(counts > 0, hits / counts, np.nan)
-        mean_conf = np.where(counts > 0, sums / counts, np.nan)
-    return {
-        "edges": edges,
-        "counts": counts,
-        "accuracy": accuracy,
-        "confidence": mean_conf,
-    }
-
-
-def _check_n_bins(n_bins: Any) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)):
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
-    return int(n_bins)
-
-
-def _ece_from_bins(bins: dict[str, np.ndarray]) -> float:
-    """``sum_b (n_b / n) * |accuracy_b - confidence_b|`` over non-empty bins."""
-    counts = bins["counts"]
-    filled = counts > 0
-    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
-    return float(np.sum(counts[filled] * gaps) / counts.sum())
-
-
+# The computation lives in skstego._cluster_metrics (public as
+# skstego.metrics.expected_calibration_error); the diagram draws its bins.
 def _expected_calibration_error(y_true: Any, proba: Any, *, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-class confidence, a fraction.
-
-    ``ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|`` over ``n_bins``
-    equal-width bins of the maximum probability (Guo et al., 2017), as
-    binned by :func:`_calibration_bins`; negative labels are left out.
-    Shapes as :func:`plot_reliability_diagram`: (n,) with (n, K), or
-    (N, H, W) with (N, K, H, W), NumPy or torch.
-    """
-    conf, correct = _confidence_and_correct(y_true, proba)
-    return _ece_from_bins(_calibration_bins(conf, correct, _check_n_bins(n_bins)))
+    """ECE; see :func:`~skstego.metrics.expected_calibration_error`."""
+    return expected_calibration_error(y_true, proba, n_bins=n_bins)
 
 
 def plot_reliability_diagram(
