@@ -49,7 +49,6 @@ IMAGE_EXTENSIONS = (
     ".mat",
 )
 #: The STEGO reference's scale of cosine similarities before the softmax.
-KMEANS_SOFTMAX_SCALE = 2.0
 #: Label value written for pixels without a class (unmatched clusters).
 IGNORE_VALUE = 255
 
@@ -571,25 +570,13 @@ def _predict(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> np.ndarray
 def _probabilities(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> Any:
     """Class (or cluster) probabilities (N, K, H, W), a float32 NumPy array.
 
-    KMeansProbe: softmax of the cosine similarities to the centroids (from
-    ``transform``) times 2, as the STEGO reference; Euclidean k-means uses
-    minus the distances. LinearProbe: softmax of the logits. Scores are
-    upsampled bilinearly to ``size`` before the softmax, so the argmax equals
-    ``probe.predict(codes, size=size)``.
+    The probe's ``predict_proba`` with scores upsampled to ``size`` first:
+    for KMeansProbe a softmax of twice the cosine similarities to the
+    centroids (the STEGO reference's scale, ``temperature=0.5``), summed into
+    classes when it was fitted with labels; for LinearProbe the softmax of
+    the logits.
     """
-    import torch
-    import torch.nn.functional as F
-
-    if hasattr(probe, "cluster_centers_"):
-        scores = torch.as_tensor(np.asarray(probe.transform(codes)))
-        if probe.metric == "cosine":
-            scores = scores * KMEANS_SOFTMAX_SCALE
-        else:
-            scores = -scores
-    else:
-        scores = torch.as_tensor(np.asarray(probe.decision_function(codes)))
-    scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
-    return torch.softmax(scores, dim=1).numpy()
+    return np.asarray(probe.predict_proba(codes, size=size), dtype=np.float32)
 
 
 def _crf_labels(
@@ -598,7 +585,8 @@ def _crf_labels(
     proba = _probabilities(probe, codes, tuple(images.shape[1:3]))
     ids = np.asarray(crf(images, proba)).argmax(1)
     if hasattr(probe, "mapping_"):
-        return probe.mapping_[ids]
+        # columns are classes, then the mass of unmatched clusters (-1)
+        return np.where(ids < probe.n_classes_, ids, -1)
     table = _label_ids(probe)
     return table[ids] if table is not None else ids
 
