@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) is None:
         parser.print_usage(sys.stderr)
         print(
-            "skstego: error: choose a command: segment, fit or evaluate",
+            "skstego: error: choose a command: segment, fit, evaluate or sweep",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -270,6 +270,74 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     _add_run_args(ev)
     ev.set_defaults(run=_evaluate)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="the STEGO study's dimension sweep on a labelled dataset",
+        description="Featurize the train and validation splits once, reduce "
+        "them with each reducer at each dim, fit each probe on the training "
+        "codes and score it on the validation split (skstego.study.run_sweep). "
+        "Writes OUT/results.csv, one row per reducer x dim x probe x seed, "
+        "the features cache and the figures sweep_miou/sweep_accuracy "
+        "(.png, .svg); rerun the same command to resume after an interruption.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    sw.add_argument(
+        "--dataset",
+        required=True,
+        choices=("cocostuff27", "cityscapes27", "potsdam3", "folder"),
+    )
+    sw.add_argument("--root", required=True, metavar="DIR", help="dataset folder")
+    sw.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    sw.add_argument(
+        "--train-split",
+        default=None,
+        help="training split (default: train; train2017 for cocostuff27; "
+        "labelled_train for potsdam3)",
+    )
+    sw.add_argument(
+        "--val-split",
+        default=None,
+        help="validation split (default: the loader's, e.g. val)",
+    )
+    sw.add_argument(
+        "--reducers",
+        default="pca,rp,stego,none",
+        help="comma-separated among pca, rp, stego, hnne, none "
+        "(default pca,rp,stego,none)",
+    )
+    sw.add_argument(
+        "--dims",
+        default="3,6,12,24,48,96,192,384,768",
+        help="comma-separated dims (default: the study's 3..768)",
+    )
+    sw.add_argument(
+        "--probes",
+        default="kmeans,linear",
+        help="comma-separated among kmeans, linear, hnne_cluster",
+    )
+    sw.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    sw.add_argument(
+        "--k", type=_positive_int, default=None, help="clusters (default: classes)"
+    )
+    sw.add_argument(
+        "--max-images",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="use the first N images of each split",
+    )
+    sw.add_argument(
+        "--stego-steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="training steps of each StegoProjector (default 5000)",
+    )
+    _add_backbone_args(sw, 224)
+    _add_run_args(sw)
+    sw.set_defaults(run=_sweep)
     return parser
 
 
@@ -1158,3 +1226,101 @@ def _write_json_report(
     }
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
+
+
+# --------------------------------------------------------------------------
+# sweep
+# --------------------------------------------------------------------------
+_TRAIN_SPLITS = {
+    "cocostuff27": "train2017",
+    "cityscapes27": "train",
+    "potsdam3": "labelled_train",
+    "folder": "train",
+}
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(
+            f"{option}: expected comma-separated integers, got {text!r}."
+        ) from None
+    if not values:
+        raise UsageError(f"{option}: give at least one value.")
+    return values
+
+
+def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise UsageError(
+            f"{option}: unknown {unknown or text!r}; choose among {', '.join(allowed)}."
+        )
+    return names
+
+
+def _split_data(
+    args: argparse.Namespace, split: str | None, resolution: int
+) -> tuple[Any, np.ndarray]:
+    from . import datasets
+
+    loader = getattr(datasets, _LOADERS[args.dataset])
+    kwargs = {} if split is None else {"split": split}
+    coll = loader(args.root, resolution=resolution, **kwargs)
+    if coll.labels is None:
+        raise UsageError(
+            f"the {args.dataset} split {split or '(default)'} in {args.root!r} has "
+            "no label maps; the sweep scores against labels."
+        )
+    if args.max_images:
+        coll = coll[: args.max_images]
+    labels = np.stack([np.asarray(coll.labels[i]) for i in range(len(coll))])
+    return coll, labels.astype(np.int64)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .projection import StegoProjector
+    from .study import run_sweep, save_sweep_figures, summarize_sweep
+
+    _check_device(args.device)
+    reducers: list[Any] = _names(
+        args.reducers, "--reducers", ("pca", "rp", "stego", "hnne", "none")
+    )
+    probes = _names(args.probes, "--probes", ("kmeans", "linear", "hnne_cluster"))
+    dims = _int_list(args.dims, "--dims")
+    seeds = _int_list(args.seeds, "--seeds")
+    if args.stego_steps and "stego" in reducers:
+        stego = StegoProjector(n_steps=args.stego_steps)
+        reducers = [("stego", stego) if r == "stego" else r for r in reducers]
+    resolution = args.resolution or 224
+    featurizer = _featurizer(args, resolution)
+    _check_backbone(featurizer)
+    train_split = args.train_split or _TRAIN_SPLITS[args.dataset]
+    X_train, y_train = _split_data(args, train_split, resolution)
+    X_val, y_val = _split_data(args, args.val_split, resolution)
+    out = Path(args.out)
+    results = run_sweep(
+        X_train,
+        y_train,
+        X_val,
+        y_val,
+        reducers=reducers,
+        dims=dims,
+        probes=probes,
+        seeds=seeds,
+        n_clusters=args.k,
+        featurizer=featurizer,
+        cache_dir=out,
+        device=args.device,
+        verbose=not args.quiet,
+    )
+    summary = summarize_sweep(results)
+    print((100 * summary[["miou_mean", "miou_std", "accuracy_mean"]]).round(2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for path in save_sweep_figures(results, out):
+        print(f"wrote {path}")
+    return EXIT_OK
