@@ -55,9 +55,51 @@ def test_readme_shell_commands_are_the_ones_ci_runs():
     tested_elsewhere = {
         # run on a tiny folder by tests/test_examples.py
         "python examples/quickstart.py --images path/to/folder",
+        # run below, on a tiny folder with a locally saved ViT-S/8
+        SEGMENT_COMMAND,
     }
     for block in commands:
         for line in block.strip().splitlines():
             if line in tested_elsewhere:
                 continue
             assert line in ci, f"README command not run by .ci/run: {line}"
+
+
+SEGMENT_COMMAND = (
+    "skstego segment path/to/folder --out segmented --k 27 "
+    "--weights dino_vits8.safetensors"
+)
+
+
+def test_readme_segment_command_runs_offline(tmp_path, monkeypatch):
+    import shlex
+
+    import numpy as np
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from skstego.cli import main
+    from skstego.datasets import make_scenes
+
+    readme = (ROOT / "README.md").read_text()
+    assert SEGMENT_COMMAND in readme
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "path" / "to" / "folder"
+    folder.mkdir(parents=True)
+    images, _ = make_scenes(2, size=(40, 48), random_state=0)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    # a randomly initialised ViT-S/8 saved where the command expects DINO
+    vit = timm.create_model("vit_small_patch8_224", pretrained=False)
+    save_file(vit.state_dict(), str(tmp_path / "dino_vits8.safetensors"))
+    argv = shlex.split(SEGMENT_COMMAND)
+    assert argv[0] == "skstego"
+    assert main([*argv[1:], "--device", "cpu", "--quiet"]) == 0
+    for i in range(2):
+        label = np.asarray(
+            Image.open(tmp_path / "segmented" / "folder" / f"img{i}_label.png")
+        )
+        assert label.shape == (40, 48)
+        assert (tmp_path / "segmented" / "folder" / f"img{i}_overlay.png").exists()
+    assert (tmp_path / "segmented" / "summary.csv").exists()
