@@ -529,3 +529,39 @@ def test_predict_proba_on_maps_upsamples_like_predict():
     )
     out = probe.predict_proba(torch.from_numpy(maps))
     assert isinstance(out, torch.Tensor) and out.shape == (4, 3, 6, 6)
+
+
+# ------------------------------------------------------------ inertia curve
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_inertia_curve_follows_the_lloyd_iterations(digits, metric):
+    X, _ = digits
+    X = X + 0.5  # no all-zero rows
+    init = X[::180][:10]
+    probe = KMeansProbe(k=10, metric=metric, init=init, device="cpu").fit(X)
+    curve = probe.inertia_curve_
+    assert curve.shape == (probe.n_iter_,) and curve.dtype == np.float64
+    # non-increasing (Lloyd never increases the inertia), ends at inertia_
+    assert np.all(np.diff(curve) <= 1e-6 * curve[0])
+    assert curve[-1] == pytest.approx(probe.inertia_, rel=1e-6)
+    # entry i: the inertia of a textbook Lloyd loop's centroids after i + 1 steps
+    spherical = metric == "cosine"
+    Xr = X / np.linalg.norm(X, axis=1, keepdims=True) if spherical else X
+    for i in (0, 1, len(curve) // 2):
+        C = numpy_lloyd(X, init, i + 1, spherical=spherical)
+        expected = cdist(np.asarray(Xr, np.float64), C, "sqeuclidean").min(1).sum()
+        assert curve[i] == pytest.approx(expected, rel=1e-4)
+
+
+def test_inertia_curve_of_the_faiss_backend(digits):
+    pytest.importorskip("faiss")
+    X, _ = digits
+    for metric in ("euclidean", "cosine"):
+        probe = KMeansProbe(
+            k=10, metric=metric, backend="faiss", max_iter=8, random_state=0
+        ).fit(X + 0.5)
+        curve = probe.inertia_curve_
+        assert curve.shape == (8,) and np.isfinite(curve).all()
+        assert np.all(np.diff(curve) <= 1e-4 * curve[0])
+        assert curve[-1] == pytest.approx(probe.inertia_, rel=1e-6)

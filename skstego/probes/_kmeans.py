@@ -228,12 +228,16 @@ def _lloyd(
     cosine: bool,
     verbose: bool,
     desc: str,
-) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+) -> tuple[torch.Tensor, torch.Tensor, float, int, np.ndarray]:
     """Lloyd iterations as scikit-learn's ``_kmeans_single_lloyd``.
 
     Stops when the labels no longer change (strict convergence) or when the
     squared centroid shift is at most ``tol`` (already scaled). Returns
-    centroids, labels consistent with them, inertia and iterations run.
+    centroids, labels consistent with them, inertia, iterations run and the
+    inertia curve: entry ``i`` is the inertia of the centroids reached after
+    ``i + 1`` iterations (each E-step measures the previous M-step's
+    centroids, so the curve costs one sum per iteration; the last entry is
+    the returned inertia).
     """
     n, d = X.shape
     k = centers.shape[0]
@@ -244,10 +248,12 @@ def _lloyd(
     sums = torch.empty(k, d, dtype=X.dtype, device=X.device)
     strict = False
     n_iter = 0
+    measured = []  # inertia of each E-step: the previous iteration's centroids
     for _ in tqdm(range(max_iter), desc=desc, disable=not verbose, leave=False):
         n_iter += 1
         sums.zero_()
         _assign(X, centers, cosine, chunk, labels, best, sums)
+        measured.append(_sq_distances(best, x_sq).sum(dtype=torch.float64))
         counts = torch.bincount(labels, minlength=k)
         _relocate_empty(X, x_sq, labels, best, sums, counts)
         kept = counts == 0  # still empty: fewer distinct tokens than clusters
@@ -267,7 +273,9 @@ def _lloyd(
     if not strict:  # one more E-step so that labels match the final centroids
         _assign(X, centers, cosine, chunk, labels, best)
     inertia = float(_sq_distances(best, x_sq).sum(dtype=torch.float64))
-    return centers, labels, inertia, n_iter
+    # measured[0] is the initial centroids' inertia; the rest follow iterations
+    curve = torch.stack(measured[1:]).cpu().numpy() if n_iter > 1 else np.empty(0)
+    return centers, labels, inertia, n_iter, np.append(curve, inertia)
 
 
 def _evaluate(
@@ -310,8 +318,12 @@ def _faiss_centers(
     cosine: bool,
     seed: int,
     verbose: bool,
-) -> torch.Tensor:
-    """``max_iter`` Lloyd iterations of faiss from our initial centroids."""
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``max_iter`` Lloyd iterations of faiss from our initial centroids.
+
+    Also returns faiss's inertia after the first ``max_iter - 1`` iterations
+    (the last is measured by the caller).
+    """
     faiss = _import_faiss()
     n, d = X.shape
     k = centers.shape[0]
@@ -333,7 +345,16 @@ def _faiss_centers(
     x_np = np.ascontiguousarray(X.detach().cpu().numpy(), dtype=np.float32)
     c_np = np.ascontiguousarray(centers.detach().cpu().numpy(), dtype=np.float32)
     km.train(x_np, init_centroids=c_np)
-    return torch.from_numpy(np.asarray(km.centroids, dtype=np.float32)).to(X.device)
+    centroids = np.asarray(km.centroids, dtype=np.float32)
+    # faiss's obj[i]: objective of the centroids after i updates (obj[0] the
+    # initial ones); the sum of squared distances, or for spherical k-means
+    # (an inner-product index) the sum of cosines, i.e. inertia n - obj / 2.
+    obj = np.asarray(getattr(km, "obj", ()), dtype=np.float64)
+    if obj.size != max_iter:  # pragma: no cover - older faiss without obj
+        obj = np.full(max_iter, np.nan)
+    elif cosine:
+        obj = 2.0 * (n - obj)
+    return torch.from_numpy(centroids).to(X.device), obj[1:]
 
 
 def _choose_backend(backend: str, device: torch.device) -> str:
@@ -470,6 +491,15 @@ class KMeansProbe(
 
     n_iter_ : int
         Lloyd iterations of the best run (``max_iter`` for faiss).
+
+    inertia_curve_ : ndarray of shape (n_iter_,), float64
+        Inertia of the best run after each Lloyd iteration (the centroids
+        reached after iteration ``i + 1``, each token at its nearest one),
+        on the tokens k-means was fitted on: non-increasing, and its last
+        value is ``inertia_`` unless ``max_samples`` subsampled the tokens
+        (``inertia_`` then covers every token). For the faiss backend, from
+        faiss's per-iteration objective (``Kmeans.obj``; NaN where a faiss
+        version lacks it), the last value measured as ``inertia_``.
 
     n_features_in_ : int
         Number of features (channels) seen during :meth:`fit`.
@@ -658,7 +688,7 @@ class KMeansProbe(
                 seed = int(
                     torch.randint(2**31 - 1, (1,), generator=gen, device=gen.device)
                 )
-                centers = _faiss_centers(
+                centers, curve = _faiss_centers(
                     Xs,
                     centers,
                     max_iter=self.max_iter,
@@ -668,8 +698,9 @@ class KMeansProbe(
                 )
                 labels, inertia = _evaluate(Xs, x_sq, centers, cosine)
                 n_iter = self.max_iter
+                curve = np.append(curve, inertia)
             else:
-                centers, labels, inertia, n_iter = _lloyd(
+                centers, labels, inertia, n_iter, curve = _lloyd(
                     Xs,
                     x_sq,
                     centers,
@@ -680,8 +711,8 @@ class KMeansProbe(
                     desc=desc,
                 )
             if best is None or inertia < best[2]:
-                best = (centers, labels, inertia, n_iter)
-        centers, labels, inertia, n_iter = best
+                best = (centers, labels, inertia, n_iter, curve)
+        centers, labels, inertia, n_iter, curve = best
         del Xs, x_sq, x_sq_init
 
         if subsample:
@@ -693,6 +724,7 @@ class KMeansProbe(
         self.labels_ = labels.cpu().numpy()
         self.inertia_ = float(inertia)
         self.n_iter_ = int(n_iter)
+        self.inertia_curve_ = np.asarray(curve, dtype=np.float64)
         for name in ("mapping_", "n_classes_"):
             self.__dict__.pop(name, None)
         if y is not None:
