@@ -148,32 +148,33 @@ def _check_images(images: Any) -> tuple[Any, bool]:
     return (images[None] if images.ndim == 3 else images), True
 
 
-def _check_proba(proba: Any) -> Any:
-    """Validate probabilities (N, K, h, w) or (K, h, w); never copied."""
+def _check_proba_shape(proba: Any) -> Any:
+    """Check the layout and dtype of probabilities; returns them (no copy)."""
+    if not is_torch(proba) and not isinstance(proba, np.ndarray):
+        proba = np.asarray(proba)
+    if proba.ndim not in (3, 4):
+        raise ValueError(
+            "proba must have shape (N, K, H, W) or (K, H, W), got "
+            f"{tuple(proba.shape)}."
+        )
     if is_torch(proba):
-        if proba.ndim not in (3, 4):
-            raise ValueError(
-                "proba must have shape (N, K, H, W) or (K, H, W), got a tensor of "
-                f"shape {tuple(proba.shape)}."
-            )
         if proba.is_complex() or proba.dtype == torch.bool:
             raise TypeError(f"proba must be real-valued, got dtype {proba.dtype}.")
-        check_finite_tensor(proba, "proba")
-    else:
-        if not isinstance(proba, np.ndarray):
-            proba = np.asarray(proba)
-        if proba.ndim not in (3, 4):
-            raise ValueError(
-                f"proba must have shape (N, K, H, W) or (K, H, W), got {proba.shape}."
-            )
-        if proba.dtype.kind not in "fiu":
-            raise TypeError(f"proba must be real-valued, got dtype {proba.dtype}.")
-        if proba.dtype.kind == "f" and not np.isfinite(proba).all():
-            raise ValueError(
-                "Input proba contains NaN or infinity; pass finite probabilities."
-            )
+    elif proba.dtype.kind not in "fiu":
+        raise TypeError(f"proba must be real-valued, got dtype {proba.dtype}.")
     if min(proba.shape) == 0:
         raise ValueError(f"proba is empty (shape {tuple(proba.shape)}).")
+    return proba
+
+
+def _check_proba_values(proba: Any) -> None:
+    """Finite, non-negative, summing to 1 over the class axis (axis -3)."""
+    if is_torch(proba):
+        check_finite_tensor(proba, "proba")
+    elif proba.dtype.kind == "f" and not np.isfinite(proba).all():
+        raise ValueError(
+            "Input proba contains NaN or infinity; pass finite probabilities."
+        )
     low = float(proba.min())
     if low < 0:
         raise ValueError(
@@ -190,7 +191,6 @@ def _check_proba(proba: Any) -> Any:
             "proba must sum to 1 over the class axis (axis -3), got sums in "
             f"[{lo:.4g}, {hi:.4g}]; pass softmax(logits) over the classes."
         )
-    return proba
 
 
 # --------------------------------------------------------------------------
@@ -570,7 +570,7 @@ def _images_per_batch(n_pixels: int, n_classes: int, method: str) -> int:
 def _refine(images: Any, proba: Any, params: dict) -> np.ndarray | torch.Tensor:
     """Validated parameters; checks the arrays and runs mean-field in batches."""
     images, nhwc = _check_images(images)
-    proba = _check_proba(proba)
+    proba = _check_proba_shape(proba)
     single = proba.ndim == 3
     proba4 = proba[None] if single else proba
     if images.shape[0] != proba4.shape[0]:
@@ -578,6 +578,7 @@ def _refine(images: Any, proba: Any, params: dict) -> np.ndarray | torch.Tensor:
             f"images and proba hold different numbers of images: {images.shape[0]} "
             f"and {proba4.shape[0]}."
         )
+    _check_proba_values(proba)
     h, w = images.shape[1:3] if nhwc else images.shape[2:4]
     if h * w == 0:
         raise ValueError(f"images are empty (size {h} x {w}).")
