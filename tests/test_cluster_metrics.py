@@ -85,6 +85,10 @@ def test_silhouette_labels_of_any_kind_and_singletons():
     want = skm.silhouette_samples(X, names)
     assert want[5] == 0.0
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    far = torch.from_numpy(y * 10**9 - 7)  # a wide range of tensor labels
+    np.testing.assert_allclose(
+        silhouette_samples(X, far), skm.silhouette_samples(X, y), atol=1e-12
+    )
     shifted = y - 1  # negative labels of 1-D labels are clusters, as sklearn
     assert silhouette_score(X, shifted, device="cpu") == pytest.approx(
         skm.silhouette_score(X, shifted), abs=1e-12
@@ -377,3 +381,38 @@ def test_ece_bad_input():
         expected_calibration_error(Y, PROBA * 3 - 1)
     with pytest.raises(ValueError, match="no labelled pixels"):
         expected_calibration_error(np.full(7, -1), PROBA)
+
+
+# --------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# --------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_matches_sklearn_and_keeps_tensors_on_device():
+    maps, labels = _maps(2)
+    Xc, yc = torch.from_numpy(maps).cuda(), torch.from_numpy(labels).cuda()
+    tokens = maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1]).astype(np.float64)
+    flat = labels.reshape(-1)
+    values = silhouette_samples(Xc, yc, chunk_size=7, device="cuda")
+    assert values.is_cuda and tuple(values.shape) == labels.shape
+    np.testing.assert_allclose(
+        values.cpu().numpy().reshape(-1),
+        skm.silhouette_samples(tokens, flat),
+        atol=2e-5,
+    )
+    assert silhouette_score(maps, labels, metric="cosine", device="cuda") == (
+        pytest.approx(skm.silhouette_score(tokens, flat, metric="cosine"), abs=2e-5)
+    )
+    assert davies_bouldin_score(Xc, yc) == pytest.approx(
+        skm.davies_bouldin_score(tokens, flat), rel=1e-6
+    )
+    assert calinski_harabasz_score(maps, labels, device="cuda") == pytest.approx(
+        skm.calinski_harabasz_score(tokens, flat), rel=1e-6
+    )
+    other = (yc + 1) % 3
+    result = clustering_stability([yc, other, labels])
+    assert result["pairwise"][0, 2] == 1.0
+    assert result["pairwise"][0, 1] == pytest.approx(1.0)  # renamed clusters
+    proba = torch.from_numpy(PROBA).cuda()
+    assert expected_calibration_error(torch.from_numpy(Y).cuda(), proba, n_bins=3) == (
+        pytest.approx(0.8 / 6)
+    )
