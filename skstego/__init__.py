@@ -13,12 +13,14 @@ returns NumPy for NumPy input, torch for torch input.
 """
 
 from .features import DinoFeaturizer
+from .postprocess import DenseCRF, crf_refine
 from .probes import HNNEClusterProbe, KMeansProbe, LinearProbe
 from .projection import HNNEProjector, RandomProjection, StegoProjector, TorchPCA
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DenseCRF",
     "DinoFeaturizer",
     "HNNEClusterProbe",
     "HNNEProjector",
@@ -28,4 +30,5 @@ __all__ = [
     "StegoProjector",
     "TorchPCA",
     "__version__",
+    "crf_refine",
 ]

@@ -32,6 +32,9 @@ NOT_CHECKED: dict[str, str] = {
     # generic checks feed; tests/test_featurizer.py checks clone, params,
     # fit-returns-self, no mutation in __init__ and pickling.
     "DinoFeaturizer": "images in, not 2-D features",
+    # A post-processor without fit: refine(images, probabilities);
+    # tests/test_postprocess.py checks params, clone, repr and no mutation.
+    "DenseCRF": "no fit: refines (images, probabilities) pairs",
 }
 
 # Checks expected to fail, each with its reason. Aim: none.
