@@ -8,6 +8,8 @@
   :func:`skstego.metrics.segmentation_report`;
 * :func:`plot_dimension_sweep` draws the study's figure: a score against the
   reduced dimension, one line per reducer, mean and spread over seeds;
+* :func:`plot_mechanisms` puts the study's two mechanisms (k-means
+  convergence, cluster quality and seed stability) next to mIoU, per dim;
 * :func:`plot_reliability_diagram` compares confidence with accuracy.
 
 Every function accepts NumPy arrays or torch tensors (on any device), takes
@@ -44,6 +46,7 @@ __all__ = [
     "plot_class_iou",
     "plot_confusion_matrix",
     "plot_dimension_sweep",
+    "plot_mechanisms",
     "plot_palette",
     "plot_reliability_diagram",
     "plot_segmentation",
@@ -775,6 +778,138 @@ def plot_dimension_sweep(
         axi.legend(fontsize="small")
     axes[0].set_ylabel(_METRIC_LABELS.get(metric, metric))
     return axes[0] if len(axes) == 1 else fig
+
+
+_MECHANISM_LABELS = {
+    "miou": "mIoU (%)",
+    "accuracy": "Pixel accuracy (%)",
+    "n_iter": "k-means iterations to converge",
+    "inertia": "k-means inertia (train)",
+    "silhouette": "Silhouette (test)",
+    "davies_bouldin": "Davies-Bouldin (test, lower is better)",
+    "stability_ari": "Seed stability (ARI)",
+    "ece": "ECE (test)",
+}
+
+#: The panels :func:`plot_mechanisms` draws by default.
+MECHANISM_PANELS = ("miou", "n_iter", "inertia", "silhouette", "stability_ari")
+
+
+def plot_mechanisms(
+    results: Any,
+    *,
+    probe: str | None = None,
+    columns: Sequence[str] = MECHANISM_PANELS,
+    errorbar: str | None = "sd",
+    logx: bool = True,
+    axes: Any = None,
+) -> Figure:
+    """The study's two mechanisms against the dimension, next to mIoU.
+
+    One panel per column of ``run_sweep(..., mechanisms=True)``'s table,
+    one line per reducer (mean over seeds, band for the spread), each drawn
+    by :func:`plot_dimension_sweep`: by default mIoU, k-means iterations to
+    converge and inertia (mechanism 1: k-means converges better in fewer
+    dimensions), silhouette and seed stability (mechanism 2: the codes form
+    more distinct, reproducible clusters). Columns missing from
+    ``results`` or without a number for ``probe`` (e.g. stability with one
+    seed) are left out.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame or list of dict
+        The table of :func:`skstego.study.run_sweep` with ``mechanisms=True``.
+    probe : str, optional
+        Probe whose rows are drawn; default: the first with a number in
+        ``n_iter`` (a cluster probe), else the first probe.
+    columns : sequence of str, default=MECHANISM_PANELS
+        Columns to draw, one panel each, in order.
+    errorbar : {"sd", "minmax", None}, default="sd"
+        As :func:`plot_dimension_sweep`.
+    logx : bool, default=True
+        Log2 x axis with the dimensions as tick labels.
+    axes : sequence of matplotlib Axes, optional
+        One Axes per panel drawn; a new figure (one row) when None.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Its panels' titles are the columns drawn; each panel's ``lines``
+        hold one mean line per reducer.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from skstego.plotting import plot_mechanisms
+    >>> rows = [{"reducer": r, "dim": d, "probe": "kmeans", "seed": s,
+    ...          "miou": 0.5 - 0.01 * d, "n_iter": 5 + d, "inertia": 10.0 * d,
+    ...          "silhouette": 0.4 - 0.01 * d, "stability_ari": 0.9}
+    ...         for r in ("PCA", "RP") for d in (4, 8, 16) for s in (0, 1)]
+    >>> fig = plot_mechanisms(rows)
+    >>> [ax.get_title() for ax in fig.axes]
+    ['miou', 'n_iter', 'inertia', 'silhouette', 'stability_ari']
+    >>> fig.axes[1].lines[0].get_ydata().tolist()
+    [9.0, 13.0, 21.0]
+    """
+    import pandas as pd
+
+    df = results if isinstance(results, pd.DataFrame) else pd.DataFrame(results)
+    if isinstance(columns, str):
+        columns = [columns]
+    missing = [c for c in ("reducer", "dim", "probe", "seed") if c not in df]
+    if missing:
+        raise ValueError(
+            f"results lacks the column(s) {missing}; expected the table of "
+            f"skstego.study.run_sweep (got {list(df.columns)})."
+        )
+    if df.empty:
+        raise ValueError("results has no rows.")
+    probes = list(pd.unique(df["probe"]))
+    if probe is None:
+        probe = probes[0]
+        if "n_iter" in df:
+            iters = pd.to_numeric(df["n_iter"], errors="coerce")
+            clustered = df["probe"][iters.notna()]
+            probe = clustered.iloc[0] if len(clustered) else probe
+    elif probe not in probes:
+        raise ValueError(f"probe={probe!r} is not in results; found {probes}.")
+    rows = df[df["probe"] == probe]
+    drawn = [
+        c
+        for c in columns
+        if c in rows and pd.to_numeric(rows[c], errors="coerce").notna().any()
+    ]
+    if not drawn:
+        raise ValueError(
+            f"results hold no numbers in {list(columns)} for probe {probe!r}: run "
+            "run_sweep(..., mechanisms=True) and pick a cluster probe."
+        )
+    if axes is None:
+        fig, grid = _pyplot().subplots(
+            1, len(drawn), figsize=(3.6 * len(drawn), 3.4), squeeze=False
+        )
+        axes = list(grid.ravel())
+    else:
+        axes = list(np.ravel(np.asarray(axes, dtype=object)))
+        if len(axes) != len(drawn):
+            raise ValueError(
+                f"{len(drawn)} panels to draw ({drawn}) but got {len(axes)} Axes."
+            )
+        fig = axes[0].figure
+    for axi, column in zip(axes, drawn, strict=True):
+        plot_dimension_sweep(
+            rows, metric=column, probe=probe, ax=axi, errorbar=errorbar, logx=logx
+        )
+        axi.set_title(column)
+        axi.set_ylabel(_MECHANISM_LABELS.get(column, column))
+        if axi is not axes[0]:
+            legend = axi.get_legend()
+            if legend is not None:
+                legend.remove()
+    fig.suptitle(f"probe {probe}: mIoU and the two mechanisms against the dim")
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from skstego.plotting import (
     plot_class_iou,
     plot_confusion_matrix,
     plot_dimension_sweep,
+    plot_mechanisms,
     plot_palette,
     plot_reliability_diagram,
     plot_segmentation,
@@ -370,6 +371,68 @@ def test_plot_dimension_sweep_one_subplot_per_probe_minmax(tmp_path):
                 100 * stats.loc[reducer, "max"].to_numpy(),
             )
         assert ax.get_xscale() == "linear"
+    render(fig, tmp_path)
+
+
+# --------------------------------------------------------------------------
+# plot_mechanisms
+# --------------------------------------------------------------------------
+def mechanism_results(seeds=(0, 1, 2)):
+    """A sweep table as run_sweep(..., mechanisms=True) writes it: cluster
+    columns for k-means, NaN for the linear probe, stability NaN at seed 0."""
+    df = sweep_results()
+    df = df[df["seed"].isin(seeds)].copy()
+    rng = np.random.default_rng(4)
+    kmeans = df["probe"] == "kmeans"
+    for column, low, high in (
+        ("n_iter", 3, 40),
+        ("inertia", 10.0, 500.0),
+        ("silhouette", -0.2, 0.8),
+        ("stability_ari", 0.2, 1.0),
+    ):
+        df[column] = np.where(kmeans, rng.uniform(low, high, len(df)), np.nan)
+    df["ece"] = rng.uniform(0.0, 0.3, len(df))  # every probe has probabilities
+    df.loc[df["seed"] == 0, "stability_ari"] = np.nan
+    df["inertia_curve"] = "[]"
+    return df
+
+
+def test_plot_mechanisms_panels_are_groupby_means(tmp_path):
+    df = mechanism_results()
+    fig = plot_mechanisms(df)  # the cluster probe (the one with n_iter)
+    titles = ["miou", "n_iter", "inertia", "silhouette", "stability_ari"]
+    assert [ax.get_title() for ax in fig.axes] == titles
+    sub = df[df["probe"] == "kmeans"]
+    for ax, column in zip(fig.axes, titles, strict=True):
+        means = sub.groupby(["reducer", "dim"])[column].mean()  # NaN skipped
+        scale = 100 if column == "miou" else 1
+        assert [line.get_label() for line in ax.lines] == ["PCA", "RP", "STEGO"]
+        for line in ax.lines:
+            np.testing.assert_array_equal(line.get_xdata(), [8, 32, 128])
+            np.testing.assert_allclose(
+                line.get_ydata(), scale * means[line.get_label()].to_numpy()
+            )
+    assert fig.axes[0].get_legend() is not None  # one legend, on the first
+    assert all(ax.get_legend() is None for ax in fig.axes[1:])
+    assert fig.axes[1].get_ylabel() == "k-means iterations to converge"
+    render(fig, tmp_path)
+
+
+def test_plot_mechanisms_leaves_out_what_has_no_numbers(tmp_path):
+    one_seed = mechanism_results(seeds=(0,)).drop(columns="inertia")
+    _, axes = plt.subplots(1, 3)
+    fig = plot_mechanisms(one_seed, axes=axes)  # no inertia, stability all NaN
+    assert [ax.get_title() for ax in fig.axes] == ["miou", "n_iter", "silhouette"]
+    linear = plot_mechanisms(mechanism_results(), probe="linear", columns=["ece"])
+    with pytest.raises(ValueError, match="no numbers"):
+        plot_mechanisms(mechanism_results(), probe="linear", columns=["n_iter"])
+    assert [ax.get_title() for ax in linear.axes] == ["ece"]
+    with pytest.raises(ValueError, match="probe='svm' is not in results"):
+        plot_mechanisms(mechanism_results(), probe="svm")
+    with pytest.raises(ValueError, match="lacks the column"):
+        plot_mechanisms(mechanism_results().drop(columns="dim"))
+    with pytest.raises(ValueError, match="5 panels to draw"):
+        plot_mechanisms(mechanism_results(), axes=axes)
     render(fig, tmp_path)
 
 
