@@ -158,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
         "images themselves (unsupervised) and predict them; the fitted model "
         "is saved as OUT/pipeline.skstego. With --pipeline, only predict. "
         "Writes OUT/<name>_label.png (palette PNG of class ids, 255 = none), "
-        "OUT/<name>_overlay.png and OUT/summary.csv / summary.json. Images "
-        "whose two PNGs exist are skipped (--overwrite redoes them). "
+        "OUT/<name>_overlay.png and OUT/summary.csv / summary.json (with "
+        "--confidence also OUT/<name>_confidence.png and OUT/<name>_margin.png). "
+        "Images whose PNGs exist are skipped (--overwrite redoes them). "
         "Outputs have the size of the input images.",
         epilog=EPILOG,
         formatter_class=fmt,
@@ -187,6 +188,14 @@ def _parser() -> argparse.ArgumentParser:
         "--crf",
         action="store_true",
         help="refine with a dense CRF (skstego.postprocess.crf_refine)",
+    )
+    seg.add_argument(
+        "--confidence",
+        action="store_true",
+        help="also write <name>_confidence.png (the top class probability of "
+        "each pixel, x255 as 8-bit grey) and <name>_margin.png (top-1 minus "
+        "top-2 probability), from the probe's predict_proba (after --crf), "
+        "and each image's mean confidence in the summary",
     )
     seg.add_argument(
         "--alpha",
@@ -421,6 +430,9 @@ class _Item:
         self.classes: list[int] = []
         self.label_path = ""
         self.overlay_path = ""
+        self.confidence_path = ""
+        self.margin_path = ""
+        self.mean_confidence: float | None = None
 
 
 def _collect(
@@ -483,6 +495,8 @@ def _assign_outputs(items: list[_Item], out: Path) -> None:
             taken[base] = item.path
             item.label_path = str(out / f"{base}_label.png")
             item.overlay_path = str(out / f"{base}_overlay.png")
+            item.confidence_path = str(out / f"{base}_confidence.png")
+            item.margin_path = str(out / f"{base}_margin.png")
 
 
 def _image_size(path: str) -> tuple[int, int] | None:
@@ -647,11 +661,9 @@ def _probabilities(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> Any:
     return np.asarray(probe.predict_proba(codes, size=size), dtype=np.float32)
 
 
-def _crf_labels(
-    probe: Any, codes: np.ndarray, images: np.ndarray, crf: Callable
-) -> np.ndarray:
-    proba = _probabilities(probe, codes, tuple(images.shape[1:3]))
-    ids = np.asarray(crf(images, proba)).argmax(1)
+def _proba_labels(probe: Any, proba: np.ndarray) -> np.ndarray:
+    """Label maps from the argmax of (N, K, H, W) probabilities."""
+    ids = proba.argmax(1)
     if hasattr(probe, "mapping_"):
         # columns are classes, then the mass of unmatched clusters (-1)
         return np.where(ids < probe.n_classes_, ids, -1)
@@ -713,6 +725,42 @@ def _write_outputs(
     item.classes = sorted(int(c) for c in np.unique(labels[valid]))
 
 
+def _grey(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as 8-bit grey levels: ``rint(255 * v)``."""
+    return np.clip(np.rint(255.0 * values.astype(np.float64)), 0, 255).astype(np.uint8)
+
+
+def _top_two(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and second largest probability of each pixel of (K, H, W)."""
+    k = proba.shape[0]
+    if k == 1:
+        return proba[0], np.zeros_like(proba[0])
+    part = np.partition(proba, (k - 2, k - 1), axis=0)
+    return part[k - 1], part[k - 2]
+
+
+def _write_confidence(item: _Item, proba: np.ndarray) -> None:
+    """``<name>_confidence.png`` (top-1) and ``<name>_margin.png`` (top-1 minus
+    top-2) as grey PNGs; the mean top-1 probability goes to the summary."""
+    from PIL import Image
+
+    top1, top2 = _top_two(np.asarray(proba, dtype=np.float32))
+    _save_png(Image.fromarray(_grey(top1), mode="L"), item.confidence_path)
+    _save_png(Image.fromarray(_grey(top1 - top2), mode="L"), item.margin_path)
+    item.mean_confidence = float(top1.mean(dtype=np.float64))
+
+
+def _stored_confidence(path: str) -> float | None:
+    """Mean confidence of an image done earlier, from its (quantised) PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return float(np.asarray(img, dtype=np.float64).mean() / 255.0)
+    except Exception:
+        return None
+
+
 def _classes_in(label_png: str) -> list[int]:
     from PIL import Image
 
@@ -724,9 +772,10 @@ def _classes_in(label_png: str) -> list[int]:
     return [int(v) for v in values if v != IGNORE_VALUE]
 
 
-def _write_summary(items: list[_Item], out: Path) -> None:
-    rows = [
-        {
+def _write_summary(items: list[_Item], out: Path, confidence: bool = False) -> None:
+    rows = []
+    for item in items:
+        row = {
             "image": item.path,
             "label": item.label_path,
             "overlay": item.overlay_path,
@@ -734,8 +783,11 @@ def _write_summary(items: list[_Item], out: Path) -> None:
             "classes": item.classes,
             "error": item.error,
         }
-        for item in items
-    ]
+        if confidence:
+            row["confidence"] = item.confidence_path
+            row["margin"] = item.margin_path
+            row["mean_confidence"] = item.mean_confidence
+        rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "summary.json", "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
@@ -743,7 +795,10 @@ def _write_summary(items: list[_Item], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image"])
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "classes": " ".join(map(str, row["classes"]))})
+            row = {**row, "classes": " ".join(map(str, row["classes"]))}
+            if row.get("mean_confidence") is None:
+                row.pop("mean_confidence", None)  # an empty cell
+            writer.writerow(row)
 
 
 def _progress(total: int, desc: str, quiet: bool) -> Any:
@@ -823,10 +878,15 @@ def _segment(args: argparse.Namespace) -> int:
 
     pending = []
     for item in items:
-        done = os.path.isfile(item.label_path) and os.path.isfile(item.overlay_path)
+        outputs = [item.label_path, item.overlay_path]
+        if args.confidence:
+            outputs += [item.confidence_path, item.margin_path]
+        done = all(os.path.isfile(path) for path in outputs)
         if done and not args.overwrite:
             item.status = "skipped"
             item.classes = _classes_in(item.label_path)
+            if args.confidence:
+                item.mean_confidence = _stored_confidence(item.confidence_path)
         else:
             pending.append(item)
 
@@ -875,10 +935,15 @@ def _segment(args: argparse.Namespace) -> int:
             _save_pipeline(featurizer, reducer, probe, resolution, model_path)
             if not args.quiet:
                 print(f"saved the fitted model as {model_path}", file=sys.stderr)
+        if args.confidence and not hasattr(probe, "predict_proba"):
+            raise UsageError(
+                f"--confidence needs a probe with predict_proba; the model's probe "
+                f"is a {type(probe).__name__}. Leave out --confidence."
+            )
         _predict_items(featurizer, reducer, probe, pending, args, chunk, crf)
 
     everything = items + missing
-    _write_summary(everything, out)
+    _write_summary(everything, out, confidence=args.confidence)
     failed = [item for item in everything if item.status == "failed"]
     ok = sum(item.status == "ok" for item in everything)
     skipped = sum(item.status == "skipped" for item in everything)
@@ -978,13 +1043,17 @@ def _predict_items(
             for i, (item, image) in enumerate(zip(group, images, strict=True)):
                 try:
                     size = tuple(image.shape[:2])
-                    if crf is None:
-                        labels = _predict(probe, codes[i : i + 1], size)[0]
+                    proba = None
+                    if crf is not None or args.confidence:
+                        proba = _probabilities(probe, codes[i : i + 1], size)
+                    if crf is not None:
+                        proba = np.asarray(crf(image[None], proba))
+                        labels = _proba_labels(probe, proba)[0]
                     else:
-                        labels = _crf_labels(probe, codes[i : i + 1], image[None], crf)[
-                            0
-                        ]
+                        labels = _predict(probe, codes[i : i + 1], size)[0]
                     _write_outputs(item, image, labels, palette, args.alpha)
+                    if args.confidence:
+                        _write_confidence(item, proba[0])
                     item.status, item.error = "ok", ""
                 except (OSError, ValueError, RuntimeError) as exc:
                     _fail(item, exc)

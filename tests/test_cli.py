@@ -282,6 +282,84 @@ def test_crf_gets_softmax_of_twice_the_cosine_similarities(
     np.testing.assert_array_equal(written, 2 - expected.argmax(1)[0])
 
 
+def _grey_levels(values):
+    """The quantisation the CLI promises: round(255 * v) as uint8."""
+    return np.clip(np.round(255.0 * values), 0, 255).astype(np.uint8)
+
+
+def test_confidence_maps_are_the_quantised_predict_proba(
+    scenes, tmp_path, fitted_model
+):
+    root, images, _ = scenes
+    out = tmp_path / "out"
+    args = ["segment", str(root / "imgs"), "--out", str(out), "--confidence"]
+    assert main([*args, "--pipeline", str(fitted_model), *RUN]) == 0
+
+    pipe = load(fitted_model)
+    codes = pipe[1].transform(_featurizer().transform(images))
+    proba = pipe[-1].predict_proba(codes, size=images.shape[1:3])
+    ranked = np.sort(proba.astype(np.float64), axis=1)
+    top1, top2 = ranked[:, -1], ranked[:, -2]
+    with open(out / "summary.json") as f:
+        rows = {os.path.basename(r["image"]): r for r in json.load(f)}
+    for i in range(N_IMAGES):
+        mode, conf, _ = _read_png(out / "imgs" / f"scene{i}_confidence.png")
+        _, margin, _ = _read_png(out / "imgs" / f"scene{i}_margin.png")
+        assert mode == "L" and conf.shape == images.shape[1:3]
+        # float32 noise may move a value across a rounding boundary: 1 level
+        diff = np.abs(conf.astype(int) - _grey_levels(top1[i]))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+        diff = np.abs(margin.astype(int) - _grey_levels(top1[i] - top2[i]))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+        row = rows[f"scene{i}.png"]
+        assert row["mean_confidence"] == pytest.approx(top1[i].mean(), abs=1e-5)
+        assert row["confidence"].endswith(f"scene{i}_confidence.png")
+    with open(out / "summary.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert float(csv_rows[0]["mean_confidence"]) == pytest.approx(
+        rows[os.path.basename(csv_rows[0]["image"])]["mean_confidence"]
+    )
+
+    # a rerun skips the images and reads their confidence back from the PNGs
+    (out / "imgs" / "scene1_margin.png").unlink()  # redone: an output is missing
+    assert main([*args, "--pipeline", str(fitted_model), *RUN]) == 0
+    with open(out / "summary.json") as f:
+        rows = {os.path.basename(r["image"]): r for r in json.load(f)}
+    assert rows["scene1.png"]["status"] == "ok"
+    assert rows["scene0.png"]["status"] == "skipped"
+    assert rows["scene0.png"]["mean_confidence"] == pytest.approx(
+        top1[0].mean(), abs=1 / 255
+    )
+
+
+def test_confidence_comes_after_the_crf(scenes, tmp_path, fitted_model, monkeypatch):
+    postprocess = pytest.importorskip("skstego.postprocess")
+
+    def sharpening_crf(images, proba, **kwargs):
+        sharp = proba.astype(np.float64) ** 3
+        return (sharp / sharp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    monkeypatch.setattr(postprocess, "crf_refine", sharpening_crf)
+    _, images, _ = scenes
+    image = np.ascontiguousarray(images[2][:24, :32])
+    Image.fromarray(image).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "small.png"), "--out", str(out)]
+    flags = ["--pipeline", str(fitted_model), "--crf", "--confidence", *RUN]
+    assert main([*args, *flags]) == 0
+
+    pipe = load(fitted_model)
+    codes = pipe[1].transform(_featurizer().transform(image[None]))
+    refined = sharpening_crf(None, pipe[-1].predict_proba(codes, size=(24, 32)))[0]
+    ranked = np.sort(refined.astype(np.float64), axis=0)
+    _, conf, _ = _read_png(out / "small_confidence.png")
+    _, margin, _ = _read_png(out / "small_margin.png")
+    np.testing.assert_allclose(conf, _grey_levels(ranked[-1]), atol=1)
+    np.testing.assert_allclose(margin, _grey_levels(ranked[-1] - ranked[-2]), atol=1)
+    _, written, _ = _read_png(out / "small_label.png")
+    np.testing.assert_array_equal(written, refined.argmax(0))
+
+
 # --------------------------------------------------------------------------
 # fit and evaluate
 # --------------------------------------------------------------------------
