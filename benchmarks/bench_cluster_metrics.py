@@ -55,7 +55,8 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
 def row(name: str, t_sk: float, t_ours: float, s_sk: float, s_ours: float) -> None:
     print(
         f"{name:<28} sklearn {t_sk:8.3f} s   skstego {t_ours:8.3f} s   "
-        f"ratio {t_sk / t_ours:7.1f}x   |diff| {abs(s_sk - s_ours):.1e}"
+        f"ratio {t_sk / t_ours:5.1f}x   score {s_sk:.6g}, rel. diff "
+        f"{abs(s_sk - s_ours) / abs(s_sk):.1e}"
     )
 
 
