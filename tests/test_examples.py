@@ -62,3 +62,38 @@ def test_quickstart_rejects_a_missing_folder(tmp_path):
     )
     assert result.returncode != 0
     assert "not a directory" in result.stderr
+
+
+def test_plot_mechanisms_quick_writes_the_mechanism_table_and_figure(tmp_path):
+    import pandas as pd
+
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "plot_mechanisms.py"),
+            "--quick",
+            "--out",
+            str(tmp_path / "figs"),
+            "--cache",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for column in ("n_iter", "silhouette", "stability_ari", "ece"):
+        assert column in result.stdout
+    assert "1. k-means on the raw 96-d features" in result.stdout
+    png = np.asarray(Image.open(tmp_path / "figs" / "sweep_mechanisms.png"))
+    assert png.ndim == 3 and png.std() > 0
+    # the printed table is the cached sweep's: 4 reducers' cells x 2 probes x 2 seeds
+    results = pd.read_csv(cache / "results.csv")
+    mechanisms = pd.read_csv(cache / "mechanisms.csv")
+    assert len(results) == len(mechanisms) == (3 * 3 + 1) * 2 * 2
+    kmeans = mechanisms[mechanisms.probe == "kmeans"]
+    assert kmeans.n_iter.ge(1).all() and kmeans.silhouette.between(-1, 1).all()
+    assert kmeans[kmeans.seed == 1].stability_ari.notna().all()
+    assert mechanisms.ece.between(0, 1).all()
