@@ -565,3 +565,16 @@ def test_inertia_curve_of_the_faiss_backend(digits):
         assert curve.shape == (8,) and np.isfinite(curve).all()
         assert np.all(np.diff(curve) <= 1e-4 * curve[0])
         assert curve[-1] == pytest.approx(probe.inertia_, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_cuda_inertia_curve_matches_cpu(maps, metric):
+    X, _ = maps
+    init = X.transpose(0, 2, 3, 1).reshape(-1, X.shape[1])[::37][:3]
+    kw = dict(k=3, metric=metric, init=init, max_iter=20)
+    cpu = KMeansProbe(device="cpu", **kw).fit(X)
+    gpu = KMeansProbe(device="cuda", **kw).fit(torch.from_numpy(X))
+    assert isinstance(gpu.inertia_curve_, np.ndarray)
+    np.testing.assert_allclose(gpu.inertia_curve_, cpu.inertia_curve_, rtol=1e-4)
+    assert gpu.inertia_curve_[-1] == pytest.approx(gpu.inertia_, rel=1e-6)

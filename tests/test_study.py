@@ -437,3 +437,26 @@ def test_save_sweep_figures_draws_the_mechanisms(data, tmp_path):
         "mechanisms" in p
         for p in save_sweep_figures(table, tmp_path / "b", mechanisms=False)
     )
+
+
+@pytest.mark.gpu
+def test_mechanisms_on_cuda_match_cpu(mech_data):
+    import torch
+
+    X_train, y_train, X_test, y_test = mech_data
+    # CUDA and CPU generators differ: start k-means from given centroids
+    codes = TorchPCA(3, standardize=True, device="cpu").fit_transform(X_train)
+    init = _tokens(codes)[::31][:5]
+    kwargs = dict(
+        reducers=["pca"],
+        dims=[3],
+        probes={"km": KMeansProbe(k=5, init=init)},
+        seeds=[0, 1],
+        mechanisms=True,
+        silhouette_sample_size=60,
+    )
+    cpu = run_sweep(X_train, y_train, X_test, y_test, device="cpu", **kwargs)
+    tensors = [torch.from_numpy(a).cuda() for a in (X_train, y_train, X_test, y_test)]
+    gpu = run_sweep(*tensors, device="cuda", **kwargs)
+    cols = ["miou", "n_iter", "silhouette", "davies_bouldin", "ece", "stability_ari"]
+    pd.testing.assert_frame_equal(gpu[cols], cpu[cols], atol=1e-4, check_dtype=False)
