@@ -249,3 +249,23 @@ def test_cuda_matches_cpu(feature_maps):
     assert out.is_cuda
     np.testing.assert_array_equal(out.cpu().numpy(), cpu.predict(X, size=y.shape[-2:]))
     assert gpu.score(X, y) == pytest.approx(cpu.score(X, y))
+
+
+def test_predict_proba_is_a_softmax_over_the_level_centroids():
+    X = load_digits().data.astype(np.float32)[:300]
+    y = load_digits().target[:300]
+    probe = HNNEClusterProbe(k=10, device="cpu", random_state=0).fit(X)
+    proba = probe.predict_proba(X)
+    xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    z = xn @ probe.cluster_centers_.T.astype(np.float64) / 0.5
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(proba, z / z.sum(axis=1, keepdims=True), atol=1e-4)
+    assert np.array_equal(proba.argmax(axis=1), probe.predict(X))
+    # fitted with labels: columns are classes (+ the unmatched clusters' mass)
+    mapped = HNNEClusterProbe(k=10, device="cpu", random_state=0).fit(X, y)
+    cols = mapped.predict_proba(X)
+    np.testing.assert_allclose(cols.sum(axis=1), 1.0, rtol=1e-5)
+    matched = mapped.mapping_ >= 0
+    np.testing.assert_allclose(
+        cols[:, mapped.mapping_[matched]], proba[:, matched], atol=1e-6
+    )

@@ -10,25 +10,26 @@ nearest centroid of that level. Matching and scoring are KMeansProbe's.
 from __future__ import annotations
 
 import warnings
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 
 from .._device import TorchEstimatorMixin, check_features, is_torch, resolve_device
-from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
+from ..metrics import confusion_matrix, hungarian_match
 from ..projection._hnne import hnne_seed, new_hnne, sample_tokens
 from ._base import check_targets, predict_labels, scored_confusion
-from ._kmeans import KMeansProbe, _n_valid_classes, _normalize_rows
+from ._centroid import CentroidProbeMixin, _n_valid_classes, _normalize_rows
 
 __all__ = ["HNNEClusterProbe"]
 
 
-class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
+class HNNEClusterProbe(
+    CentroidProbeMixin, ClusterMixin, TorchEstimatorMixin, BaseEstimator
+):
     """Cluster probe from h-NNE's FINCH hierarchy, Hungarian-matched to classes.
 
     ``fit`` builds the FINCH hierarchy that :class:`hnne.HNNE` builds (a
@@ -66,6 +67,11 @@ class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
         (drawn from ``random_state``); None uses all. FINCH uses exact first
         neighbours (an n x n distance matrix) up to hnne's ``ann_threshold``
         of 20 000 tokens, approximate ones (pynndescent) above.
+
+    temperature : float, default=0.5
+        Softness of :meth:`predict_proba`, as in :class:`KMeansProbe`: a
+        softmax of the cosine similarities (or negative squared distances)
+        to the centroids divided by ``temperature``.
 
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where centroids, predictions and scores are computed; the hierarchy
@@ -165,6 +171,7 @@ class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
         "level": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "metric": [StrOptions({"cosine", "euclidean"})],
         "max_fit_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -177,6 +184,7 @@ class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
         level: str | int = "auto",
         metric: str = "cosine",
         max_fit_samples: int | None = 1_000_000,
+        temperature: float = 0.5,
         device: str | torch.device | None = "auto",
         random_state: Any = None,
         verbose: bool = False,
@@ -185,6 +193,7 @@ class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
         self.level = level
         self.metric = metric
         self.max_fit_samples = max_fit_samples
+        self.temperature = temperature
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -254,7 +263,9 @@ class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
         if idx is None:
             labels = partition
         else:  # nearest centroid for all, FINCH's own clusters where known
-            labels = self._predict_ids(X, device).reshape(-1)
+            labels = predict_labels(
+                self._scorer(device), X, device=device, n_outputs=n_clusters
+            ).reshape(-1)
             labels = (labels.cpu().numpy() if is_torch(labels) else labels).copy()
             labels[idx] = partition
         if X.ndim == 4:
@@ -309,136 +320,3 @@ class HNNEClusterProbe(ClusterMixin, TorchEstimatorMixin, BaseEstimator):
                 stacklevel=3,
             )
         return level
-
-    # ------------------------------------------------------------ inference
-
-    #: Token scores (m, C) -> (m, n_clusters) to maximise, as KMeansProbe's.
-    _scorer = KMeansProbe._scorer
-
-    def _check_X(self, X: Any) -> Any:
-        check_is_fitted(self)
-        return check_features(self, X, reset=False)
-
-    def _predict_ids(self, X: Any, device: torch.device, size=None, label_fn=None):
-        return predict_labels(
-            self._scorer(device),
-            X,
-            device=device,
-            n_outputs=self.n_clusters_,
-            size=size,
-            label_fn=label_fn,
-        )
-
-    def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
-        """Class (when fitted with ``y``) or cluster of every token.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        size : tuple of (int, int), default=None
-            For maps only: upsample the cluster scores bilinearly to (H, W)
-            before the argmax.
-
-        Returns
-        -------
-        labels : ndarray or torch.Tensor of int64, shape (n_samples,), (N, h, w) \
-                or (N, H, W)
-            Class ids through ``mapping_`` (-1 for unmatched clusters) when
-            ``fit`` got ``y``, else the nearest cluster. NumPy for NumPy
-            input, torch on the estimator's device for torch input.
-        """
-        X = self._check_X(X)
-        if size is not None and X.ndim != 4:
-            raise ValueError("size only applies to 4-D maps (N, C, h, w).")
-        device = self._resolved_device()
-        label_fn = None
-        if hasattr(self, "mapping_"):
-            label_fn = self._tensor("mapping_", device, torch.int64).__getitem__
-        return self._predict_ids(X, device, size=size, label_fn=label_fn)
-
-    def fit_predict(self, X: Any, y: Any = None) -> Any:
-        """Fit, then return the training clusters (or their classes).
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        y : array-like or torch.Tensor of int, default=None
-            Optional labels, as in :meth:`fit`.
-
-        Returns
-        -------
-        labels : ndarray or torch.Tensor of int64, shape (n_samples,) or (N, h, w)
-            ``labels_`` without ``y``; their classes (``mapping_[labels_]``)
-            with ``y``.
-        """
-        self.fit(X, y)
-        labels = self.labels_
-        if hasattr(self, "mapping_"):
-            labels = self.mapping_[labels]
-        if is_torch(X):
-            return torch.from_numpy(labels).to(self._resolved_device())
-        return labels
-
-    def score_report(self, X: Any, y: Any) -> dict[str, Any]:
-        """All scores of the unsupervised protocol on ``(X, y)``.
-
-        Clusters are matched to classes by the Hungarian algorithm on the
-        confusion matrix of ``(X, y)`` itself; ``mapping_`` is not used.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        y : array-like or torch.Tensor of int
-            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
-            ignored.
-
-        Returns
-        -------
-        report : dict
-            As :func:`skstego.metrics.segmentation_report`: ``miou``,
-            ``accuracy``, per-class ``iou``, ``precision``, ``recall``,
-            ``support``, the ``confusion`` (n_classes, n_clusters_) and the
-            ``mapping``. Pixels of unmatched clusters count as errors.
-        """
-        X = self._check_X(X)
-        y = check_targets(X, y)
-        device = self._resolved_device()
-        n_classes = max(_n_valid_classes(y), getattr(self, "n_classes_", 0), 1)
-        conf = scored_confusion(
-            self._scorer(device),
-            X,
-            y,
-            device=device,
-            n_outputs=self.n_clusters_,
-            n_classes=n_classes,
-        )
-        return report_from_confusion(conf, matching="hungarian")
-
-    def score(self, X: Any, y: Any, *, metric: str = "miou") -> float:
-        """Mean IoU (or pixel accuracy) under Hungarian matching on ``(X, y)``.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        y : array-like or torch.Tensor of int
-            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
-            ignored.
-        metric : {"miou", "accuracy"}, default="miou"
-            Score returned; both are fractions in [0, 1], greater is better.
-
-        Returns
-        -------
-        score : float
-            See :meth:`score_report`.
-        """
-        if metric not in ("miou", "accuracy"):
-            raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
-        return float(self.score_report(X, y)[metric])

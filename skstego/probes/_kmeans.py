@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,
@@ -27,7 +26,6 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from .._device import (
@@ -43,8 +41,14 @@ from .._device import (
     resolve_device,
     rows_per_batch,
 )
-from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
-from ._base import check_targets, predict_labels, score_maps, scored_confusion
+from ..metrics import confusion_matrix, hungarian_match
+from ._base import check_targets, scored_confusion
+from ._centroid import (
+    CentroidProbeMixin,
+    _n_valid_classes,
+    _normalize_rows,
+    _similarity,
+)
 
 __all__ = ["KMeansProbe"]
 
@@ -65,20 +69,6 @@ _GPU_BLOCK_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 def _chunk_rows(device: torch.device, k: int, n_features: int) -> int:
     budget = _GPU_BLOCK_ELEMENTS if device.type == "cuda" else _CPU_BLOCK_ELEMENTS
     return rows_per_batch(max(k, n_features), budget)
-
-
-def _similarity(
-    X: torch.Tensor, centers: torch.Tensor, neg_c_sq: torch.Tensor | None
-) -> torch.Tensor:
-    """Scores to maximise: ``x . c`` (cosine) or ``2 x . c - |c|^2`` (Euclidean).
-
-    ``2 x . c - |c|^2 = |x|^2 - |x - c|^2``, so the argmax is the nearest centroid;
-    being affine in ``x``, bilinear upsampling of these scores equals scoring
-    upsampled features.
-    """
-    if neg_c_sq is None:
-        return X @ centers.T
-    return torch.addmm(neg_c_sq, X, centers.T, alpha=2.0)
 
 
 def _assign(
@@ -121,10 +111,6 @@ def _sq_distances(best: torch.Tensor, x_sq: torch.Tensor | None) -> torch.Tensor
     if x_sq is None:  # unit vectors: |x - c|^2 = 2 - 2 cos
         return (2.0 - 2.0 * best).clamp_min_(0.0)
     return (x_sq - best).clamp_min_(0.0)
-
-
-def _normalize_rows(C: torch.Tensor) -> torch.Tensor:
-    return F.normalize(C, dim=1)
 
 
 def _row_sq_norms(X: torch.Tensor) -> torch.Tensor:
@@ -388,6 +374,7 @@ def _choose_backend(backend: str, device: torch.device) -> str:
 
 
 class KMeansProbe(
+    CentroidProbeMixin,
     ClassNamePrefixFeaturesOutMixin,
     ClusterMixin,
     TransformerMixin,
@@ -773,152 +760,7 @@ class KMeansProbe(
 
     # ------------------------------------------------------------ scoring fns
 
-    def _scorer(self, device: torch.device):
-        """Token scores (m, C) -> (m, k) to maximise, on ``device``."""
-        centers = self._tensor("cluster_centers_", device)
-        if self.metric == "cosine":
-            return lambda xb: _similarity(_normalize_rows(xb), centers, None)
-        neg_c_sq = -(centers * centers).sum(dim=1)
-        return lambda xb: _similarity(xb, centers, neg_c_sq)
-
-    def _check_X(self, X: Any) -> Any:
-        check_is_fitted(self)
-        return check_features(self, X, reset=False)
-
     # ------------------------------------------------------------ inference
-
-    def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
-        """Class (when fitted with ``y``) or cluster of every token.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        size : tuple of (int, int), default=None
-            For maps only: upsample the cluster scores bilinearly to (H, W)
-            before the argmax.
-
-        Returns
-        -------
-        labels : ndarray or torch.Tensor of int64, shape (n_samples,), (N, h, w) \
-                or (N, H, W)
-            Class ids through ``mapping_`` (-1 for unmatched clusters) when
-            ``fit`` got ``y``, else cluster ids. NumPy for NumPy input, torch on
-            the estimator's device for torch input.
-        """
-        X = self._check_X(X)
-        if size is not None and X.ndim != 4:
-            raise ValueError("size only applies to 4-D maps (N, C, h, w).")
-        device = self._resolved_device()
-        label_fn = None
-        if hasattr(self, "mapping_"):
-            mapping = self._tensor("mapping_", device, torch.int64)
-            label_fn = mapping.__getitem__
-        return predict_labels(
-            self._scorer(device),
-            X,
-            device=device,
-            n_outputs=self.k,
-            size=size,
-            label_fn=label_fn,
-        )
-
-    def predict_proba(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
-        """Soft assignment of every token to clusters, or to classes.
-
-        A softmax over the centroids of the cosine similarity (or negative
-        squared Euclidean distance) divided by ``temperature``. When ``fit``
-        got ``y``, cluster probabilities are summed into the classes of
-        ``mapping_``: column ``c`` is the probability of class ``c``
-        (``n_classes_`` columns), plus one last column holding the mass of
-        unmatched clusters when there are any (their class is -1). Every
-        row sums to one; its argmax is the :meth:`predict` label whenever
-        every cluster is matched (and always without ``y``).
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        size : tuple of (int, int), default=None
-            For maps only: upsample the scores bilinearly to (H, W) before
-            the softmax, as :meth:`predict` does.
-
-        Returns
-        -------
-        proba : ndarray or torch.Tensor of float32, shape (n_samples, n_cols) \
-                or (N, n_cols, h, w) / (N, n_cols, H, W)
-            ``n_cols`` is ``k`` without ``y``; with ``y`` it is
-            ``n_classes_`` (+ 1 when some cluster is unmatched).
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from skstego import KMeansProbe
-        >>> X = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
-        >>> probe = KMeansProbe(k=2, device="cpu", random_state=0).fit(X, [0, 0, 1, 1])
-        >>> proba = probe.predict_proba(X)
-        >>> proba.shape, bool(np.allclose(proba.sum(axis=1), 1))
-        ((4, 2), True)
-        >>> (proba.argmax(axis=1) == probe.predict(X)).all()
-        np.True_
-        """
-        X = self._check_X(X)
-        device = self._resolved_device()
-        scale = 1.0 / float(self.temperature)
-        width = self.k
-        if hasattr(self, "mapping_"):
-            mapping = self._tensor("mapping_", device, torch.int64)
-            n_classes = int(self.n_classes_)
-            columns = torch.where(mapping >= 0, mapping, n_classes)
-            width = n_classes + int(bool((mapping < 0).any()))
-
-            def post(scores: torch.Tensor) -> torch.Tensor:
-                p = torch.softmax(scores * scale, dim=1)
-                shape = list(p.shape)
-                shape[1] = width
-                return p.new_zeros(shape).index_add_(1, columns, p)
-
-        else:
-
-            def post(scores: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(scores * scale, dim=1)
-
-        return score_maps(
-            self._scorer(device),
-            X,
-            device=device,
-            n_outputs=self.k,
-            post=post,
-            out_features=width,
-            size=size,
-        )
-
-    def fit_predict(self, X: Any, y: Any = None) -> Any:
-        """Fit, then return :meth:`predict` on the training data.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        y : array-like or torch.Tensor of int, default=None
-            Optional labels, as in :meth:`fit`.
-
-        Returns
-        -------
-        labels : ndarray or torch.Tensor of int64, shape (n_samples,) or (N, h, w)
-            ``labels_`` without ``y``; their classes (``mapping_[labels_]``)
-            with ``y``.
-        """
-        self.fit(X, y)
-        labels = self.labels_
-        if hasattr(self, "mapping_"):
-            labels = self.mapping_[labels]
-        if is_torch(X):
-            return torch.from_numpy(labels).to(self._resolved_device())
-        return labels
 
     def transform(self, X: Any) -> Any:
         """Similarities (cosine) or distances (Euclidean) to every centroid.
@@ -953,66 +795,6 @@ class KMeansProbe(
 
         return apply_tokenwise(fn, X, device=device, out_features=self.k)
 
-    def score_report(self, X: Any, y: Any) -> dict[str, Any]:
-        """All scores of the unsupervised protocol on ``(X, y)``.
-
-        Clusters are matched to classes by the Hungarian algorithm on the
-        confusion matrix of ``(X, y)`` itself; ``mapping_`` is not used.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        y : array-like or torch.Tensor of int
-            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
-            ignored.
-
-        Returns
-        -------
-        report : dict
-            As :func:`skstego.metrics.segmentation_report`: ``miou``,
-            ``accuracy``, per-class ``iou``, ``precision``, ``recall``,
-            ``support``, the ``confusion`` (n_classes, k) and the ``mapping``.
-            Pixels of unmatched clusters count as errors.
-        """
-        X = self._check_X(X)
-        y = check_targets(X, y)
-        device = self._resolved_device()
-        n_classes = max(_n_valid_classes(y), getattr(self, "n_classes_", 0), 1)
-        conf = scored_confusion(
-            self._scorer(device),
-            X,
-            y,
-            device=device,
-            n_outputs=self.k,
-            n_classes=n_classes,
-        )
-        return report_from_confusion(conf, matching="hungarian")
-
-    def score(self, X: Any, y: Any, *, metric: str = "miou") -> float:
-        """Mean IoU (or pixel accuracy) under Hungarian matching on ``(X, y)``.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
-            Tokens or feature maps.
-        y : array-like or torch.Tensor of int
-            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
-            ignored.
-        metric : {"miou", "accuracy"}, default="miou"
-            Score returned; both are fractions in [0, 1], greater is better.
-
-        Returns
-        -------
-        score : float
-            See :meth:`score_report`.
-        """
-        if metric not in ("miou", "accuracy"):
-            raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
-        return float(self.score_report(X, y)[metric])
-
     # --------------------------------------------------------------- misc
 
     @property
@@ -1028,13 +810,6 @@ class KMeansProbe(
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def _n_valid_classes(y: Any) -> int:
-    """Largest label + 1 (0 when no label is valid)."""
-    size = y.numel() if is_torch(y) else y.size
-    m = int(y.max()) if size else -1
-    return m + 1 if m >= 0 else 0
 
 
 def _all_tokens(X: Any, device: torch.device) -> torch.Tensor:
