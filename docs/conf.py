@@ -77,8 +77,15 @@ _SKLEARN_REQUEST = re.compile(r"^set_\w+_request$")
 
 
 def _skip_member(app, what, name, obj, skip, options):
+    """Class pages show the members skstego defines, its mixins' included;
+    members inherited from scikit-learn are documented by scikit-learn."""
     if _SKLEARN_REQUEST.match(name):
         return True
+    if what == "class":
+        target = obj.fget if isinstance(obj, property) else obj
+        module = getattr(target, "__module__", None) or ""
+        if module and not module.startswith("skstego"):
+            return True
     return None
 
 
