@@ -44,7 +44,7 @@ parser.add_argument("--quick", action="store_true", help="fewer dims, seeds, ste
 args = parser.parse_args()
 
 # %% Data: train and validation splits of the same synthetic "world".
-n_features, n_classes = 96, 5
+n_features, n_classes = 64, 5
 n_train, n_val = (24, 12) if args.quick else (48, 24)
 X_train, y_train = make_feature_maps(
     n_train, n_features=n_features, n_classes=n_classes, map_size=12, random_state=0
@@ -87,7 +87,7 @@ results = run_sweep(
     probes={
         "kmeans": KMeansProbe(k=n_classes),
         # L-BFGS: the exact optimum of the linear probe, fast on small data
-        "linear": LinearProbe(solver="lbfgs", max_iter=200),
+        "linear": LinearProbe(solver="lbfgs", max_iter=200, weight_decay=1e-3),
     },
     seeds=seeds,
     cache_dir=args.cache,
