@@ -14,12 +14,13 @@ returns NumPy for NumPy input, torch for torch input.
 
 from .features import DinoFeaturizer
 from .postprocess import DenseCRF, crf_refine
-from .probes import HNNEClusterProbe, KMeansProbe, LinearProbe
+from .probes import CRFProbe, HNNEClusterProbe, KMeansProbe, LinearProbe
 from .projection import HNNEProjector, RandomProjection, StegoProjector, TorchPCA
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CRFProbe",
     "DenseCRF",
     "DinoFeaturizer",
     "HNNEClusterProbe",
