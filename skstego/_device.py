@@ -5,7 +5,9 @@ This is the one boundary every skstego estimator goes through:
 * :func:`resolve_device` turns ``device="auto"`` (and friends) into a
   :class:`torch.device`;
 * :func:`check_features` validates user input (NumPy or torch, 2-D tokens or
-  4-D maps) without ever modifying it;
+  4-D maps) without ever modifying it; with ``lazy=True`` on-disk input (a
+  :class:`~skstego.features.FeatureStore`, a zarr or dask array, a NumPy
+  memmap) is wrapped in :class:`LazyFeatures` and read chunk by chunk;
 * :func:`apply_tokenwise` runs a token function over 2-D or 4-D input in
   batches on the estimator's device and returns the output type that came in
   (NumPy in -> NumPy out, torch in -> torch out on the device);
@@ -19,6 +21,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -27,11 +30,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import validate_data
 
 __all__ = [
+    "LazyFeatures",
     "TorchEstimatorMixin",
     "apply_tokenwise",
     "as_tensor",
     "check_features",
     "check_finite_tensor",
+    "is_lazy",
     "is_torch",
     "iter_slices",
     "make_generator",
@@ -117,7 +122,8 @@ def check_features(
     reset: bool,
     allowed_ndim: tuple[int, ...] = (2, 4),
     min_samples: int = 1,
-) -> np.ndarray | torch.Tensor:
+    lazy: bool = False,
+) -> np.ndarray | torch.Tensor | LazyFeatures:
     """Validate features at an estimator's public boundary.
 
     NumPy-like input goes through scikit-learn's ``validate_data`` (so the
@@ -136,10 +142,17 @@ def check_features(
         Layouts the caller accepts.
     min_samples : int
         Smallest number of samples (rows or images) accepted.
+    lazy : bool
+        When True (estimators that read their input in slices only), on-disk
+        input -- a :class:`~skstego.features.FeatureStore`, a zarr or dask
+        array, a NumPy memmap (see :func:`is_lazy`) -- is not loaded: its
+        shape and dtype are checked here and it is returned wrapped in
+        :class:`LazyFeatures`, whose slices are read (and checked for NaN)
+        one at a time. When False, such input is loaded as a whole.
 
     Returns
     -------
-    X : ndarray of float32/float64 or torch.Tensor
+    X : ndarray of float32/float64, torch.Tensor or LazyFeatures
         Validated input; tensors are returned as is (converted by
         :func:`as_tensor` later, batch by batch).
     """
@@ -159,6 +172,18 @@ def check_features(
         _check_counts(X.shape[0], n_features, min_samples, tuple(X.shape))
         _check_n_features(estimator, n_features, reset)
         return X
+    if lazy and is_lazy(X):
+        shape = tuple(int(s) for s in X.shape)
+        if len(shape) not in allowed_ndim:
+            raise ValueError(f"Expected {layouts}, got an array of shape {shape}.")
+        kind = np.dtype(X.dtype).kind
+        if kind not in "fiu":
+            raise ValueError(
+                f"Expected real-valued features, got an array of dtype {X.dtype}."
+            )
+        _check_counts(shape[0], shape[1], min_samples, shape)
+        _check_n_features(estimator, shape[1], reset)
+        return X if isinstance(X, LazyFeatures) else LazyFeatures(X)
     X = validate_data(
         estimator,
         X,
@@ -171,6 +196,93 @@ def check_features(
         raise ValueError(f"Expected {layouts}, got an array of shape {X.shape}.")
     _check_counts(X.shape[0], X.shape[1], min_samples, X.shape)
     return X
+
+
+def is_lazy(X: Any) -> bool:
+    """True for input read in slices rather than loaded: on disk or out of core.
+
+    That is a :class:`~skstego.features.FeatureStore` (or anything with a true
+    ``_skstego_lazy`` attribute), a NumPy memmap, a zarr array or a dask
+    array.
+    """
+    if isinstance(X, (np.memmap, LazyFeatures)) or getattr(X, "_skstego_lazy", False):
+        return True
+    module = type(X).__module__ or ""
+    return type(X).__name__ == "Array" and module.split(".")[0] in ("zarr", "dask")
+
+
+class LazyFeatures:
+    """Read-only, chunk-by-chunk view of on-disk features.
+
+    Indexing returns a C-contiguous NumPy array (float64 for float64 sources,
+    float32 otherwise, e.g. for float16 stores), checked for NaN and infinity.
+    Reads of consecutive equal-length slices (the way estimators stream) are
+    prefetched: while the caller computes on one slice, a background thread
+    reads the next one, so disk reads, decompression and the host-to-device
+    copy overlap the computation. At most two slices are in memory at once.
+
+    Parameters
+    ----------
+    source : array-like
+        Anything with ``shape``, ``dtype`` and slicing: a FeatureStore, a
+        zarr or dask array, a NumPy memmap.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.shape = tuple(int(s) for s in source.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(
+            np.float64 if np.dtype(source.dtype) == np.float64 else np.float32
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[tuple[int, int], Any] | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, key: Any) -> np.ndarray:
+        chunk = np.ascontiguousarray(np.asarray(self.source[key]), dtype=self.dtype)
+        if not np.isfinite(chunk).all():
+            where = (
+                f"rows {key.start}:{key.stop}"
+                if isinstance(key, slice)
+                else "the rows read"
+            )
+            raise ValueError(
+                f"Input X contains NaN or infinity (in {where}); remove or impute "
+                "those values before calling skstego."
+            )
+        return chunk
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return self._read(key)
+        start, stop, _ = key.indices(self.shape[0])
+        chunk = None
+        if self._pending is not None:
+            (p_start, p_stop), future = self._pending
+            self._pending = None
+            if (p_start, p_stop) == (start, stop):
+                chunk = future.result()
+            else:
+                future.cancel()
+        if chunk is None:
+            chunk = self._read(slice(start, stop))
+        after = slice(stop, min(self.shape[0], stop + (stop - start)))
+        if stop - start > 0 and after.start < after.stop:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1)
+            self._pending = (
+                (after.start, after.stop),
+                self._pool.submit(self._read, after),
+            )
+        return chunk
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_counts(n_samples: int, n_features: int, min_samples: int, shape) -> None:

@@ -35,6 +35,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._device import as_tensor, is_torch, resolve_device
 from ..datasets._collection import _read_image
+from ._store import FeatureStore, write_store
 
 __all__ = ["DinoFeaturizer"]
 
@@ -266,6 +267,77 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         backbone = get_backbone(self.model, self.pretrained, self.weights, device)
         return _featurize(self, backbone, X, device)
+
+    def transform_to_store(
+        self,
+        images: Any,
+        path: str | os.PathLike,
+        *,
+        dtype: str = "float16",
+        chunk_images: int = 64,
+        overwrite: bool = False,
+    ) -> FeatureStore:
+        """Write the feature maps of images into a chunked zarr store on disk.
+
+        Images are featurized ``chunk_images`` at a time and each chunk is
+        written, then marked done, so the maps never need to fit in memory.
+        After an interruption, calling again with the same arguments computes
+        only the chunks not yet done. Needs zarr (``pip install
+        skstego[store]``).
+
+        Parameters
+        ----------
+        images : ndarray, torch.Tensor or sequence of images
+            As for :meth:`transform`. A lazy collection (e.g.
+            :class:`~skstego.datasets.ImageCollection`) is read chunk by
+            chunk.
+        path : str or path-like
+            Directory of the store (created). The featurizer's parameters and
+            the images' file paths (when the source has them; else None) and
+            count are recorded as its attributes.
+        dtype : {"float16", "float32"}, default="float16"
+            Storage dtype; float16 halves the disk space (relative rounding
+            error below 5e-4). Reads return float32.
+        chunk_images : int, default=64
+            Images per chunk: the unit of computation, of storage and of
+            resumption.
+        overwrite : bool, default=False
+            Replace an existing store at ``path``. Without it, a store written
+            with other featurizer parameters, images, ``dtype`` or
+            ``chunk_images`` raises a ValueError (a path holding anything other
+            than a feature store is never overwritten).
+
+        Returns
+        -------
+        store : FeatureStore
+            The finished store, opened read-only.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import numpy as np
+        >>> import timm
+        >>> from skstego import DinoFeaturizer, TorchPCA
+        >>> vit = timm.models.VisionTransformer(
+        ...     img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2
+        ... )
+        >>> images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+        >>> featurizer = DinoFeaturizer(vit, resolution=32, device="cpu")
+        >>> path = tempfile.mkdtemp() + "/features.zarr"
+        >>> store = featurizer.transform_to_store(images, path, chunk_images=2)
+        >>> store.shape
+        (4, 16, 4, 4)
+        >>> TorchPCA(dim=3, device="cpu").fit(store).components_.shape
+        (3, 16)
+        """
+        return write_store(
+            self,
+            images,
+            path,
+            dtype=dtype,
+            chunk_images=chunk_images,
+            overwrite=overwrite,
+        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
+    LazyFeatures,
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
@@ -59,6 +60,9 @@ __all__ = ["KMeansProbe"]
 #: one big block keeps the device busy.
 _CPU_BLOCK_ELEMENTS = 1 << 22
 _GPU_BLOCK_ELEMENTS = DEFAULT_BATCH_ELEMENTS
+#: Values read at a time from on-disk input (a FeatureStore, zarr, dask or
+#: memmap) when its tokens are gathered onto the device.
+_STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 
 
 # --------------------------------------------------------------------------
@@ -607,7 +611,11 @@ class KMeansProbe(
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features) or \
                 (N, n_features, h, w)
-            Tokens or feature maps. Not modified.
+            Tokens or feature maps. Not modified. On-disk input (a
+            :class:`~skstego.features.FeatureStore`, a zarr or dask array, a
+            NumPy memmap) is read chunk by chunk: only the tokens the Lloyd
+            loop runs on (all, or ``max_samples`` of them) are gathered on
+            ``device``, never a host copy of the whole input.
         y : array-like or torch.Tensor of int, default=None
             Optional labels, (n_samples,) for tokens or label maps (N, H, W)
             for maps (any H, W; scores are upsampled bilinearly to it); -1 is
@@ -618,7 +626,7 @@ class KMeansProbe(
         self : KMeansProbe
             Fitted estimator.
         """
-        X = check_features(self, X, reset=True)
+        X = check_features(self, X, reset=True, lazy=True)
         if is_torch(X):
             X = X.detach()  # no autograd graph through the Lloyd loop
         if y is not None:
@@ -814,12 +822,47 @@ class KMeansProbe(
 
 def _all_tokens(X: Any, device: torch.device) -> torch.Tensor:
     """All tokens of ``X`` as one (n, C) float32 tensor on ``device``."""
+    if isinstance(X, LazyFeatures):
+        return _gather_lazy(X, None, device)
     Xt = as_tensor(X, device)
     return maps_to_tokens(Xt) if Xt.ndim == 4 else Xt
 
 
+def _gather_lazy(
+    X: LazyFeatures, idx: np.ndarray | None, device: torch.device
+) -> torch.Tensor:
+    """Tokens ``idx`` (sorted; None for all) of on-disk ``X``, read by chunks.
+
+    The (len(idx), C) float32 result is filled on ``device`` chunk by chunk;
+    the host never holds more than a chunk (and its prefetched successor).
+    """
+    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+    n_tokens = X.shape[0] * per_image
+    out = torch.empty(n_tokens if idx is None else len(idx), X.shape[1], device=device)
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), _STREAM_ELEMENTS)
+    filled = 0
+    for sl in iter_slices(X.shape[0], rows):
+        lo, hi = sl.start * per_image, sl.stop * per_image
+        if idx is not None:
+            a, b = np.searchsorted(idx, [lo, hi])
+            if a == b:
+                continue
+            local = idx[a:b] - lo
+        xb = X[sl]
+        if X.ndim == 4:
+            xb = xb.reshape(xb.shape[0], xb.shape[1], per_image)
+            xb = xb.transpose(0, 2, 1).reshape(-1, X.shape[1])
+        if idx is not None:
+            xb = xb[local]
+        out[filled : filled + xb.shape[0]] = as_tensor(xb, device)
+        filled += xb.shape[0]
+    return out
+
+
 def _gather_tokens(X: Any, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Tokens number ``idx`` (image-major, row-major for maps) of ``X``."""
+    if isinstance(X, LazyFeatures):
+        return _gather_lazy(X, idx.cpu().numpy(), device)
     if is_torch(X):
         idx = idx.to(X.device)
         if X.ndim == 2:

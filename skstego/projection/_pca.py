@@ -496,7 +496,9 @@ class TorchPCA(
         X : array-like or torch.Tensor of shape (n_samples, n_features) \
                 or (N, n_features, h, w)
             Training tokens, or feature maps whose pixels are the samples.
-            Never modified.
+            Never modified. On-disk input (a
+            :class:`~skstego.features.FeatureStore`, a zarr or dask array, a
+            NumPy memmap) is read chunk by chunk, never loaded as a whole.
 
         y : Ignored
             Not used, present for API consistency by convention.
@@ -506,7 +508,7 @@ class TorchPCA(
         self : object
             Fitted estimator.
         """
-        X = check_features(self, X, reset=True)
+        X = check_features(self, X, reset=True, lazy=True)
         n_samples, n_features = _n_tokens(X), X.shape[1]
         if n_samples < 2:
             raise ValueError(
@@ -545,7 +547,8 @@ class TorchPCA(
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features) \
                 or (N, n_features, h, w)
-            One batch of tokens or feature maps. Never modified.
+            One batch of tokens or feature maps. Never modified. On-disk
+            input is read chunk by chunk, as in :meth:`fit`.
 
         y : Ignored
             Not used, present for API consistency by convention.
@@ -568,7 +571,7 @@ class TorchPCA(
                 "with solver='covariance_eigh', or start partial_fit on a fresh "
                 "estimator (sklearn.base.clone)."
             )
-        X = check_features(self, X, reset=first)
+        X = check_features(self, X, reset=first, lazy=True)
         n_features = X.shape[1]
         n_components = n_features if self.dim is None else self.dim
         if n_components > n_features:
