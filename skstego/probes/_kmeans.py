@@ -61,7 +61,8 @@ __all__ = ["KMeansProbe"]
 _CPU_BLOCK_ELEMENTS = 1 << 22
 _GPU_BLOCK_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 #: Values read at a time from on-disk input (a FeatureStore, zarr, dask or
-#: memmap) when its tokens are gathered onto the device.
+#: memmap) when its tokens are gathered onto the device, and per batch when
+#: every token is labelled after a subsampled fit.
 _STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 
 
@@ -753,7 +754,9 @@ class KMeansProbe(
         )
         out, inertia = [], 0.0
         with torch.no_grad():
-            for sl in iter_slices(X.shape[0], rows_per_batch(per_row)):
+            for sl in iter_slices(
+                X.shape[0], rows_per_batch(per_row, _STREAM_ELEMENTS)
+            ):
                 xb = as_tensor(X[sl], device)
                 if xb.ndim == 4:
                     xb = maps_to_tokens(xb)
