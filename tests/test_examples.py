@@ -86,7 +86,7 @@ def test_plot_mechanisms_quick_writes_the_mechanism_table_and_figure(tmp_path):
     assert result.returncode == 0, result.stderr
     for column in ("n_iter", "silhouette", "stability_ari", "ece"):
         assert column in result.stdout
-    assert "1. k-means on the raw 96-d features" in result.stdout
+    assert "1. k-means on the raw 64-d features" in result.stdout
     png = np.asarray(Image.open(tmp_path / "figs" / "sweep_mechanisms.png"))
     assert png.ndim == 3 and png.std() > 0
     # the printed table is the cached sweep's: 4 reducers' cells x 2 probes x 2 seeds
