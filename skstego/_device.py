@@ -204,6 +204,15 @@ def is_lazy(X: Any) -> bool:
     That is a :class:`~skstego.features.FeatureStore` (or anything with a true
     ``_skstego_lazy`` attribute), a NumPy memmap, a zarr array or a dask
     array.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from skstego._device import is_lazy
+    >>> path = tempfile.mkdtemp() + "/x.dat"
+    >>> is_lazy(np.zeros(3)), is_lazy(np.memmap(path, shape=3, mode="w+"))
+    (False, True)
     """
     if isinstance(X, (np.memmap, LazyFeatures)) or getattr(X, "_skstego_lazy", False):
         return True
@@ -226,6 +235,17 @@ class LazyFeatures:
     source : array-like
         Anything with ``shape``, ``dtype`` and slicing: a FeatureStore, a
         zarr or dask array, a NumPy memmap.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skstego._device import LazyFeatures
+    >>> X = LazyFeatures(np.arange(12, dtype=np.float16).reshape(6, 2))
+    >>> X.shape, X.dtype
+    ((6, 2), dtype('float32'))
+    >>> X[0:2]  # the next slice, 2:4, is now being read in the background
+    array([[0., 1.],
+           [2., 3.]], dtype=float32)
     """
 
     def __init__(self, source: Any) -> None:

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from skstego import DinoFeaturizer, FeatureStore, KMeansProbe, TorchPCA
+from skstego import DinoFeaturizer, KMeansProbe, TorchPCA
 from skstego._device import LazyFeatures, check_features
+from skstego.features import FeatureStore
 from skstego.probes import _kmeans
 from skstego.projection import _pca
 

@@ -18,7 +18,6 @@ when the source has them, else None), ``n_images``, ``chunk_images``,
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -101,7 +100,8 @@ class FeatureStore:
     >>> import tempfile
     >>> import numpy as np
     >>> import timm
-    >>> from skstego import DinoFeaturizer, FeatureStore
+    >>> from skstego import DinoFeaturizer
+    >>> from skstego.features import FeatureStore
     >>> vit = timm.models.VisionTransformer(
     ...     img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2
     ... )
@@ -237,14 +237,6 @@ def _open_group(path: Path, mode: str) -> Any:
         raise
 
 
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-    except TypeError:
-        return None
-    return value
-
-
 def featurizer_record(featurizer: Any) -> dict:
     """The featurizer's parameters as JSON (a module ``model`` by class name)."""
     record = {}
@@ -253,7 +245,9 @@ def featurizer_record(featurizer: Any) -> dict:
             value = f"<module {type(value).__module__}.{type(value).__qualname__}>"
         elif isinstance(value, os.PathLike):
             value = os.fspath(value)
-        record[name] = _jsonable(value) if not hasattr(value, "type") else str(value)
+        elif not isinstance(value, (str, int, float, bool, type(None))):
+            value = str(value)  # e.g. a torch.device
+        record[name] = value
     return record
 
 
