@@ -310,3 +310,22 @@ def test_kmeans_streams_store_equal_to_in_memory(store, monkeypatch, max_samples
     # the streamed labels are the nearest centres (a direct computation)
     d = ((tokens[:, None, :] - streamed.cluster_centers_[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(streamed.labels_.ravel(), d.argmin(1))
+
+
+@pytest.mark.gpu
+def test_streamed_fits_on_cuda_equal_in_memory(store, monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = np.asarray(store)
+    _small_chunks(monkeypatch, 2 * int(np.prod(store.shape[1:])))
+    monkeypatch.setattr(_pca, "DEFAULT_BATCH_ELEMENTS", 2 * full[0].size)
+    streamed = TorchPCA(dim=5, solver="covariance_eigh", device="cuda").fit(store)
+    memory = TorchPCA(dim=5, solver="covariance_eigh", device="cpu").fit(full)
+    np.testing.assert_allclose(streamed.components_, memory.components_, atol=1e-4)
+    tokens = full.transpose(0, 2, 3, 1).reshape(-1, full.shape[1])
+    init = tokens[[0, 50, 100, 150]]
+    params = dict(k=4, init=init, max_samples=60, random_state=0)
+    got = KMeansProbe(device="cuda", **params).fit(store)
+    ref = KMeansProbe(device="cuda", **params).fit(torch.from_numpy(full).cuda())
+    np.testing.assert_allclose(got.cluster_centers_, ref.cluster_centers_, atol=1e-5)
+    np.testing.assert_array_equal(got.labels_, ref.labels_)
