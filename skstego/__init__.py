@@ -12,7 +12,7 @@ Every estimator runs on the GPU when one is present (``device="auto"``) and
 returns NumPy for NumPy input, torch for torch input.
 """
 
-from .features import DinoFeaturizer
+from .features import DinoFeaturizer, FeatureStore
 from .postprocess import DenseCRF, crf_refine
 from .probes import CRFProbe, HNNEClusterProbe, KMeansProbe, LinearProbe
 from .projection import HNNEProjector, RandomProjection, StegoProjector, TorchPCA
@@ -23,6 +23,7 @@ __all__ = [
     "CRFProbe",
     "DenseCRF",
     "DinoFeaturizer",
+    "FeatureStore",
     "HNNEClusterProbe",
     "HNNEProjector",
     "KMeansProbe",

@@ -32,23 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from .datasets._loaders import _IMAGE_EXTENSIONS
+
 __all__ = ["main"]
 
 DEFAULT_MODEL = "vit_small_patch8_224.dino"
-#: Image file extensions found in folders (as the dataset loaders').
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".mat",
-)
-#: The STEGO reference's scale of cosine similarities before the softmax.
+#: Image file extensions found in folders (the dataset loaders').
+IMAGE_EXTENSIONS = _IMAGE_EXTENSIONS
 #: Label value written for pixels without a class (unmatched clusters).
 IGNORE_VALUE = 255
 

@@ -38,6 +38,8 @@ NOT_CHECKED: dict[str, str] = {
     # A post-processor without fit: refine(images, probabilities);
     # tests/test_postprocess.py checks params, clone, repr and no mutation.
     "DenseCRF": "no fit: refines (images, probabilities) pairs",
+    # Not an estimator: an on-disk feature array (tests/test_store.py).
+    "FeatureStore": "not an estimator: an on-disk feature array",
 }
 
 # Checks expected to fail, each with its reason. Aim: none.
