@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -269,6 +270,65 @@ def _lloyd(
     return centers, labels, inertia, n_iter, np.append(curve, inertia)
 
 
+def _minibatch_step(
+    xb: torch.Tensor,
+    centers: torch.Tensor,
+    counts: torch.Tensor,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mini-batch k-means update, as scikit-learn's ``MiniBatchKMeans``.
+
+    Every token of ``xb`` (trusted, unit rows for cosine) goes to its nearest
+    centroid; a centroid ``j`` given ``n_j`` tokens of sum ``s_j`` moves to
+    ``(c_j * N_j + s_j) / (N_j + n_j)`` -- a step of learning rate
+    ``1 / count`` per token -- and ``N_j`` grows by ``n_j`` (``counts`` is
+    float64 so that it stays exact beyond 2**24 tokens). Spherical k-means
+    (``cosine``) projects the moved centroids back onto the sphere. Returns
+    the new centroids and counts.
+    """
+    k = centers.shape[0]
+    neg_c_sq = None if cosine else -(centers * centers).sum(dim=1)
+    labels = _similarity(xb, centers, neg_c_sq).argmax(dim=1)
+    batch_counts = torch.bincount(labels, minlength=k).to(counts.dtype)
+    sums = torch.zeros_like(centers).index_add_(0, labels, xb)
+    new_counts = counts + batch_counts
+    denom = new_counts.clamp_min(1.0)
+    keep = (counts / denom).to(centers.dtype)[:, None]
+    step = (1.0 / denom).to(centers.dtype)[:, None]
+    moved = centers * keep + sums * step
+    if cosine:
+        moved = _normalize_rows(moved)
+    new = torch.where((batch_counts > 0)[:, None], moved, centers)
+    return new, new_counts
+
+
+def _token_batches(
+    X: Any, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``batch_size`` tokens of ``X`` on ``device``.
+
+    ``X`` (2-D tokens or 4-D maps; in memory, a tensor or on-disk
+    :class:`LazyFeatures`) is read in slices of about ``_STREAM_ELEMENTS``
+    values; tokens left over at the end of a slice open the next batch, so
+    the batches do not depend on the slice size (only the last one may be
+    smaller).
+    """
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), _STREAM_ELEMENTS)
+    carry = None
+    for sl in iter_slices(X.shape[0], rows):
+        xb = as_tensor(X[sl], device)
+        if xb.ndim == 4:
+            xb = maps_to_tokens(xb)
+        if carry is not None:
+            xb = torch.cat([carry, xb])
+        n_full = xb.shape[0] - xb.shape[0] % batch_size
+        for start in range(0, n_full, batch_size):
+            yield xb[start : start + batch_size]
+        carry = xb[n_full:] if n_full < xb.shape[0] else None
+    if carry is not None:
+        yield carry
+
+
 def _evaluate(
     X: torch.Tensor, x_sq: torch.Tensor | None, centers: torch.Tensor, cosine: bool
 ) -> tuple[torch.Tensor, float]:
@@ -440,6 +500,31 @@ class KMeansProbe(
         Fit on a random subsample of at most this many tokens (drawn from
         ``random_state``), then label every token. None uses all tokens.
 
+    algorithm : {"lloyd", "minibatch"}, default="lloyd"
+        ``"lloyd"``: exact Lloyd iterations on all tokens (or ``max_samples``
+        of them), gathered on ``device``. ``"minibatch"``: mini-batch k-means
+        (as :class:`sklearn.cluster.MiniBatchKMeans`, without its
+        reassignment of small clusters): ``fit`` initialises on a random
+        sample of ``max(3 * batch_size, 3 * k)`` tokens, then makes up to
+        ``max_iter`` passes over all tokens, in order, by batches of
+        ``batch_size``; each batch moves every centroid it touches with a
+        learning rate of 1 / (tokens the centroid has received so far).
+        Passes stop when the squared centroid shift over a whole pass is at
+        most ``tol`` (scaled as for Lloyd). Memory is one batch, whatever the
+        number of tokens: the mode for on-disk input too large to gather.
+        ``max_samples``, ``backend`` and ``n_init`` beyond the initial sample
+        do not apply. :meth:`partial_fit` always makes mini-batch steps.
+
+    batch_size : int, default=1024
+        Tokens per mini-batch step of ``algorithm="minibatch"``.
+
+    compute_labels : bool, default=True
+        Label every training token after ``fit`` (``labels_``, ``inertia_``),
+        one streamed pass. With False and more tokens than were fitted
+        (``max_samples`` or ``"minibatch"``), that pass and the O(n_tokens)
+        ``labels_`` array are skipped: ``labels_`` and ``inertia_`` are then
+        not set, and ``fit`` refuses ``y``.
+
     backend : {"auto", "torch", "faiss"}, default="auto"
         Lloyd implementation. ``"torch"``: chunked fused distance/argmax and
         ``index_add_`` (CPU) or one-hot GEMM (GPU) updates, memory bounded,
@@ -467,7 +552,9 @@ class KMeansProbe(
 
     verbose : bool, default=False
         Show a tqdm progress bar over the Lloyd iterations of each run (faiss
-        prints its own log instead).
+        prints its own log instead), over the batches of each
+        ``"minibatch"`` pass, and over the chunks labelled after a subsampled
+        or mini-batch fit.
 
     Attributes
     ----------
@@ -480,6 +567,14 @@ class KMeansProbe(
     inertia_ : float
         Sum of squared distances of all training tokens to their centroid
         (normalised tokens and centroids for cosine).
+
+    counts_ : ndarray of shape (k,), float64
+        Tokens each centroid has been fitted on: the cluster sizes of the
+        fitted tokens after a Lloyd fit, the tokens received by mini-batch
+        steps otherwise. :meth:`partial_fit` continues from them.
+
+    n_steps_ : int
+        Mini-batch steps made (0 after a Lloyd fit).
 
     n_iter_ : int
         Lloyd iterations of the best run (``max_iter`` for faiss).
@@ -566,6 +661,9 @@ class KMeansProbe(
         "tol": [Interval(Real, 0, None, closed="left")],
         "init": [StrOptions({"k-means++", "random"}), "array-like"],
         "max_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "algorithm": [StrOptions({"lloyd", "minibatch"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "compute_labels": ["boolean"],
         "backend": [StrOptions({"auto", "torch", "faiss"})],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "device": [str, torch.device, None],
@@ -583,6 +681,9 @@ class KMeansProbe(
         tol: float = 1e-4,
         init: Any = "k-means++",
         max_samples: int | None = 1_000_000,
+        algorithm: str = "lloyd",
+        batch_size: int = 1024,
+        compute_labels: bool = True,
         backend: str = "auto",
         temperature: float = 0.5,
         device: str | torch.device | None = "auto",
@@ -596,6 +697,9 @@ class KMeansProbe(
         self.tol = tol
         self.init = init
         self.max_samples = max_samples
+        self.algorithm = algorithm
+        self.batch_size = batch_size
+        self.compute_labels = compute_labels
         self.backend = backend
         self.temperature = temperature
         self.device = device
@@ -660,6 +764,13 @@ class KMeansProbe(
             if not np.all(np.isfinite(init_arr)):
                 raise ValueError("init contains NaN or infinity.")
             init = init_arr
+        if y is not None and not self.compute_labels:
+            raise ValueError(
+                "fit(X, y) maps clusters to classes through labels_: pass "
+                "compute_labels=True, or fit without y."
+            )
+        if self.algorithm == "minibatch":
+            return self._fit_minibatch(X, y, init, n_total, device, gen)
 
         if subsample:
             idx = torch.randperm(n_total, generator=gen, device=gen.device)
@@ -710,19 +821,39 @@ class KMeansProbe(
                 best = (centers, labels, inertia, n_iter, curve)
         centers, labels, inertia, n_iter, curve = best
         del Xs, x_sq, x_sq_init
-
-        if subsample:
+        counts = torch.bincount(labels, minlength=self.k).double()
+        if subsample and not self.compute_labels:
+            labels = None
+        elif subsample:
             labels, inertia = self._label_all(X, centers, cosine, device)
-        if X.ndim == 4:
-            labels = labels.reshape(X.shape[0], X.shape[2], X.shape[3])
+        self.n_steps_ = 0
+        return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
 
+    def _set_fitted(
+        self,
+        X: Any,
+        y: Any,
+        centers: torch.Tensor,
+        counts: torch.Tensor,
+        labels: torch.Tensor | None,
+        inertia: float,
+        n_iter: int,
+        curve: np.ndarray,
+    ) -> KMeansProbe:
+        """Store the fitted attributes (and, given ``y``, the class mapping)."""
+        device = centers.device
         self.cluster_centers_ = centers.detach().cpu().numpy().astype(np.float32)
-        self.labels_ = labels.cpu().numpy()
-        self.inertia_ = float(inertia)
+        self.counts_ = counts.detach().cpu().numpy().astype(np.float64)
         self.n_iter_ = int(n_iter)
         self.inertia_curve_ = np.asarray(curve, dtype=np.float64)
-        for name in ("mapping_", "n_classes_"):
+        for name in ("mapping_", "n_classes_", "labels_", "inertia_"):
             self.__dict__.pop(name, None)
+        if labels is None:
+            return self
+        if X.ndim == 4:
+            labels = labels.reshape(X.shape[0], X.shape[2], X.shape[3])
+        self.labels_ = labels.cpu().numpy()
+        self.inertia_ = float(inertia)
         if y is not None:
             n_classes = _n_valid_classes(y)
             if n_classes == 0:
@@ -745,6 +876,151 @@ class KMeansProbe(
             self.n_classes_ = n_classes
         return self
 
+    def _fit_minibatch(
+        self,
+        X: Any,
+        y: Any,
+        init: Any,
+        n_total: int,
+        device: torch.device,
+        gen: torch.Generator,
+    ) -> KMeansProbe:
+        """``fit`` with ``algorithm="minibatch"``: passes of mini-batch steps."""
+        cosine = self.metric == "cosine"
+        n_init_tokens = min(n_total, max(3 * self.batch_size, 3 * self.k))
+        idx = torch.randperm(n_total, generator=gen, device=gen.device)
+        Xi = _gather_tokens(X, idx[:n_init_tokens].sort().values, device)
+        centers = self._minibatch_init(Xi, init, gen)
+        tol = _mean_variance(Xi) * self.tol if self.tol > 0 else 0.0
+        del Xi
+        counts = torch.zeros(self.k, dtype=torch.float64, device=device)
+        n_steps = n_iter = 0
+        n_batches = -(-n_total // self.batch_size)
+        for n_iter in range(1, self.max_iter + 1):
+            before = centers
+            for xb in tqdm(
+                _token_batches(X, self.batch_size, device),
+                total=n_batches,
+                desc=f"mini-batch k-means pass {n_iter}",
+                disable=not self.verbose,
+                leave=False,
+            ):
+                if cosine:
+                    xb = _normalize_rows(xb)
+                centers, counts = _minibatch_step(xb, centers, counts, cosine)
+                n_steps += 1
+            if float(((centers - before) ** 2).sum()) <= tol:
+                break
+        labels, inertia = None, float("nan")
+        if self.compute_labels:
+            labels, inertia = self._label_all(X, centers, cosine, device)
+        self.n_steps_ = n_steps
+        curve = np.asarray([inertia]) if labels is not None else np.empty(0)
+        return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
+
+    def _minibatch_init(
+        self, Xi: torch.Tensor, init: Any, gen: torch.Generator
+    ) -> torch.Tensor:
+        """Initial centroids from tokens ``Xi``: best of ``n_init`` seedings."""
+        cosine = self.metric == "cosine"
+        if cosine:
+            Xi = _normalize_rows(Xi)
+            x_sq = None
+            x_sq_init = torch.ones(Xi.shape[0], dtype=Xi.dtype, device=Xi.device)
+        else:
+            x_sq = x_sq_init = _row_sq_norms(Xi)
+        best = None
+        for _ in range(self.n_init if isinstance(init, str) else 1):
+            centers = _init_centers(Xi, x_sq_init, self.k, init, gen, cosine)
+            inertia = _evaluate(Xi, x_sq, centers, cosine)[1]
+            if best is None or inertia < best[1]:
+                best = (centers, inertia)
+        return best[0]
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: Any = None) -> KMeansProbe:
+        """One mini-batch k-means step on the tokens of ``X``.
+
+        The first call (on an unfitted probe) initialises the centroids from
+        ``X`` (``init``, best of ``n_init`` by inertia on ``X``); every call
+        then moves each centroid to the running mean of the tokens it has
+        received, as :meth:`sklearn.cluster.MiniBatchKMeans.partial_fit`:
+        ``c <- (c * N + sum) / (N + n)`` over the ``n`` tokens of ``X``
+        nearest to it, ``N`` its count so far (``counts_``), renormalised for
+        ``metric="cosine"``. After a ``fit`` it continues from the fitted
+        centroids and counts.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            One batch of tokens or feature maps (all of it is one step; on-disk
+            input is gathered on ``device``). Not modified.
+        y : None
+            Ignored; present for API consistency. ``mapping_`` is dropped.
+
+        Returns
+        -------
+        self : KMeansProbe
+            The updated estimator; ``labels_`` and ``inertia_`` (when
+            ``compute_labels``) are those of this batch under the updated
+            centroids.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skstego import KMeansProbe
+        >>> rng = np.random.default_rng(0)
+        >>> probe = KMeansProbe(k=2, metric="euclidean", device="cpu", random_state=0)
+        >>> for _ in range(5):
+        ...     batch = np.concatenate([rng.normal(5, 1, (20, 3)),
+        ...                             rng.normal(-5, 1, (20, 3))])
+        ...     probe = probe.partial_fit(batch)
+        >>> probe.counts_.tolist(), probe.n_steps_
+        ([100.0, 100.0], 5)
+        """
+        first = not hasattr(self, "counts_")
+        X = check_features(self, X, reset=first, lazy=True)
+        if is_torch(X):
+            X = X.detach()
+        device = self._resolved_device()
+        cosine = self.metric == "cosine"
+        tokens = _all_tokens(X, device)
+        if first:
+            if tokens.shape[0] < self.k:
+                raise ValueError(
+                    f"The first partial_fit batch has {tokens.shape[0]} tokens; "
+                    f"it should have >= k={self.k} to initialise the centroids."
+                )
+            init = self.init
+            if not isinstance(init, str):
+                init = np.asarray(
+                    init.detach().cpu() if is_torch(init) else init, np.float32
+                )
+                if init.shape != (self.k, self.n_features_in_):
+                    raise ValueError(
+                        f"init has shape {init.shape}; expected (k, n_features) "
+                        f"= ({self.k}, {self.n_features_in_})."
+                    )
+            gen = make_generator(self.random_state, device)
+            centers = self._minibatch_init(tokens, init, gen)
+            counts = torch.zeros(self.k, dtype=torch.float64, device=device)
+            n_steps = 0
+        else:
+            centers = as_tensor(self.cluster_centers_, device)
+            counts = torch.as_tensor(self.counts_, dtype=torch.float64).to(device)
+            n_steps = getattr(self, "n_steps_", 0)
+        if cosine:
+            tokens = _normalize_rows(tokens)
+        centers, counts = _minibatch_step(tokens, centers, counts, cosine)
+        labels, inertia = None, float("nan")
+        if self.compute_labels:
+            x_sq = None if cosine else _row_sq_norms(tokens)
+            labels, inertia = _evaluate(tokens, x_sq, centers, cosine)
+        self.n_steps_ = n_steps + 1
+        curve = np.asarray([inertia]) if labels is not None else np.empty(0)
+        return self._set_fitted(X, None, centers, counts, labels, inertia, 1, curve)
+
     def _label_all(
         self, X: Any, centers: torch.Tensor, cosine: bool, device: torch.device
     ) -> tuple[torch.Tensor, float]:
@@ -754,8 +1030,13 @@ class KMeansProbe(
         )
         out, inertia = [], 0.0
         with torch.no_grad():
-            for sl in iter_slices(
-                X.shape[0], rows_per_batch(per_row, _STREAM_ELEMENTS)
+            rows = rows_per_batch(per_row, _STREAM_ELEMENTS)
+            for sl in tqdm(
+                iter_slices(X.shape[0], rows),
+                total=-(-X.shape[0] // rows),
+                desc="k-means labels",
+                disable=not self.verbose,
+                leave=False,
             ):
                 xb = as_tensor(X[sl], device)
                 if xb.ndim == 4:
