@@ -276,6 +276,7 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         dtype: str = "float16",
         chunk_images: int = 64,
         overwrite: bool = False,
+        client: Any = None,
     ) -> FeatureStore:
         """Write the feature maps of images into a chunked zarr store on disk.
 
@@ -306,6 +307,21 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
             with other featurizer parameters, images, ``dtype`` or
             ``chunk_images`` raises a ValueError (a path holding anything other
             than a feature store is never overwritten).
+        client : distributed.Client, default=None
+            Featurize on a Dask cluster: the unfinished chunks are split among
+            the client's workers, each chunk a task that featurizes its images
+            and writes them straight into the store, then marks the chunk done
+            (a zarr chunk is the unit of work, so writes never overlap). The
+            featurizer is sent once to each worker, which builds ONE backbone
+            and reuses it for all its chunks. ``path`` and image files must be
+            reachable by the workers under the same names (a shared file
+            system); lists of paths travel chunk by chunk, other lazy sources
+            once per worker. With ``device="auto"`` each worker uses its GPU
+            when it has one: start one worker per GPU with
+            ``dask_cuda.LocalCUDACluster()``. If chunks fail (an unreadable
+            image, a lost worker), the others still finish and a RuntimeError
+            names the first failure; rerunning resumes as on one machine.
+            Needs ``distributed`` (``pip install "dask[distributed]"``).
 
         Returns
         -------
@@ -337,6 +353,7 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
             dtype=dtype,
             chunk_images=chunk_images,
             overwrite=overwrite,
+            client=client,
         )
 
     def __sklearn_tags__(self):

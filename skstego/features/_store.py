@@ -316,9 +316,12 @@ def write_store(
     dtype: str,
     chunk_images: int,
     overwrite: bool,
+    client: Any = None,
 ) -> FeatureStore:
     """Implementation of :meth:`DinoFeaturizer.transform_to_store`."""
     zarr = _zarr()
+    if client is not None:
+        _check_client(client)
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}.")
     if isinstance(chunk_images, bool) or not isinstance(
@@ -366,29 +369,215 @@ def write_store(
             "done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False
         )
         done = np.zeros(n_chunks, dtype=bool)
-    array = group["features"] if "features" in group else None
-    is_batch = isinstance(images, np.ndarray) or type(images).__module__ == "torch"
+    if client is not None:
+        _write_on_cluster(
+            client,
+            featurizer,
+            images,
+            path,
+            done,
+            n=n,
+            chunk_images=chunk_images,
+            dtype=dtype,
+            features_exist="features" in group,
+        )
+        group.attrs["complete"] = True
+        return FeatureStore(path)
+    is_batch = _is_batch(images)
     for i in np.flatnonzero(~done):
         start, stop = i * chunk_images, min(n, (i + 1) * chunk_images)
         part = images[start:stop] if is_batch else _Subset(images, start, stop)
-        maps = featurizer.transform(part)
-        maps = maps.detach().cpu().numpy() if hasattr(maps, "detach") else maps
-        if array is None:
-            array = group.create_array(
-                "features",
-                shape=(n, *maps.shape[1:]),
-                chunks=(chunk_images, *maps.shape[1:]),
-                dtype=dtype,
-                fill_value=0.0,
-            )
-        elif tuple(array.shape[1:]) != tuple(maps.shape[1:]):
-            raise ValueError(
-                f"Images {start}:{stop} give feature maps of shape "
-                f"{tuple(maps.shape[1:])}, but the store holds maps of shape "
-                f"{tuple(array.shape[1:])}; with crop='none' all images must give "
-                "maps of one size."
-            )
-        array[start:stop] = maps.astype(dtype)
-        group["done"][int(i)] = True
+        write_chunk(featurizer, part, path, int(i), n, chunk_images, dtype, group)
     group.attrs["complete"] = True
     return FeatureStore(path)
+
+
+def _is_batch(images: Any) -> bool:
+    return isinstance(images, np.ndarray) or type(images).__module__ == "torch"
+
+
+def write_chunk(
+    featurizer: Any,
+    part: Any,
+    path: Path,
+    i: int,
+    n: int,
+    chunk_images: int,
+    dtype: str,
+    group: Any = None,
+) -> tuple[int, int]:
+    """Featurize chunk ``i`` (images ``part``), write it, then mark it done.
+
+    Runs in the calling process, or in a Dask worker on the cluster path
+    (``group`` None: the store is opened there). Creates the ``features``
+    array if the store has none yet (the cluster path runs that chunk alone).
+    Returns ``(i, process id)``.
+    """
+    if group is None:
+        group = _zarr().open_group(str(path), mode="r+")
+    start, stop = i * chunk_images, min(n, (i + 1) * chunk_images)
+    maps = featurizer.transform(part)
+    maps = maps.detach().cpu().numpy() if hasattr(maps, "detach") else maps
+    if "features" not in group:
+        array = group.create_array(
+            "features",
+            shape=(n, *maps.shape[1:]),
+            chunks=(chunk_images, *maps.shape[1:]),
+            dtype=dtype,
+            fill_value=0.0,
+        )
+    else:
+        array = group["features"]
+    if tuple(array.shape[1:]) != tuple(maps.shape[1:]):
+        raise ValueError(
+            f"Images {start}:{stop} give feature maps of shape "
+            f"{tuple(maps.shape[1:])}, but the store holds maps of shape "
+            f"{tuple(array.shape[1:])}; with crop='none' all images must give "
+            "maps of one size."
+        )
+    array[start:stop] = maps.astype(dtype)
+    group["done"][int(i)] = True
+    return int(i), os.getpid()
+
+
+def _cluster_chunk(
+    featurizer: Any,
+    images: Any,
+    path: str,
+    i: int,
+    n: int,
+    chunk_images: int,
+    dtype: str,
+) -> tuple[int, int]:
+    """A Dask task: one chunk, written by the worker into the shared store.
+
+    ``featurizer`` arrives once per worker (scattered with ``broadcast``), so
+    its backbone is built once per worker process (the featurizer's
+    module-level cache) and reused by every chunk the worker writes.
+    ``images`` is either the chunk's own images or the whole (scattered)
+    lazy source.
+    """
+    start, stop = i * chunk_images, min(n, (i + 1) * chunk_images)
+    if isinstance(images, _Whole):
+        images = images.source
+        part = images[start:stop] if _is_batch(images) else _Subset(images, start, stop)
+    else:
+        part = images
+    return write_chunk(featurizer, part, Path(path), i, n, chunk_images, dtype)
+
+
+class _Whole:
+    """Marks a lazy image source sent once to every worker (not one chunk)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+
+def _check_client(client: Any) -> None:
+    if not all(hasattr(client, name) for name in ("submit", "scatter", "gather")):
+        raise TypeError(
+            "client must be a dask.distributed.Client (connected to the cluster "
+            f"whose workers write the store); got {type(client).__name__}."
+        )
+
+
+def _write_on_cluster(
+    client: Any,
+    featurizer: Any,
+    images: Any,
+    path: Path,
+    done: np.ndarray,
+    *,
+    n: int,
+    chunk_images: int,
+    dtype: str,
+    features_exist: bool,
+) -> None:
+    """Featurize the unfinished chunks on the workers of a Dask ``client``.
+
+    A zarr chunk is the unit of work, so no two tasks write one storage
+    object. The featurizer (without progress bars) is scattered to every
+    worker once; lists of paths are sent chunk by chunk, other lazy sources
+    once per worker, array batches chunk by chunk. If the store has no
+    ``features`` array yet, its first unfinished chunk runs first, alone, and
+    creates it. Every task runs to its end even if another fails; then the
+    first failure is raised (the chunks written stay done, for a rerun).
+    """
+    import uuid
+
+    from sklearn.base import clone
+
+    todo = [int(i) for i in np.flatnonzero(~done)]
+    if not todo:
+        return
+    worker_featurizer = clone(featurizer).set_params(verbose=False)
+    (featurizer_future,) = client.scatter(
+        [worker_featurizer], broadcast=True, hash=False
+    )
+    is_list = isinstance(images, (list, tuple))
+    if is_list or _is_batch(images):
+        whole = None
+    else:
+        (whole,) = client.scatter([_Whole(images)], broadcast=True, hash=False)
+    token = uuid.uuid4().hex[:8]
+    where = str(path.resolve())
+    progress = None
+    if featurizer.verbose:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(todo), desc="featurize (chunks)", unit="chunk")
+
+    def submit(i: int) -> Any:
+        start, stop = i * chunk_images, min(n, (i + 1) * chunk_images)
+        if whole is not None:
+            part = whole
+        elif is_list:
+            part = list(images[start:stop])
+        else:
+            part = images[start:stop]
+        return client.submit(
+            _cluster_chunk,
+            featurizer_future,
+            part,
+            where,
+            i,
+            n,
+            chunk_images,
+            dtype,
+            key=f"skstego-chunk-{token}-{i}",
+            pure=False,
+        )
+
+    errors: list[tuple[int, BaseException]] = []
+    try:
+        if not features_exist:  # the first chunk creates the array, alone
+            first = todo.pop(0)
+            _collect([submit(first)], errors, progress)
+            if errors:
+                todo = []
+        _collect([submit(i) for i in todo], errors, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if errors:
+        i, exc = min(errors, key=lambda item: item[0])
+        raise RuntimeError(
+            f"{len(errors)} chunk(s) of the feature store {str(path)!r} failed on "
+            f"the cluster (first: chunk {i}, images {i * chunk_images}:"
+            f"{min(n, (i + 1) * chunk_images)}: {type(exc).__name__}: {exc}). "
+            "The other chunks are written; fix the cause and rerun "
+            "transform_to_store with the same arguments to finish the store."
+        ) from exc
+
+
+def _collect(futures: list, errors: list, progress: Any) -> None:
+    """Wait for every future; record (chunk, exception) of those that failed."""
+    from distributed import as_completed
+
+    for future in as_completed(futures):
+        if future.status == "error":
+            exc = future.exception()
+            errors.append((int(future.key.rsplit("-", 1)[1]), exc))
+        elif progress is not None:
+            progress.update(1)
+        future.release()
