@@ -29,6 +29,7 @@ from sklearn.base import (
 from sklearn.utils._param_validation import Interval, StrOptions
 from tqdm.auto import tqdm
 
+from .._dask import is_dask, kmeans_lloyd, map_method
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
     LazyFeatures,
@@ -771,6 +772,15 @@ class KMeansProbe(
             )
         if self.algorithm == "minibatch":
             return self._fit_minibatch(X, y, init, n_total, device, gen)
+        if not subsample and is_dask(getattr(X, "source", None)):
+            # Lloyd passes of per-chunk statistics computed by dask.
+            fitted = kmeans_lloyd(self, X.source, init, gen, n_total)
+            centers, labels, inertia, n_iter, curve = fitted
+            counts = torch.bincount(labels, minlength=self.k).double()
+            self.n_steps_ = 0
+            return self._set_fitted(
+                X, y, centers.to(device), counts, labels, inertia, n_iter, curve
+            )
 
         if subsample:
             idx = torch.randperm(n_total, generator=gen, device=gen.device)
@@ -1070,6 +1080,8 @@ class KMeansProbe(
             Cosine similarities for ``metric="cosine"``, Euclidean distances for
             ``metric="euclidean"``.
         """
+        if is_dask(X):
+            return map_method(self, "transform", X, self.k)
         X = self._check_X(X)
         device = self._resolved_device()
         centers = self._tensor("cluster_centers_", device)
@@ -1086,6 +1098,32 @@ class KMeansProbe(
                 return d.add_((xb * xb).sum(dim=1, keepdim=True)).clamp_min_(0).sqrt_()
 
         return apply_tokenwise(fn, X, device=device, out_features=self.k)
+
+    def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
+        """Class (when fitted with ``y``) or cluster of every token.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor or dask array of shape \
+                (n_samples, n_features) or (N, n_features, h, w)
+            Tokens or feature maps.
+        size : tuple of (int, int), default=None
+            For maps only: upsample the cluster scores bilinearly to (H, W)
+            before the argmax.
+
+        Returns
+        -------
+        labels : ndarray, torch.Tensor or dask array of int64, shape \
+                (n_samples,), (N, h, w) or (N, H, W)
+            Class ids through ``mapping_`` (-1 for unmatched clusters) when
+            ``fit`` got ``y``, else cluster ids; a lazy dask array, mapped
+            over the chunks, for dask input.
+        """
+        if is_dask(X):
+            if size is not None and X.ndim != 4:
+                raise ValueError("size only applies to 4-D maps (N, C, h, w).")
+            return map_method(self, "predict", X, 0, dtype=np.int64, size=size)
+        return super().predict(X, size=size)
 
     # --------------------------------------------------------------- misc
 

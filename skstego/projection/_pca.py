@@ -24,6 +24,7 @@ from sklearn.base import (
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from .._dask import is_dask, map_method, pca_statistics
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
     TorchEstimatorMixin,
@@ -527,7 +528,7 @@ class TorchPCA(
         for name in ("_stat_n", "_stat_mean", "_stat_scatter"):
             self.__dict__.pop(name, None)
         if solver == "covariance_eigh":
-            n, mean, scatter = _scatter(X, device, None)
+            n, mean, scatter = self._statistics(X, device, None)
             self._store_statistics(n, mean, scatter)
             self._fit_from_statistics(n, mean, scatter, n_components)
         else:
@@ -586,7 +587,7 @@ class TorchPCA(
             )
         device = resolve_device(self.device)
         running = None if first else self._stat_mean
-        n_b, mean_b, scatter_b = _scatter(X, device, running)
+        n_b, mean_b, scatter_b = self._statistics(X, device, running)
         if first:
             n, mean, scatter = n_b, mean_b, scatter_b
         else:
@@ -601,6 +602,13 @@ class TorchPCA(
         self._store_statistics(n, mean, scatter)
         self._fit_from_statistics(n, mean, scatter, n_components)
         return self
+
+    def _statistics(self, X, device, reference):
+        """Count, mean and scatter of ``X``: by dask on its chunks for a dask
+        array (``device`` resolved on each worker), else streamed here."""
+        if is_dask(getattr(X, "source", None)):
+            return pca_statistics(X.source, self.device)
+        return _scatter(X, device, reference)
 
     def _choose_solver(self, n_samples: int, n_features: int, n_components: int):
         """scikit-learn's "auto" policy (PCA._fit in scikit-learn 1.5+)."""
@@ -781,6 +789,8 @@ class TorchPCA(
             NumPy for NumPy input; a tensor on ``device`` for tensor input.
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return map_method(self, "transform", X, self.n_components_)
         X = check_features(self, X, reset=False)
         device = self._resolved_device()
         dtype = _input_dtype(X)

@@ -1,0 +1,410 @@
+"""Dask support: fits from per-chunk statistics, lazy transform and predict.
+
+When an estimator is given a :class:`dask.array.Array`, the work is split
+along its chunks and run by dask's current scheduler (the
+:class:`distributed.Client` in use, when there is one), so the tokens are read
+and reduced where they live and only small statistics come back:
+
+* :func:`pca_statistics`: count, mean and scatter matrix of every chunk
+  (TorchPCA's own chunk accumulation, run on the worker), merged on the
+  client in float64 (Chan et al.) and finalised by TorchPCA itself;
+* :func:`kmeans_lloyd`: each Lloyd iteration is one pass of per-chunk
+  centroid sums, counts and inertia, reduced on the client;
+* :func:`map_method`: ``transform`` / ``predict`` as a lazy dask array,
+  mapped over the chunks (the fitted estimator, whose attributes are NumPy,
+  is shipped to the workers and run on NumPy blocks there).
+
+Layouts: 2-D tokens must be chunked along rows only and 4-D maps
+``(N, C, h, w)`` along images only; other chunkings are rechunked first
+(``X.rechunk({1: -1})`` and so on), which dask does lazily, chunk by chunk.
+dask is an optional dependency (``pip install skstego[dask]``); this module
+imports it only when given a dask array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._device import as_tensor, maps_to_tokens, resolve_device
+
+__all__ = ["is_dask", "kmeans_lloyd", "map_method", "pca_statistics"]
+
+#: Most tokens drawn from a dask array for the k-means++ / random seeding.
+SEED_SAMPLES = 1 << 18
+
+
+def is_dask(X: Any) -> bool:
+    """True for a :class:`dask.array.Array` (without importing dask).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from skstego._dask import is_dask
+    >>> is_dask(da.zeros((4, 2), chunks=2)), is_dask(np.zeros((4, 2)))
+    (True, False)
+    """
+    module = type(X).__module__ or ""
+    return type(X).__name__ == "Array" and module.split(".")[0] == "dask"
+
+
+def _by_rows(X: Any) -> Any:
+    """``X`` chunked along its first axis only (tokens or whole images)."""
+    if any(len(c) > 1 for c in X.chunks[1:]):
+        X = X.rechunk({axis: -1 for axis in range(1, X.ndim)})
+    return X
+
+
+def _blocks(X: Any) -> list:
+    """One delayed NumPy block per row chunk of ``X``."""
+    return list(_by_rows(X).to_delayed().ravel())
+
+
+def _checked(block: Any) -> np.ndarray:
+    """A block as C-contiguous float32 (float64 kept), checked for NaN/inf."""
+    dtype = np.float64 if np.dtype(block.dtype) == np.float64 else np.float32
+    block = np.ascontiguousarray(np.asarray(block), dtype=dtype)
+    if not np.isfinite(block).all():
+        raise ValueError(
+            "Input X contains NaN or infinity (in a dask chunk); remove or "
+            "impute those values before calling skstego."
+        )
+    return block
+
+
+def _tokens(block: Any, device: torch.device) -> torch.Tensor:
+    """(n, C) float32 tokens of a 2-D or 4-D block, on ``device``."""
+    x = as_tensor(_checked(block), device)
+    return maps_to_tokens(x) if x.ndim == 4 else x
+
+
+def _compute(tasks: list) -> list:
+    import dask
+
+    return list(dask.compute(*tasks))
+
+
+# --------------------------------------------------------------------- PCA
+
+
+def _block_scatter(block: Any, device: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    from .projection._pca import _scatter
+
+    return _scatter(_checked(block), resolve_device(device), None)
+
+
+def pca_statistics(X: Any, device: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """Count, float64 mean and scatter matrix of a dask array, by chunks.
+
+    Each chunk's statistics are computed on a worker with TorchPCA's own
+    accumulation (``device`` is resolved there), then merged on the client
+    with Chan et al.'s pairwise update, in float64.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, C) or (N, C, h, w)
+    device : str or torch.device
+        The estimator's ``device`` parameter, resolved on each worker.
+
+    Returns
+    -------
+    n : int
+    mean : ndarray of shape (C,), float64
+    scatter : ndarray of shape (C, C), float64
+    """
+    import dask
+
+    task = dask.delayed(_block_scatter, pure=True)
+    parts = _compute([task(b, device) for b in _blocks(X)])
+    n, mean, scatter = parts[0]
+    for n_b, mean_b, scatter_b in parts[1:]:
+        total = n + n_b
+        delta = mean_b - mean
+        scatter = scatter + scatter_b + np.outer(delta, delta) * (n * n_b / total)
+        mean = mean + delta * (n_b / total)
+        n = total
+    return n, mean, scatter
+
+
+# ------------------------------------------------------------------ k-means
+
+
+def _block_moments(block: Any, cosine: bool) -> tuple[int, np.ndarray, np.ndarray]:
+    """Count, float64 mean and sum of squared deviations of a block's tokens."""
+    from .probes._centroid import _normalize_rows
+
+    x = _tokens(block, torch.device("cpu"))
+    if cosine:
+        x = _normalize_rows(x)
+    x = x.double()
+    mean = x.mean(dim=0)
+    return x.shape[0], mean.numpy(), ((x - mean) ** 2).sum(dim=0).numpy()
+
+
+def _mean_variance(blocks: list, cosine: bool) -> float:
+    """Mean over features of the biased variance of all tokens (Chan merge)."""
+    import dask
+
+    task = dask.delayed(_block_moments, pure=True)
+    parts = _compute([task(b, cosine) for b in blocks])
+    n, mean, m2 = parts[0]
+    for n_b, mean_b, m2_b in parts[1:]:
+        total = n + n_b
+        delta = mean_b - mean
+        m2 = m2 + m2_b + delta**2 * (n * n_b / total)
+        mean = mean + delta * (n_b / total)
+        n = total
+    return float(m2.sum() / (n * mean.shape[0]))
+
+
+def _block_estep(
+    block: Any, centers: np.ndarray, cosine: bool, device: Any, far: int
+) -> dict[str, Any]:
+    """One chunk of a Lloyd iteration: sums, counts, inertia, farthest tokens."""
+    from .probes._centroid import _normalize_rows
+    from .probes._kmeans import _assign, _chunk_rows, _row_sq_norms, _sq_distances
+
+    device = resolve_device(device)
+    with torch.no_grad():
+        x = _tokens(block, device)
+        if cosine:
+            x, x_sq = _normalize_rows(x), None
+        else:
+            x_sq = _row_sq_norms(x)
+        c = torch.as_tensor(centers, device=device)
+        k, d = c.shape
+        labels = torch.empty(x.shape[0], dtype=torch.int64, device=device)
+        best = torch.empty(x.shape[0], dtype=x.dtype, device=device)
+        sums = torch.zeros(k, d, dtype=x.dtype, device=device)
+        _assign(x, c, cosine, _chunk_rows(device, k, d), labels, best, sums)
+        dist = _sq_distances(best, x_sq)
+        top = torch.topk(dist, min(far, x.shape[0])).indices
+        return {
+            "sums": sums.double().cpu().numpy(),
+            "counts": torch.bincount(labels, minlength=k).cpu().numpy(),
+            "inertia": float(dist.sum(dtype=torch.float64)),
+            "far_dist": dist[top].cpu().numpy(),
+            "far_x": x[top].cpu().numpy(),
+            "far_label": labels[top].cpu().numpy(),
+        }
+
+
+def _block_labels(
+    block: Any, centers: np.ndarray, cosine: bool, device: Any
+) -> tuple[np.ndarray, float]:
+    """Labels and inertia of a chunk's tokens against ``centers``."""
+    from .probes._centroid import _normalize_rows
+    from .probes._kmeans import _evaluate, _row_sq_norms
+
+    device = resolve_device(device)
+    with torch.no_grad():
+        x = _tokens(block, device)
+        if cosine:
+            x, x_sq = _normalize_rows(x), None
+        else:
+            x_sq = _row_sq_norms(x)
+        labels, inertia = _evaluate(
+            x, x_sq, torch.as_tensor(centers, device=device), cosine
+        )
+        return labels.cpu().numpy(), inertia
+
+
+def _seed_tokens(X: Any, gen: torch.Generator, n_total: int) -> torch.Tensor:
+    """All tokens (up to :data:`SEED_SAMPLES`), else a random subsample."""
+    X = _by_rows(X)
+    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+    if n_total <= SEED_SAMPLES:
+        x = torch.from_numpy(_checked(X.compute()))
+        return maps_to_tokens(x) if x.ndim == 4 else x
+    idx = torch.randperm(n_total, generator=gen, device=gen.device)[:SEED_SAMPLES]
+    idx = idx.sort().values.cpu().numpy()
+    rows = np.unique(idx // per_image)
+    sub = _checked(X[rows].compute())
+    if X.ndim == 4:
+        sub = sub.reshape(sub.shape[0], sub.shape[1], per_image).transpose(0, 2, 1)
+        sub = sub.reshape(-1, X.shape[1])
+        pos = np.searchsorted(rows, idx // per_image) * per_image + idx % per_image
+        sub = sub[pos]
+    return torch.from_numpy(np.ascontiguousarray(sub))
+
+
+def _relocate(stats: dict, sums: np.ndarray, counts: np.ndarray) -> None:
+    """Re-seed empty clusters with the farthest tokens (as ``_relocate_empty``)."""
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0:
+        return
+    order = np.argsort(-stats["far_dist"], kind="stable")[: empty.size]
+    for cluster, i in zip(empty, order, strict=False):
+        old = stats["far_label"][i]
+        x = stats["far_x"][i].astype(np.float64)
+        sums[old] -= x
+        counts[old] -= 1
+        sums[cluster] = x
+        counts[cluster] = 1
+
+
+def _lloyd(blocks, centers, *, max_iter, tol, cosine, device):
+    """Lloyd iterations over dask chunks, reduced on the client.
+
+    As the in-memory loop, it stops when the squared centroid shift is at
+    most ``tol``; labels are not kept between passes, so a run whose labels
+    have settled stops one iteration later (with the same centroids).
+    """
+    import dask
+
+    k = centers.shape[0]
+    task = dask.delayed(_block_estep, pure=True)
+    measured = []
+    n_iter = 0
+    for _ in range(max_iter):
+        n_iter += 1
+        parts = _compute([task(b, centers, cosine, device, k) for b in blocks])
+        sums = sum(p["sums"] for p in parts)
+        counts = sum(p["counts"] for p in parts).astype(np.int64)
+        measured.append(sum(p["inertia"] for p in parts))
+        far = {
+            key: np.concatenate([p[key] for p in parts])
+            for key in ("far_dist", "far_x", "far_label")
+        }
+        _relocate(far, sums, counts)
+        new = sums / np.maximum(counts, 1)[:, None]
+        if cosine:
+            norms = np.linalg.norm(new, axis=1, keepdims=True)
+            new = new / np.maximum(norms, 1e-12)
+        new = np.where((counts == 0)[:, None], centers, new).astype(np.float32)
+        shift = float(((new.astype(np.float64) - centers) ** 2).sum())
+        centers = new
+        if shift <= tol:
+            break
+    return centers, n_iter, measured
+
+
+def kmeans_lloyd(
+    estimator: Any, X: Any, init: Any, gen: torch.Generator, n_total: int
+) -> tuple[torch.Tensor, torch.Tensor, float, int, np.ndarray]:
+    """Fit a KMeansProbe's centroids on every token of a dask array.
+
+    Seeding as in memory (k-means++ or random on the tokens, or on
+    :data:`SEED_SAMPLES` of them drawn with ``gen`` when there are more; or
+    the ``init`` array), then Lloyd passes of per-chunk statistics computed
+    by dask and reduced on the client; ``n_init`` runs, lowest inertia wins.
+
+    Returns
+    -------
+    centers, labels, inertia, n_iter, inertia_curve
+        As the in-memory loop: (k, C) float32 centroids and (n,) int64 labels
+        (CPU tensors), float inertia, int iterations, float64 curve.
+    """
+    import dask
+
+    from .probes._centroid import _normalize_rows
+    from .probes._kmeans import _init_centers, _row_sq_norms
+
+    cosine = estimator.metric == "cosine"
+    device = estimator.device
+    blocks = _blocks(X)
+    tol = _mean_variance(blocks, cosine) * estimator.tol if estimator.tol > 0 else 0.0
+    n_init = estimator.n_init if isinstance(init, str) else 1
+    seeds, seeds_sq = torch.empty(0, X.shape[1]), None
+    if isinstance(init, str):
+        seeds = _seed_tokens(X, gen, n_total)
+        if cosine:
+            seeds = _normalize_rows(seeds)
+        seeds_sq = torch.ones(seeds.shape[0]) if cosine else _row_sq_norms(seeds)
+    task = dask.delayed(_block_labels, pure=True)
+    best = None
+    for _ in range(n_init):
+        start = _init_centers(
+            seeds,
+            seeds_sq,
+            estimator.k,
+            init,
+            gen,
+            cosine,
+        )
+        centers, n_iter, measured = _lloyd(
+            blocks,
+            start.cpu().numpy().astype(np.float32),
+            max_iter=estimator.max_iter,
+            tol=tol,
+            cosine=cosine,
+            device=device,
+        )
+        parts = _compute([task(b, centers, cosine, device) for b in blocks])
+        inertia = float(sum(p[1] for p in parts))
+        if best is None or inertia < best[2]:
+            labels = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+            curve = np.append(np.asarray(measured[1:], dtype=np.float64), inertia)
+            best = (torch.from_numpy(centers), labels, inertia, n_iter, curve)
+    return best
+
+
+# ------------------------------------------------------- transform / predict
+
+
+def _call(block: np.ndarray, estimator: Any, method: str, kwargs: dict) -> np.ndarray:
+    return np.asarray(getattr(estimator, method)(_checked(block), **kwargs))
+
+
+def map_method(
+    estimator: Any,
+    method: str,
+    X: Any,
+    out_features: int,
+    dtype: Any = np.float32,
+    **kwargs: Any,
+) -> Any:
+    """``estimator.<method>(X)`` as a lazy dask array, mapped over row chunks.
+
+    Parameters
+    ----------
+    estimator : fitted estimator
+        Pickled to the workers (fitted attributes are NumPy) and called on
+        each NumPy block.
+    method : str
+        "transform", "predict", ...
+    X : dask.array.Array of shape (n, C) or (N, C, h, w)
+    out_features : int
+        Width of the output (axis 1); 0 when the method returns one value
+        per token (labels), the channel axis then being dropped.
+    dtype : dtype, default=np.float32
+        dtype of the method's output (np.int64 for labels).
+    **kwargs
+        Passed to the method; ``size=(H, W)`` sets the output's map size.
+
+    Returns
+    -------
+    dask.array.Array
+        (n, out_features), (N, out_features, h, w), (n,) or (N, h, w).
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(estimator)
+    X = _by_rows(X)
+    spatial = tuple((s,) for s in kwargs.get("size") or X.shape[2:])
+    dtype = np.dtype(dtype)
+    if out_features:
+        chunks = (X.chunks[0], (out_features,), *spatial)
+        return X.map_blocks(
+            _call,
+            estimator,
+            method,
+            kwargs,
+            dtype=dtype,
+            chunks=chunks,
+            meta=np.empty((0,) * len(chunks), dtype),
+        )
+    chunks = (X.chunks[0], *spatial)
+    return X.map_blocks(
+        _call,
+        estimator,
+        method,
+        kwargs,
+        dtype=dtype,
+        drop_axis=1,
+        chunks=chunks,
+        meta=np.empty((0,) * len(chunks), dtype),
+    )

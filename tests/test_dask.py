@@ -1,0 +1,176 @@
+"""Dask input: fits from per-chunk statistics on a LocalCluster, lazy outputs.
+
+References: the in-memory fits of the same estimators (themselves checked
+against scikit-learn elsewhere), scikit-learn's PCA, and the sequential
+GridSearchCV for the joblib dask backend.
+"""
+
+import dask
+import dask.array as da
+import joblib
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, get_task_stream
+from sklearn.decomposition import PCA
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+
+from skstego import KMeansProbe, TorchPCA
+from skstego._dask import is_dask
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def _tokens(seed=0, n=3000, d=12, offset=5.0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + offset
+    return X.astype(np.float32)
+
+
+def _ran_on_cluster(stream, client, name):
+    """Tasks named ``name`` ran, on the cluster's worker processes."""
+    workers = set(client.scheduler_info()["workers"])
+    keys = [(t["key"], t["worker"]) for t in stream.data]
+    ran = {w for k, w in keys if name in (k[0] if isinstance(k, tuple) else k)}
+    return bool(ran) and ran <= workers
+
+
+def test_pca_fit_on_dask_equals_in_memory_and_sklearn(client):
+    X = _tokens()
+    D = da.from_array(X, chunks=(700, 6))  # columns split: rechunked
+    with get_task_stream(client) as ts:
+        pca = TorchPCA(4, device="cpu").fit(D)
+    assert _ran_on_cluster(ts, client, "_block_scatter")
+    ref = TorchPCA(4, device="cpu").fit(X)
+    sk = PCA(4, svd_solver="covariance_eigh").fit(X.astype(np.float64))
+    for other in (ref, sk):
+        np.testing.assert_allclose(pca.components_, other.components_, atol=1e-5)
+        np.testing.assert_allclose(
+            pca.explained_variance_, other.explained_variance_, rtol=1e-5
+        )
+        np.testing.assert_allclose(pca.mean_, other.mean_, rtol=1e-6)
+    assert pca.n_samples_ == X.shape[0]
+
+    out = pca.transform(D)
+    assert is_dask(out) and out.chunks[0] == D.chunks[0]
+    np.testing.assert_allclose(out.compute(), ref.transform(X), atol=1e-4)
+
+
+def test_pca_partial_fit_on_dask_batches(client):
+    X = _tokens(1)
+    pca = TorchPCA(3, standardize=True, device="cpu")
+    for part in np.split(X, 2):
+        pca.partial_fit(da.from_array(part, chunks=500))
+    ref = TorchPCA(3, standardize=True, device="cpu").fit(X)
+    np.testing.assert_allclose(pca.components_, ref.components_, atol=1e-5)
+    np.testing.assert_allclose(pca.scale_, ref.scale_, rtol=1e-5)
+
+
+def test_pca_maps_chunked_along_images(client):
+    rng = np.random.default_rng(2)
+    M = rng.normal(size=(6, 8, 5, 4)).astype(np.float32) + 3
+    D = da.from_array(M, chunks=(2, 4, 5, 2))  # rechunked along images only
+    pca = TorchPCA(3, device="cpu").fit(D)
+    tokens = M.transpose(0, 2, 3, 1).reshape(-1, 8).astype(np.float64)
+    sk = PCA(3, svd_solver="covariance_eigh").fit(tokens)
+    np.testing.assert_allclose(pca.components_, sk.components_, atol=1e-5)
+    out = pca.transform(D)
+    assert out.shape == (6, 3, 5, 4) and out.chunks[0] == (2, 2, 2)
+    expected = (tokens - sk.mean_) @ sk.components_.T
+    expected = expected.reshape(6, 5, 4, 3).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(out.compute(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_kmeans_fit_on_dask_equals_in_memory(client, metric):
+    X = _tokens(3, n=2000, d=6, offset=0.0)
+    D = da.from_array(X, chunks=450)
+    with get_task_stream(client) as ts:
+        probe = KMeansProbe(5, metric=metric, device="cpu", random_state=0).fit(D)
+    assert _ran_on_cluster(ts, client, "_block_estep")
+    ref = KMeansProbe(5, metric=metric, device="cpu", random_state=0).fit(X)
+    np.testing.assert_allclose(
+        probe.cluster_centers_, ref.cluster_centers_, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(probe.inertia_, ref.inertia_, rtol=1e-5)
+    np.testing.assert_array_equal(probe.labels_, ref.labels_)
+    # the curve is non-increasing and ends at the final inertia
+    assert np.all(np.diff(probe.inertia_curve_) <= 1e-6 * probe.inertia_)
+    np.testing.assert_allclose(probe.inertia_curve_[-1], probe.inertia_)
+
+    pred = probe.predict(D)
+    assert is_dask(pred) and pred.dtype == np.int64
+    np.testing.assert_array_equal(pred.compute(), ref.predict(X))
+    dist = probe.transform(D)
+    assert is_dask(dist)
+    np.testing.assert_allclose(dist.compute(), ref.transform(X), atol=1e-4)
+
+
+def test_kmeans_init_array_and_labels_on_maps(client):
+    rng = np.random.default_rng(4)
+    M = rng.normal(size=(6, 5, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=(6, 4, 4))
+    init = rng.normal(size=(3, 5)).astype(np.float32)
+    D = da.from_array(M, chunks=(4, 5, 4, 4))
+    kw = dict(metric="euclidean", init=init, device="cpu", tol=0.0, max_iter=20)
+    probe = KMeansProbe(3, **kw).fit(D, y)
+    ref = KMeansProbe(3, **kw).fit(M, y)
+    np.testing.assert_allclose(probe.cluster_centers_, ref.cluster_centers_, atol=1e-5)
+    np.testing.assert_array_equal(probe.labels_, ref.labels_)
+    np.testing.assert_array_equal(probe.mapping_, ref.mapping_)
+    pred = probe.predict(D)
+    assert pred.shape == (6, 4, 4)
+    np.testing.assert_array_equal(pred.compute(), ref.predict(M))
+
+
+def test_dask_errors_are_clear(client):
+    X = _tokens()
+    X[2500, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        TorchPCA(2, device="cpu").fit(da.from_array(X, chunks=1000))
+    with pytest.raises(ValueError, match="4-D maps"):
+        KMeansProbe(2, device="cpu", random_state=0).fit(_tokens()).predict(
+            da.from_array(_tokens(), chunks=1000), size=(4, 4)
+        )
+
+
+def test_gridsearch_with_joblib_dask_backend(client):
+    rng = np.random.default_rng(5)
+    centers = rng.normal(scale=4, size=(3, 8))
+    y = np.repeat(np.arange(3), 60)
+    X = (centers[y] + rng.normal(size=(180, 8))).astype(np.float32)
+    perm = rng.permutation(180)
+    X, y = X[perm], y[perm]
+    pipe = make_pipeline(
+        TorchPCA(device="cpu"),
+        KMeansProbe(3, metric="euclidean", device="cpu", random_state=0),
+    )
+    grid = {"torchpca__dim": [1, 2, 4]}
+    seq = GridSearchCV(pipe, grid, cv=3).fit(X, y)
+    with get_task_stream(client) as ts, joblib.parallel_backend("dask"):
+        par = GridSearchCV(pipe, grid, cv=3, n_jobs=2).fit(X, y)
+    assert ts.data  # the search ran on the cluster
+    for key in ("mean_test_score", "split0_test_score", "rank_test_score"):
+        np.testing.assert_allclose(par.cv_results_[key], seq.cv_results_[key])
+
+
+def test_sync_scheduler_without_cluster():
+    # dask input needs no distributed cluster: any dask scheduler computes it
+    X = _tokens(6)
+    with dask.config.set(scheduler="synchronous"):
+        pca = TorchPCA(2, device="cpu").fit(da.from_array(X, chunks=1000))
+    ref = PCA(2, svd_solver="covariance_eigh").fit(X.astype(np.float64))
+    np.testing.assert_allclose(pca.components_, ref.components_, atol=1e-5)
