@@ -27,28 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ._device import as_tensor, maps_to_tokens, resolve_device
+from ._device import as_tensor, is_dask, maps_to_tokens, resolve_device
 
 __all__ = ["is_dask", "kmeans_lloyd", "map_method", "pca_statistics"]
 
 #: Most tokens drawn from a dask array for the k-means++ / random seeding.
 SEED_SAMPLES = 1 << 18
-
-
-def is_dask(X: Any) -> bool:
-    """True for a :class:`dask.array.Array` (without importing dask).
-
-    Examples
-    --------
-    >>> import dask.array as da
-    >>> import numpy as np
-    >>> from skstego._dask import is_dask
-    >>> is_dask(da.zeros((4, 2), chunks=2)), is_dask(np.zeros((4, 2)))
-    (True, False)
-    """
-    module = type(X).__module__ or ""
-    return type(X).__name__ == "Array" and module.split(".")[0] == "dask"
 
 
 def _by_rows(X: Any) -> Any:
@@ -246,7 +232,7 @@ def _relocate(stats: dict, sums: np.ndarray, counts: np.ndarray) -> None:
         counts[cluster] = 1
 
 
-def _lloyd(blocks, centers, *, max_iter, tol, cosine, device):
+def _lloyd(blocks, centers, *, max_iter, tol, cosine, device, verbose=False):
     """Lloyd iterations over dask chunks, reduced on the client.
 
     As the in-memory loop, it stops when the squared centroid shift is at
@@ -259,7 +245,9 @@ def _lloyd(blocks, centers, *, max_iter, tol, cosine, device):
     task = dask.delayed(_block_estep, pure=True)
     measured = []
     n_iter = 0
-    for _ in range(max_iter):
+    for _ in tqdm(
+        range(max_iter), desc="k-means (dask)", disable=not verbose, leave=False
+    ):
         n_iter += 1
         parts = _compute([task(b, centers, cosine, device, k) for b in blocks])
         sums = sum(p["sums"] for p in parts)
@@ -332,6 +320,7 @@ def kmeans_lloyd(
             tol=tol,
             cosine=cosine,
             device=device,
+            verbose=estimator.verbose,
         )
         parts = _compute([task(b, centers, cosine, device) for b in blocks])
         inertia = float(sum(p[1] for p in parts))

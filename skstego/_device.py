@@ -36,6 +36,7 @@ __all__ = [
     "as_tensor",
     "check_features",
     "check_finite_tensor",
+    "is_dask",
     "is_lazy",
     "is_torch",
     "iter_slices",
@@ -196,6 +197,24 @@ def check_features(
         raise ValueError(f"Expected {layouts}, got an array of shape {X.shape}.")
     _check_counts(X.shape[0], X.shape[1], min_samples, X.shape)
     return X
+
+
+def is_dask(X: Any) -> bool:
+    """True for a :class:`dask.array.Array` (checked without importing dask).
+
+    Estimators send such input to :mod:`skstego._dask`: fits from per-chunk
+    statistics computed by dask, lazy ``transform``/``predict``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from skstego._device import is_dask
+    >>> is_dask(da.zeros((4, 2), chunks=2)), is_dask(np.zeros((4, 2)))
+    (True, False)
+    """
+    module = type(X).__module__ or ""
+    return type(X).__name__ == "Array" and module.split(".")[0] == "dask"
 
 
 def is_lazy(X: Any) -> bool:
