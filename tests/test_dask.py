@@ -174,3 +174,35 @@ def test_sync_scheduler_without_cluster():
         pca = TorchPCA(2, device="cpu").fit(da.from_array(X, chunks=1000))
     ref = PCA(2, svd_solver="covariance_eigh").fit(X.astype(np.float64))
     np.testing.assert_allclose(pca.components_, ref.components_, atol=1e-5)
+
+
+def test_kmeans_empty_cluster_relocated_as_in_memory(client):
+    X = _tokens(7, n=600, d=4, offset=0.0)
+    init = np.vstack([X[:3], np.full((1, 4), 1e3, np.float32)])  # one far away
+    kw = dict(metric="euclidean", init=init, device="cpu", max_iter=30)
+    probe = KMeansProbe(4, **kw).fit(da.from_array(X, chunks=150))
+    ref = KMeansProbe(4, **kw).fit(X)
+    assert np.bincount(probe.labels_, minlength=4).min() > 0
+    np.testing.assert_allclose(probe.cluster_centers_, ref.cluster_centers_, atol=1e-4)
+    np.testing.assert_array_equal(probe.labels_, ref.labels_)
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
+    import torch
+
+    from skstego import _dask
+
+    monkeypatch.setattr(_dask, "SEED_SAMPLES", 50)
+    rng = np.random.default_rng(8)
+    if maps:
+        X = rng.normal(size=(10, 3, 4, 5)).astype(np.float32)
+        tokens = X.transpose(0, 2, 3, 1).reshape(-1, 3)
+        D = da.from_array(X, chunks=(3, 3, 4, 5))
+    else:
+        tokens = X = rng.normal(size=(300, 3)).astype(np.float32)
+        D = da.from_array(X, chunks=70)
+    n = tokens.shape[0]
+    seeds = _dask._seed_tokens(D, torch.Generator().manual_seed(0), n)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:50]
+    np.testing.assert_array_equal(seeds.numpy(), tokens[np.sort(idx.numpy())])
