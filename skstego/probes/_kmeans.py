@@ -783,8 +783,8 @@ class KMeansProbe(
             )
 
         if subsample:
-            idx = torch.randperm(n_total, generator=gen, device=gen.device)
-            Xs = _gather_tokens(X, idx[: self.max_samples].sort().values, device)
+            idx = _sample_indices(n_total, self.max_samples, gen)
+            Xs = _gather_tokens(X, idx, device)
         else:
             Xs = _all_tokens(X, device)
         if cosine:
@@ -898,8 +898,7 @@ class KMeansProbe(
         """``fit`` with ``algorithm="minibatch"``: passes of mini-batch steps."""
         cosine = self.metric == "cosine"
         n_init_tokens = min(n_total, max(3 * self.batch_size, 3 * self.k))
-        idx = torch.randperm(n_total, generator=gen, device=gen.device)
-        Xi = _gather_tokens(X, idx[:n_init_tokens].sort().values, device)
+        Xi = _gather_tokens(X, _sample_indices(n_total, n_init_tokens, gen), device)
         centers = self._minibatch_init(Xi, init, gen)
         tol = _mean_variance(Xi) * self.tol if self.tol > 0 else 0.0
         del Xi
@@ -1140,6 +1139,19 @@ class KMeansProbe(
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+
+
+def _sample_indices(n_total: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``m`` distinct token numbers below ``n_total``, sorted, drawn from ``gen``.
+
+    Memory is O(m), not O(n_total): NumPy's ``Generator.choice`` without
+    replacement uses a hash set (Floyd's algorithm) when ``m`` is a small
+    fraction of ``n_total``, so a billion-token store costs no index array
+    of its size.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
+    idx = np.random.default_rng(seed).choice(n_total, size=m, replace=False)
+    return torch.from_numpy(np.sort(idx))
 
 
 def _all_tokens(X: Any, device: torch.device) -> torch.Tensor:

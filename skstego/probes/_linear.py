@@ -19,6 +19,8 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from tqdm.auto import tqdm
 
 from .._device import (
+    DEFAULT_BATCH_ELEMENTS,
+    LazyFeatures,
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
@@ -35,6 +37,10 @@ from ..metrics import report_from_confusion
 from ._base import check_targets, predict_labels, score_maps, scored_confusion
 
 __all__ = ["LinearProbe"]
+
+#: Values read at a time from on-disk input (a FeatureStore, zarr, dask or
+#: memmap) when ``fit`` / ``partial_fit`` stream it chunk by chunk.
+_STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 
 
 class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
@@ -275,7 +281,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         self : LinearProbe
             The fitted probe.
         """
-        X = check_features(self, X, reset=True)
+        X = check_features(self, X, reset=True, lazy=True)
         device = resolve_device(self.device)
         if y is None:
             raise ValueError(
@@ -284,49 +290,204 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             )
         if X.ndim == 2:
             classes, y_enc = self._encode_fit_labels(y, X.shape[0])
-            tokens = as_tensor(X, device)
-            labels = torch.as_tensor(y_enc).to(device)
-            maps = None
+            labels = torch.as_tensor(y_enc)
         else:
             classes, labels = self._encode_fit_label_maps(X, y, device)
-            if tuple(labels.shape[-2:]) == tuple(X.shape[-2:]):
-                tokens = _maps_as_tokens(X, device)
-                labels = labels.reshape(-1)
-                maps = None
-            else:
-                tokens = None
-                maps = as_tensor(X, device)
         n_classes = len(classes)
-
-        if maps is None:
-            keep = labels >= 0
-            if not bool(keep.all()):
-                tokens, labels = tokens[keep], labels[keep]
-            mean, scale = _token_moments(tokens)
-            counts = torch.bincount(labels, minlength=n_classes)
-            objective = _TokenObjective(tokens, labels, mean, scale, n_classes)
-        else:
-            mean, scale = _map_moments(maps)
-            counts = torch.bincount(labels[labels >= 0], minlength=n_classes)
-            objective = _MapObjective(maps, labels, mean, scale, n_classes)
+        objective, counts = _build_objective(X, labels, n_classes, device)
+        mean = objective.mean
         # Zero weights, intercept at the (smoothed) log class frequencies; both
         # in the standardised parametrisation.
         weight = torch.zeros(n_classes, mean.shape[0], device=device)
         prior = (counts.double() + 1.0) / (counts.sum().double() + n_classes)
         bias = prior.log().float()
+        adam = _Adam([weight, bias], lr=self.lr)
         if self.solver == "adam":
             gen = make_generator(self.random_state, device)
-            self._fit_adam(objective, weight, bias, gen, device)
+            self._fit_adam(objective, weight, bias, gen, device, adam)
         else:
             self._fit_lbfgs(objective, weight, bias)
+        self.classes_ = classes
+        self._set_coefficients(objective, weight, bias, adam)
+        return self
+
+    def _set_coefficients(
+        self,
+        objective: _Objective,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        adam: _Adam,
+    ) -> None:
+        """``coef_`` / ``intercept_`` on raw features; the state partial_fit needs."""
         coef, intercept = objective.raw(weight, bias)
         # Softmax is blind to a shift shared by all intercepts: centre them (as
         # scikit-learn does) so that fits are comparable.
         intercept = intercept - intercept.mean()
-        self.classes_ = classes
         self.coef_ = coef.cpu().numpy()
         self.intercept_ = intercept.cpu().numpy()
+        # Private: the standardised parameters and Adam's moments, so that
+        # partial_fit continues from here.
+        self._adam_state = {
+            "mean": objective.mean.cpu().numpy(),
+            "scale": objective.scale.cpu().numpy(),
+            "params": [weight.cpu().numpy(), bias.cpu().numpy()],
+            "m": [m.cpu().numpy() for m in adam.m],
+            "v": [v.cpu().numpy() for v in adam.v],
+            "t": adam.t,
+        }
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> LinearProbe:
+        """One epoch of Adam over ``X``, continuing from the current state.
+
+        The contract of :meth:`sklearn.linear_model.SGDClassifier.partial_fit`:
+        the first call (on an unfitted probe) fixes the classes -- ``classes``
+        is required there for 1-D labels; for label maps it defaults to
+        ``0..max label`` of the first batch -- and the feature
+        standardisation, taken from the (labelled tokens of the) first batch;
+        the weights start at zero and the intercept at the log class
+        frequencies of the first batch. Every call then shuffles the tokens
+        of ``X`` (whole images for label maps of another size) and makes Adam
+        steps of ``batch_size`` over them, Adam's moments carrying over
+        between calls. After :meth:`fit` it continues from the fitted model.
+        On-disk ``X`` is read chunk by chunk (shuffled within each chunk).
+        ``solver`` does not apply: the steps are always Adam's.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor or on-disk array of shape \
+(n_samples, n_features) or (N, C, h, w)
+            One batch of tokens or feature maps. Not modified.
+        y : array-like or torch.Tensor of shape (n_samples,) or (N, H, W)
+            Its labels, all in ``classes`` (``ignore_index`` and, for label
+            maps, negative labels are ignored).
+        classes : array-like of shape (n_classes,), default=None
+            Every class of the whole stream; required on the first call for
+            1-D labels, checked against ``classes_`` afterwards.
+
+        Returns
+        -------
+        self : LinearProbe
+            The updated probe; ``loss_curve_`` gains the batch's mean loss.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skstego import LinearProbe
+        >>> rng = np.random.default_rng(0)
+        >>> probe = LinearProbe(lr=0.05, device="cpu", random_state=0)
+        >>> for _ in range(20):
+        ...     X = rng.normal(size=(64, 3))
+        ...     probe = probe.partial_fit(X, (X[:, 0] > 0).astype(int), classes=[0, 1])
+        >>> X = rng.normal(size=(200, 3))
+        >>> bool(probe.score(X, (X[:, 0] > 0).astype(int)) > 0.9)
+        True
+        """
+        state = getattr(self, "_adam_state", None)
+        first = state is None
+        X = check_features(self, X, reset=first, lazy=True)
+        device = self._resolved_device()
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__}.partial_fit requires y; got y=None."
+            )
+        if X.ndim == 2:
+            classes_, labels = self._encode_partial_labels(y, X.shape[0], classes)
+        else:
+            classes_, labels = self._encode_partial_label_maps(X, y, classes, device)
+        n_classes = len(classes_)
+        moments = None
+        if not first:
+            moments = tuple(
+                torch.as_tensor(state[key]).to(device) for key in ("mean", "scale")
+            )
+        objective, counts = _build_objective(X, labels, n_classes, device, moments)
+        if first:
+            weight = torch.zeros(n_classes, objective.mean.shape[0], device=device)
+            prior = (counts.double() + 1.0) / (counts.sum().double() + n_classes)
+            bias = prior.log().float()
+            adam = _Adam([weight, bias], lr=self.lr)
+        else:
+            weight, bias = (torch.as_tensor(p).to(device) for p in state["params"])
+            adam = _Adam([weight, bias], lr=self.lr)
+            adam.m = [torch.as_tensor(m).to(device) for m in state["m"]]
+            adam.v = [torch.as_tensor(v).to(device) for v in state["v"]]
+            adam.t = state["t"]
+        gen = make_generator(self.random_state, device)
+        loss = self._adam_epoch(
+            objective,
+            weight,
+            bias,
+            adam,
+            gen,
+            device,
+            self._batch(objective.n_labelled),
+        )
+        self.classes_ = classes_
+        self._set_coefficients(objective, weight, bias, adam)
+        self.loss_curve_ = (
+            [*getattr(self, "loss_curve_", []), loss] if not first else [loss]
+        )
+        self.n_iter_ = len(self.loss_curve_)
         return self
+
+    def _encode_partial_labels(
+        self, y: Any, n_samples: int, classes: Any
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """1-D labels -> codes in ``classes_`` (fixed by the first call)."""
+        known = getattr(self, "classes_", None)
+        if known is None and classes is None:
+            raise ValueError(
+                "classes must be passed on the first call to partial_fit with 1-D "
+                "labels: the classes of the whole stream, e.g. classes=np.unique(y)."
+            )
+        if classes is not None:
+            given = np.unique(_labels_to_numpy(classes))
+            if known is not None and not np.array_equal(given, known):
+                raise ValueError(
+                    f"classes={given.tolist()!r} differs from the classes_ of the "
+                    f"earlier calls, {known.tolist()!r}."
+                )
+            known = given
+        _check_n_classes(len(known), known)
+        y = column_or_1d(_labels_to_numpy(y), warn=True)
+        if y.shape[0] != n_samples:
+            raise ValueError(
+                f"X has {n_samples} samples but y has {y.shape[0]} labels; for 2-D "
+                "X, y must be 1-D with one label per row."
+            )
+        keep = self._kept(y)
+        unknown = ~np.isin(y[keep], known)
+        if unknown.any():
+            raise ValueError(
+                f"y holds labels {np.unique(y[keep][unknown]).tolist()!r} that are "
+                f"not in classes {known.tolist()!r}."
+            )
+        codes = np.full(n_samples, -1, dtype=np.int64)
+        codes[keep] = np.searchsorted(known, y[keep])
+        return known, torch.as_tensor(codes)
+
+    def _encode_partial_label_maps(
+        self, X: Any, y: Any, classes: Any, device: torch.device
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Label maps -> class ids below ``n_classes`` (fixed by the first call)."""
+        known = getattr(self, "classes_", None)
+        if known is None and classes is None:
+            known, labels = self._encode_fit_label_maps(X, y, device)
+            return known, labels
+        if known is None:
+            known = np.arange(int(np.max(_labels_to_numpy(classes))) + 1)
+            _check_n_classes(len(known), known)
+        labels = torch.as_tensor(check_targets(X, y)).to(device)
+        valid = labels >= 0
+        if self.ignore_index is not None:
+            valid &= labels != self.ignore_index
+        if bool((labels[valid] >= len(known)).any()):
+            raise ValueError(
+                f"y holds class ids >= {len(known)}, the number of classes fixed "
+                "by the first partial_fit call (pass classes= covering them all)."
+            )
+        return known, torch.where(valid, labels, -1)
 
     def _batch(self, n_labelled: int) -> int:
         if self.batch_size == "auto":
@@ -381,10 +542,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         bias: torch.Tensor,
         gen: torch.Generator,
         device: torch.device,
+        adam: _Adam,
     ) -> None:
         """Mini-batch Adam epochs, updating ``weight`` and ``bias`` in place."""
-        adam = _Adam([weight, bias], lr=self.lr)
-        wd = float(self.weight_decay)
         batch_size = self._batch(objective.n_labelled)
         self.loss_curve_ = []
         best = np.inf
@@ -396,22 +556,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             leave=False,
         )
         for _ in bar:
-            perm = torch.randperm(objective.units, generator=gen, device=device)
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            count = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in objective.batches(perm, batch_size):
-                loss, n, grad_w, grad_b = objective.loss_grad(batch, weight, bias)
-                n_ = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
-                grad_w.div_(n_)
-                grad_b.div_(n_)
-                if wd:
-                    grad_w.add_(weight, alpha=wd)
-                adam.step([grad_w, grad_b])
-                total += loss
-                count += n
-            loss = float(total / count.clamp(min=1))
-            if wd:
-                loss += 0.5 * wd * float(weight.square().sum())
+            loss = self._adam_epoch(
+                objective, weight, bias, adam, gen, device, batch_size
+            )
             self.loss_curve_.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
             if not np.isfinite(loss):
@@ -432,6 +579,37 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=4,
             )
+
+    def _adam_epoch(
+        self,
+        objective: _Objective,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        adam: _Adam,
+        gen: torch.Generator,
+        device: torch.device,
+        batch_size: int,
+    ) -> float:
+        """One shuffled pass of Adam steps; returns the epoch's mean loss."""
+        wd = float(self.weight_decay)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        for part, batch in objective.epoch(gen, batch_size, device):
+            loss, n, grad_w, grad_b = part.loss_grad(batch, weight, bias)
+            n_ = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+            grad_w.div_(n_)
+            grad_b.div_(n_)
+            if wd:
+                grad_w.add_(weight, alpha=wd)
+            adam.step([grad_w, grad_b])
+            total += loss
+            count += n
+        loss = float(total / count.clamp(min=1))
+        if wd:
+            loss += 0.5 * wd * float(weight.square().sum())
+        if not np.isfinite(loss):
+            raise ValueError("The training loss diverged; lower lr or check the input.")
+        return loss
 
     def _fit_lbfgs(
         self, objective: _Objective, weight: torch.Tensor, bias: torch.Tensor
@@ -866,8 +1044,15 @@ class _Objective:
 
     def __init__(self, mean: torch.Tensor, scale: torch.Tensor, n_classes: int):
         self.n_classes = n_classes
+        self.mean, self.scale = mean, scale
         self.inv = 1.0 / scale
         self.shift = -mean * self.inv
+
+    def epoch(self, gen: torch.Generator, batch_size: int, device: torch.device):
+        """``(objective, batch)`` pairs of one shuffled pass."""
+        perm = torch.randperm(self.units, generator=gen, device=device)
+        for batch in self.batches(perm, batch_size):
+            yield self, batch
 
     def raw(
         self, weight: torch.Tensor, bias: torch.Tensor
@@ -969,3 +1154,113 @@ class _MapObjective(_Objective):
             loss = F.cross_entropy(logits, yb, ignore_index=-1, reduction="sum")
             grad_w, grad_b = torch.autograd.grad(loss, [w_, b_])
         return loss.detach(), (yb >= 0).sum(), grad_w, grad_b
+
+
+class _StreamedObjective(_Objective):
+    """The objective over on-disk features, read chunk by chunk.
+
+    Each chunk (consecutive rows or images, about ``_STREAM_ELEMENTS``
+    values) becomes an in-memory :class:`_TokenObjective` (its labelled
+    tokens) or :class:`_MapObjective` (label maps of another size); an epoch
+    shuffles within each chunk, chunks in order. ``labels`` (encoded, -1
+    ignored) stay where they are and are moved per chunk.
+    """
+
+    def __init__(self, X, labels, n_classes, device):
+        self.X, self.labels, self.device = X, labels, device
+        self.n_classes = n_classes
+        self.units = X.shape[0]
+        self.same_size = X.ndim == 2 or tuple(labels.shape[-2:]) == tuple(X.shape[-2:])
+        per_row = int(np.prod(X.shape[1:])) + int(np.prod(labels.shape[1:]))
+        self.rows = rows_per_batch(2 * per_row, _STREAM_ELEMENTS)
+        valid = labels >= 0
+        self.n_labelled = int(valid.sum()) if self.same_size else labels.numel()
+        self.counts = torch.bincount(labels[valid].reshape(-1), minlength=n_classes)
+
+    def chunks(self):
+        """(tokens, labels) of the labelled tokens, or (maps, label maps)."""
+        for sl in iter_slices(self.units, self.rows):
+            xb = as_tensor(self.X[sl], self.device)
+            yb = self.labels[sl].to(self.device)
+            if not self.same_size:
+                yield xb, yb
+                continue
+            if xb.ndim == 4:
+                xb, yb = maps_to_tokens(xb), yb.reshape(-1)
+            keep = yb >= 0
+            if not bool(keep.all()):
+                xb, yb = xb[keep], yb[keep]
+            yield xb, yb
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation per feature: two streamed passes."""
+        c = self.X.shape[1]
+        total = torch.zeros(c, dtype=torch.float64, device=self.device)
+        n = 0
+        for xb, _ in self.chunks():
+            tokens = maps_to_tokens(xb) if xb.ndim == 4 else xb
+            total += tokens.sum(0, dtype=torch.float64)
+            n += tokens.shape[0]
+        mean = total / max(n, 1)
+        sq = torch.zeros(c, dtype=torch.float64, device=self.device)
+        for xb, _ in self.chunks():
+            tokens = maps_to_tokens(xb) if xb.ndim == 4 else xb
+            sq += (tokens.double() - mean).square().sum(0)
+        return mean.float(), _scale_from(sq, n)
+
+    def parts(self):
+        cls = _TokenObjective if self.same_size else _MapObjective
+        for xb, yb in self.chunks():
+            yield cls(xb, yb, self.mean, self.scale, self.n_classes)
+
+    def epoch(self, gen, batch_size, device):
+        for part in self.parts():
+            yield from part.epoch(gen, batch_size, device)
+
+    def full_loss_grad(self, weight, bias):
+        total = torch.zeros((), dtype=torch.float64, device=weight.device)
+        count = torch.zeros((), dtype=torch.float64, device=weight.device)
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        for part in self.parts():
+            loss, n, gw, gb = part.full_loss_grad(weight, bias)
+            total += loss
+            count += n
+            grad_w += gw
+            grad_b += gb
+        return total, count, grad_w, grad_b
+
+
+def _build_objective(
+    X: Any,
+    labels: torch.Tensor,
+    n_classes: int,
+    device: torch.device,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[_Objective, torch.Tensor]:
+    """The training objective of encoded ``labels`` and the class counts.
+
+    ``moments`` (mean, scale) fixes the standardisation; None measures it on
+    the data (on the labelled tokens, or every pixel for label maps of
+    another size). On-disk ``X`` gives a :class:`_StreamedObjective`.
+    """
+    if isinstance(X, LazyFeatures):
+        objective = _StreamedObjective(X, labels, n_classes, device)
+        mean, scale = objective.moments() if moments is None else moments
+        _Objective.__init__(objective, mean, scale, n_classes)
+        return objective, objective.counts.to(device)
+    labels = labels.to(device)
+    if X.ndim == 2 or tuple(labels.shape[-2:]) == tuple(X.shape[-2:]):
+        if X.ndim == 2:
+            tokens = as_tensor(X, device)
+        else:
+            tokens, labels = _maps_as_tokens(X, device), labels.reshape(-1)
+        keep = labels >= 0
+        if not bool(keep.all()):
+            tokens, labels = tokens[keep], labels[keep]
+        mean, scale = _token_moments(tokens) if moments is None else moments
+        counts = torch.bincount(labels, minlength=n_classes)
+        return _TokenObjective(tokens, labels, mean, scale, n_classes), counts
+    maps = as_tensor(X, device)
+    mean, scale = _map_moments(maps) if moments is None else moments
+    counts = torch.bincount(labels[labels >= 0], minlength=n_classes)
+    return _MapObjective(maps, labels, mean, scale, n_classes), counts
