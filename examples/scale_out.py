@@ -25,6 +25,7 @@ cores) or ``python examples/scale_out.py --quick`` (well under a minute).
 
 # %%
 import argparse
+import logging
 import resource
 import sys
 import tempfile
@@ -85,13 +86,17 @@ def start_cluster(n_workers: int):
             from dask_cuda import LocalCUDACluster
 
             cluster = LocalCUDACluster(
-                host="127.0.0.1", dashboard_address=None, threads_per_worker=1
+                host="127.0.0.1",
+                dashboard_address=None,
+                threads_per_worker=1,
+                silence_logs=logging.ERROR,
             )
             return cluster, distributed.Client(cluster)
         except ImportError:
             print("CUDA found but not dask-cuda: one CPU-process cluster instead")
     cluster = distributed.LocalCluster(
         n_workers=n_workers,
+        silence_logs=logging.ERROR,
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",

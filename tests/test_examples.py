@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +98,39 @@ def test_plot_mechanisms_quick_writes_the_mechanism_table_and_figure(tmp_path):
     assert kmeans.n_iter.ge(1).all() and kmeans.silhouette.between(-1, 1).all()
     assert kmeans[kmeans.seed == 1].stability_ari.notna().all()
     assert mechanisms.ece.between(0, 1).all()
+
+
+def test_scale_out_quick_featurizes_on_two_dask_workers(tmp_path):
+    pytest.importorskip("distributed")
+    zarr = pytest.importorskip("zarr")
+    from skstego.features import FeatureStore
+
+    store_path = tmp_path / "features.zarr"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "scale_out.py"),
+            "--quick",
+            "--store",
+            str(store_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RANDOMLY INITIALISED" in result.stdout  # offline default, said once
+    # --quick: 48 scenes of 48 px, vit_tiny (patch 16, 192 channels): 3 x 3 maps
+    assert "on 2 Dask workers" in result.stdout
+    assert f"featurized 48 images ({48 * 3 * 3} tokens of 192 channels)" in (
+        result.stdout
+    )
+    store = FeatureStore(store_path)
+    assert store.shape == (48, 192, 3, 3) and store.attrs["chunk_images"] == 8
+    assert np.asarray(zarr.open_group(str(store_path))["done"][:]).all()
+    assert np.isfinite(store[:]).all() and store[:].std(axis=(0, 2, 3)).min() > 0
+    miou = float(result.stdout.split("unsupervised mIoU ")[1].split(",")[0])
+    assert 0.0 <= miou <= 100.0
+    assert "peak RSS: client" in result.stdout
