@@ -10,7 +10,9 @@ from sklearn.linear_model import LogisticRegression
 
 import skstego.probes._kmeans as kmeans_module
 import skstego.probes._linear as linear_module
-from skstego import KMeansProbe, LinearProbe
+from skstego import HNNEProjector, KMeansProbe, LinearProbe
+from skstego._device import LazyFeatures
+from skstego.projection._hnne import sample_tokens
 
 
 def _blobs(rng, n, d=5, k=3):
@@ -283,3 +285,29 @@ def test_linear_streams_label_maps_of_another_size(tmp_path):
     np.testing.assert_array_equal(part_mem.classes_, [0, 1, 2])
     with pytest.raises(ValueError, match="class ids >= 3"):
         part_mem.partial_fit(maps, labels + 1)
+
+
+# ------------------------------------------------------------ HNNEProjector
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_hnne_subsample_streamed_from_memmap_equals_in_memory(tmp_path, maps):
+    rng = np.random.default_rng(10)
+    X = _blobs(rng, 600, d=6, k=4)
+    if maps:
+        X = X.reshape(24, 5, 5, 6).transpose(0, 3, 1, 2).copy()
+    on_disk = _memmap(tmp_path, "x.npy", X)
+    lazy = LazyFeatures(on_disk)
+    tokens = X.transpose(0, 2, 3, 1).reshape(-1, 6) if maps else X
+    got, idx = sample_tokens(lazy, 100, 0)
+    ref, ref_idx = sample_tokens(X, 100, 0)
+    assert len(np.unique(idx)) == 100 and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(got, tokens[idx])
+    np.testing.assert_array_equal(ref, tokens[idx])
+    params = dict(dim=2, max_fit_samples=200, device="cpu", random_state=0)
+    streamed = HNNEProjector(**params).fit(on_disk)
+    memory = HNNEProjector(**params).fit(X)
+    np.testing.assert_allclose(
+        streamed.transform(X), memory.transform(X), rtol=1e-5, atol=1e-5
+    )

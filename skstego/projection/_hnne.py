@@ -30,6 +30,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
+    LazyFeatures,
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
@@ -74,22 +75,33 @@ def sample_tokens(
     """Tokens that hnne is fitted on, as a C-contiguous float32 NumPy array.
 
     All tokens when there are at most ``max_samples`` (or it is None), else a
-    uniform draw without replacement of ``max_samples`` tokens, taken on the
-    CPU with a :class:`torch.Generator` seeded from ``random_state`` (so the
-    sample does not depend on the device). Returns the tokens and the sorted
-    flat indices of the drawn tokens (None when all are used). ``X`` is
-    never modified (a float32 2-D array may be shared, read-only).
+    uniform draw without replacement of ``max_samples`` tokens, seeded from
+    ``random_state`` on the CPU (so the sample does not depend on the
+    device), in O(max_samples) memory whatever the number of tokens (NumPy's
+    ``Generator.choice`` without replacement). Returns the tokens and the
+    sorted flat indices of the drawn tokens (None when all are used). ``X``
+    is never modified (a float32 2-D array may be shared, read-only).
+    On-disk ``X`` (:class:`~skstego._device.LazyFeatures`) is read once,
+    chunk by chunk, keeping only the drawn tokens: the same sample as from
+    the same data in memory.
     """
     cpu = torch.device("cpu")
     if is_torch(X):
         X = X.detach()
     n = n_tokens(X)
     if max_samples is None or n <= max_samples:
+        if isinstance(X, LazyFeatures):
+            return _gather_lazy_tokens(X, None), None
         Xt = as_tensor(X, cpu)
         Xt = maps_to_tokens(Xt) if Xt.ndim == 4 else Xt
         return np.ascontiguousarray(Xt.numpy()), None
     gen = make_generator(random_state, cpu)
-    idx = torch.randperm(n, generator=gen)[:max_samples].sort().values.numpy()
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    idx = np.sort(
+        np.random.default_rng(seed).choice(n, size=max_samples, replace=False)
+    )
+    if isinstance(X, LazyFeatures):
+        return _gather_lazy_tokens(X, idx), idx
     if X.ndim == 2:
         sub = X[torch.from_numpy(idx).to(X.device)] if is_torch(X) else X[idx]
     else:
@@ -102,6 +114,33 @@ def sample_tokens(
         else:
             sub = X.reshape(b, c, h * w)[rows, :, cols]
     return np.ascontiguousarray(as_tensor(sub, cpu).numpy()), idx
+
+
+def _gather_lazy_tokens(X: LazyFeatures, idx: np.ndarray | None) -> np.ndarray:
+    """Tokens ``idx`` (sorted flat indices; None for all) of on-disk ``X``.
+
+    One pass over ``X`` in slices of about ``DEFAULT_BATCH_ELEMENTS`` values
+    (prefetched by :class:`LazyFeatures`); only the drawn tokens are kept.
+    """
+    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+    c = X.shape[1]
+    out = np.empty((n_tokens(X) if idx is None else len(idx), c), np.float32)
+    filled = 0
+    for sl in iter_slices(X.shape[0], rows_per_batch(int(np.prod(X.shape[1:])))):
+        lo, hi = sl.start * per_image, sl.stop * per_image
+        if idx is not None:
+            a, b = np.searchsorted(idx, [lo, hi])
+            if a == b:
+                continue
+        xb = X[sl]
+        if X.ndim == 4:
+            xb = xb.reshape(xb.shape[0], c, per_image).transpose(0, 2, 1)
+            xb = xb.reshape(-1, c)
+        if idx is not None:
+            xb = xb[idx[a:b] - lo]
+        out[filled : filled + xb.shape[0]] = xb
+        filled += xb.shape[0]
+    return out
 
 
 def nearest_rows(
@@ -306,7 +345,10 @@ class HNNEProjector(
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features) \
                 or (N, n_features, h, w)
-            Tokens or feature maps. Not modified.
+            Tokens or feature maps. Not modified. On-disk input (a
+            :class:`~skstego.features.FeatureStore`, a zarr or dask array, a
+            NumPy memmap) is read once, chunk by chunk, keeping only the
+            ``max_fit_samples`` drawn tokens: never loaded as a whole.
 
         y : Ignored
             Not used, present for API consistency by convention.
@@ -316,7 +358,7 @@ class HNNEProjector(
         self : HNNEProjector
             Fitted estimator.
         """
-        X = check_features(self, X, reset=True)
+        X = check_features(self, X, reset=True, lazy=True)
         self._fit(X, stacklevel=4)
         return self
 
