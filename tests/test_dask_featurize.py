@@ -103,6 +103,25 @@ def test_cluster_store_equals_local_transform(
     assert sorted(counts.values()) == [1, 1]
 
 
+@pytest.mark.parametrize("source", ["collection", "array"])
+def test_cluster_store_from_a_lazy_collection_or_an_array(
+    client, weights, image_paths, expected, tmp_path, source
+):
+    # a lazy collection is sent once per worker, an array chunk by chunk
+    from skstego.datasets import ImageCollection
+
+    if source == "collection":
+        images, reference = ImageCollection(image_paths), expected
+    else:
+        images = np.stack([np.asarray(Image.open(p))[:RES] for p in image_paths])
+        reference = _featurizer(weights).transform(images)
+    store = _featurizer(weights).transform_to_store(
+        images, tmp_path / "f.zarr", chunk_images=CHUNK, client=client
+    )
+    assert store.storage_dtype == np.float16
+    np.testing.assert_allclose(store[:], reference, rtol=2e-3, atol=2e-3)
+
+
 def test_cluster_write_resumes_after_a_failed_chunk(
     client, weights, image_paths, expected, tmp_path
 ):

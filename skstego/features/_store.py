@@ -3,7 +3,10 @@
 :meth:`DinoFeaturizer.transform_to_store` writes ``(N, C, h, w)`` feature maps
 into a zarr group, chunk of images by chunk of images, marking each chunk done
 once written, so that a rerun after an interruption computes only the chunks
-not yet done. :class:`FeatureStore` opens such a store read-only; the
+not yet done. With ``client=`` (a ``distributed.Client``) the unfinished
+chunks are tasks on the Dask cluster's workers (:func:`write_chunk` in each),
+which write straight into the shared store: a zarr chunk is the unit of work,
+so writes never overlap. :class:`FeatureStore` opens such a store read-only; the
 reducers and probes that stream (``TorchPCA.fit`` / ``partial_fit``,
 ``KMeansProbe.fit``) read it chunk by chunk, never as a whole.
 
