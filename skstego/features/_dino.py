@@ -321,7 +321,8 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
             ``dask_cuda.LocalCUDACluster()``. If chunks fail (an unreadable
             image, a lost worker), the others still finish and a RuntimeError
             names the first failure; rerunning resumes as on one machine.
-            Needs ``distributed`` (``pip install "dask[distributed]"``).
+            Needs zarr and distributed (``pip install
+            "skstego[store,dask]"``).
 
         Returns
         -------
