@@ -311,3 +311,48 @@ def test_hnne_subsample_streamed_from_memmap_equals_in_memory(tmp_path, maps):
     np.testing.assert_allclose(
         streamed.transform(X), memory.transform(X), rtol=1e-5, atol=1e-5
     )
+
+
+# ------------------------------------------------------------ StegoProjector
+
+
+def test_stego_trains_from_a_feature_store_as_from_memory(tmp_path):
+    import timm
+    import torch
+
+    from skstego import DinoFeaturizer, StegoProjector
+
+    pytest.importorskip("zarr")
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+    images = np.random.RandomState(0).randint(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    featurizer = DinoFeaturizer(vit, resolution=16, device="cpu")
+    store = featurizer.transform_to_store(images, tmp_path / "f.zarr", chunk_images=2)
+    reads = []
+    getitem = type(store).__getitem__
+
+    def counting(self, key):
+        reads.append(key)
+        return getitem(self, key)
+
+    with pytest.warns(UserWarning, match="whole feature store"):
+        full = np.asarray(store)
+    params = dict(
+        dim=3, n_steps=4, batch_size=3, n_neighbors=2, device="cpu", random_state=0
+    )
+    memory = StegoProjector(**params).fit(full)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(store), "__getitem__", counting)
+        streamed = StegoProjector(**params).fit(store)
+    for name, value in memory.head_state_.items():
+        np.testing.assert_allclose(streamed.head_state_[name], value, atol=1e-6)
+    np.testing.assert_allclose(streamed.loss_curve_, memory.loss_curve_, rtol=1e-5)
+    # one pass of slices for the descriptors, then one fancy-indexed read per
+    # step of just its batch (images and partners)
+    fancy = [k for k in reads if not isinstance(k, slice)]
+    assert len(fancy) == params["n_steps"]
+    assert all(len(k) == 2 * params["batch_size"] for k in fancy)
+    slices = [k for k in reads if isinstance(k, slice)]
+    assert sum(min(k.stop, len(full)) - k.start for k in slices) == len(full)

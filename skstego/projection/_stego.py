@@ -593,7 +593,11 @@ class StegoProjector(
         ----------
         X : array-like or torch.Tensor of shape (N, C, h, w) or (n_samples, C)
             Feature maps (or tokens, as 1x1 maps); at least 2 samples (an
-            image needs another image as its positive partner).
+            image needs another image as its positive partner). On-disk
+            input (a :class:`~skstego.features.FeatureStore`, a zarr or dask
+            array, a NumPy memmap) is never loaded whole: the K-NN
+            descriptors are computed in one chunked pass and every training
+            step reads only its batch (and the partners) by fancy indexing.
 
         y : Ignored
             Not used, present for API consistency by convention.
@@ -604,7 +608,7 @@ class StegoProjector(
             Fitted estimator.
         """
         first = not (self.warm_start and hasattr(self, "head_state_"))
-        X = check_features(self, X, reset=first, min_samples=2)
+        X = check_features(self, X, reset=first, min_samples=2, lazy=True)
         self._fit(X, continue_=not first)
         return self
 
@@ -632,7 +636,7 @@ class StegoProjector(
             The estimator, trained further.
         """
         first = not hasattr(self, "head_state_")
-        X = check_features(self, X, reset=first, min_samples=2)
+        X = check_features(self, X, reset=first, min_samples=2, lazy=True)
         self._fit(X, continue_=not first)
         return self
 
