@@ -220,9 +220,13 @@ def is_dask(X: Any) -> bool:
 def is_lazy(X: Any) -> bool:
     """True for input read in slices rather than loaded: on disk or out of core.
 
-    That is a :class:`~skstego.features.FeatureStore` (or anything with a true
-    ``_skstego_lazy`` attribute), a NumPy memmap, a zarr array or a dask
-    array.
+    That is a :class:`~skstego.features.FeatureStore`, a NumPy memmap, a zarr
+    array, a dask array, or any object that opts in with a true
+    ``_skstego_lazy`` class attribute. That duck-typed protocol asks for
+    ``shape`` and ``dtype`` attributes (``ndim`` optional) and
+    ``__getitem__`` with a slice of rows (and, for estimators that draw
+    batches, a 1-D integer array of rows) returning array-likes: e.g. tokens
+    generated on the fly, as ``benchmarks/bench_streaming.py`` does.
 
     Examples
     --------
@@ -232,6 +236,14 @@ def is_lazy(X: Any) -> bool:
     >>> path = tempfile.mkdtemp() + "/x.dat"
     >>> is_lazy(np.zeros(3)), is_lazy(np.memmap(path, shape=3, mode="w+"))
     (False, True)
+    >>> class Generated:  # rows made on demand, never stored
+    ...     _skstego_lazy = True
+    ...     shape, dtype = (10**9, 4), np.dtype("float32")
+    ...     def __getitem__(self, rows):
+    ...         n = len(range(*rows.indices(self.shape[0])))
+    ...         return np.ones((n, 4), dtype=np.float32)
+    >>> is_lazy(Generated())
+    True
     """
     if isinstance(X, (np.memmap, LazyFeatures)) or getattr(X, "_skstego_lazy", False):
         return True
