@@ -268,7 +268,12 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features) or \
 (N, C, h, w)
-            Tokens or feature maps.
+            Tokens or feature maps. On-disk input (a
+            :class:`~skstego.features.FeatureStore`, a zarr or dask array, a
+            NumPy memmap) is streamed, never loaded whole: two passes for the
+            standardisation, then every Adam epoch reads it chunk by chunk
+            (shuffling within each chunk, chunks in order) and every L-BFGS
+            evaluation sums the chunks' gradients. The labels stay in memory.
 
         y : array-like or torch.Tensor of shape (n_samples,) or (N, H, W)
             Labels of any type scikit-learn classifiers accept for tokens;
