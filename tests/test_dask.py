@@ -206,3 +206,24 @@ def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
     seeds = _dask._seed_tokens(D, torch.Generator().manual_seed(0), n)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:50]
     np.testing.assert_array_equal(seeds.numpy(), tokens[np.sort(idx.numpy())])
+
+
+def test_random_projection_on_dask_is_lazy_and_equal(client):
+    from skstego import RandomProjection
+
+    X = _tokens(seed=3)
+    dX = da.from_array(X, chunks=(700, -1))
+    rp = RandomProjection(4, kind="gaussian", device="cpu", random_state=0)
+    fitted = rp.fit(dX)  # only the shape is read
+    ref = RandomProjection(4, kind="gaussian", device="cpu", random_state=0).fit(X)
+    np.testing.assert_array_equal(fitted.components_, ref.components_)
+    with get_task_stream(client) as stream:
+        out = fitted.transform(dX)
+        assert is_dask(out) and out.shape == (3000, 4)
+        computed = out.compute()
+    np.testing.assert_allclose(computed, ref.transform(X), rtol=1e-5, atol=1e-5)
+    assert _ran_on_cluster(stream, client, "_call")  # map_method's task
+    both = RandomProjection(4, kind="gaussian", device="cpu", random_state=0)
+    np.testing.assert_allclose(
+        both.fit_transform(dX).compute(), ref.transform(X), rtol=1e-5, atol=1e-5
+    )

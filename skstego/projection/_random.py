@@ -25,12 +25,14 @@ from sklearn.random_projection import johnson_lindenstrauss_min_dim
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from .._dask import map_method
 from .._device import (
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
     check_features,
     check_finite_tensor,
+    is_dask,
     is_torch,
     iter_slices,
     make_generator,
@@ -222,7 +224,8 @@ class RandomProjection(
         self : RandomProjection
             Fitted estimator.
         """
-        X = check_features(self, X, reset=True)
+        # data-independent: only the shape is read (lazy input stays lazy)
+        X = check_features(self, X, reset=True, lazy=True)
         self._fit(X, stacklevel=4)
         return self
 
@@ -246,6 +249,8 @@ class RandomProjection(
             Projected data, float32; NumPy for NumPy input, torch (on the
             estimator's device) for torch input.
         """
+        if is_dask(X):
+            return self.fit(X).transform(X)
         X = check_features(self, X, reset=True)
         # One more frame to the caller: the set_output wrapper.
         device = self._fit(X, stacklevel=5)
@@ -268,6 +273,8 @@ class RandomProjection(
             estimator's device) for torch input.
         """
         check_is_fitted(self)
+        if is_dask(X):  # lazy: mapped over the chunks, on the workers
+            return map_method(self, "transform", X, self.n_components_)
         X = check_features(self, X, reset=False)
         return self._transform(X, self._resolved_device())
 
