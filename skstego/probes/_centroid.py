@@ -69,7 +69,7 @@ class CentroidProbeMixin:
 
     def _check_X(self, X: Any) -> Any:
         check_is_fitted(self)
-        return check_features(self, X, reset=False)
+        return check_features(self, X, reset=False, lazy=True)
 
     def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
         """Class (when fitted with ``y``) or cluster of every token.

@@ -697,7 +697,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
     def _checked(self, X: Any) -> tuple[Any, torch.device]:
         check_is_fitted(self)
-        X = check_features(self, X, reset=False)
+        X = check_features(self, X, reset=False, lazy=True)
         return X, self._resolved_device()
 
     def decision_function(self, X: Any) -> np.ndarray | torch.Tensor:

@@ -405,7 +405,7 @@ class HNNEProjector(
             device) for torch input.
         """
         check_is_fitted(self)
-        X = check_features(self, X, reset=False)
+        X = check_features(self, X, reset=False, lazy=True)
         return self._transform(X, self._resolved_device())
 
     # ------------------------------------------------------------ internals

@@ -791,7 +791,7 @@ class TorchPCA(
         check_is_fitted(self)
         if is_dask(X):
             return map_method(self, "transform", X, self.n_components_)
-        X = check_features(self, X, reset=False)
+        X = check_features(self, X, reset=False, lazy=True)
         device = self._resolved_device()
         dtype = _input_dtype(X)
         comps = self._tensor("components_", device)

@@ -33,6 +33,7 @@ from .._device import (
     check_features,
     check_finite_tensor,
     is_dask,
+    is_lazy,
     is_torch,
     iter_slices,
     make_generator,
@@ -275,7 +276,7 @@ class RandomProjection(
         check_is_fitted(self)
         if is_dask(X):  # lazy: mapped over the chunks, on the workers
             return map_method(self, "transform", X, self.n_components_)
-        X = check_features(self, X, reset=False)
+        X = check_features(self, X, reset=False, lazy=True)
         return self._transform(X, self._resolved_device())
 
     def inverse_transform(self, X: Any) -> np.ndarray | torch.Tensor:
@@ -475,6 +476,8 @@ def _linear(
 
 def _is_cpu_float32(X: np.ndarray | torch.Tensor) -> bool:
     """True when ``X`` can be used on the CPU as float32 without any copy."""
+    if is_lazy(X):  # read slice by slice, never whole
+        return False
     if is_torch(X):
         return X.device.type == "cpu" and X.dtype == torch.float32
     return X.dtype == np.float32 and X.flags.c_contiguous

@@ -656,7 +656,7 @@ class StegoProjector(
             device) for torch input.
         """
         check_is_fitted(self)
-        X = check_features(self, X, reset=False)
+        X = check_features(self, X, reset=False, lazy=True)
         device = self._resolved_device()
         params = self._device_params(device)
         return apply_tokenwise(
