@@ -227,3 +227,21 @@ def test_random_projection_on_dask_is_lazy_and_equal(client):
     np.testing.assert_allclose(
         both.fit_transform(dX).compute(), ref.transform(X), rtol=1e-5, atol=1e-5
     )
+
+
+def test_linear_probe_outputs_on_dask_are_lazy(client):
+    from skstego import LinearProbe
+
+    rng = np.random.default_rng(0)
+    X = _tokens(seed=4, n=600)
+    y = np.where(X[:, 0] > np.median(X[:, 0]), 7, 3)
+    probe = LinearProbe(device="cpu", random_state=0, max_iter=5).fit(X, y)
+    dX = da.from_array(X, chunks=(150, -1))
+    pred, proba = probe.predict(dX), probe.predict_proba(dX)
+    assert is_dask(pred) and is_dask(proba)
+    np.testing.assert_array_equal(pred.compute(), probe.predict(X))
+    np.testing.assert_allclose(proba.compute(), probe.predict_proba(X), atol=1e-6)
+    maps = rng.normal(size=(6, 12, 4, 4)).astype(np.float32)
+    dmaps = da.from_array(maps, chunks=(2, -1, -1, -1))
+    up = probe.predict(dmaps, size=(8, 8))
+    np.testing.assert_array_equal(up.compute(), probe.predict(maps, size=(8, 8)))

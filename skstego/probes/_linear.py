@@ -18,6 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from tqdm.auto import tqdm
 
+from .._dask import map_method
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
     LazyFeatures,
@@ -25,6 +26,7 @@ from .._device import (
     apply_tokenwise,
     as_tensor,
     check_features,
+    is_dask,
     is_torch,
     iter_slices,
     make_generator,
@@ -747,8 +749,12 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         proba : ndarray or torch.Tensor of shape (n_samples, n_classes) or \
 (N, n_classes, h, w)
             Probabilities in the order of ``classes_``; (N, n_classes, H, W)
-            with ``size``.
+            with ``size``; a lazy dask array for dask input.
         """
+        if is_dask(X):
+            check_is_fitted(self)
+            kw = {} if size is None else {"size": size}
+            return map_method(self, "predict_proba", X, len(self.classes_), **kw)
         X, device = self._checked(X)
         n_classes = len(self.classes_)
         return score_maps(
@@ -808,6 +814,11 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             a tensor on the probe's device, except for non-numeric classes,
             which come back as a NumPy array.
         """
+        if is_dask(X) and self.classes_.dtype.kind in "iub":
+            # lazy: mapped over the chunks, on the workers
+            check_is_fitted(self)
+            kw = {} if size is None else {"size": size}
+            return map_method(self, "predict", X, 0, dtype=self.classes_.dtype, **kw)
         X, device = self._checked(X)
         if size is not None and X.ndim != 4:
             raise ValueError("size applies to 4-D feature maps only.")
