@@ -98,3 +98,12 @@ def test_probes_predict_and_score_lazily(maps):
     for method in ("predict", "decision_function", "predict_proba"):
         _check(method, lin, X)
     _check("score", lin, X, y=y)
+
+
+def test_hnne_fit_transform_streams(maps):
+    X, _ = maps
+    expected = HNNEProjector(4, device="cpu", random_state=0).fit_transform(X)
+    lazy = Recorded(X)
+    got = HNNEProjector(4, device="cpu", random_state=0).fit_transform(lazy)
+    assert max(lazy.reads) < len(X)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -384,7 +384,7 @@ class HNNEProjector(
             Codes, float32; NumPy for NumPy input, torch (on the estimator's
             device) for torch input.
         """
-        X = check_features(self, X, reset=True)
+        X = check_features(self, X, reset=True, lazy=True)
         device = self._fit(X, stacklevel=5)  # + the set_output wrapper
         return self._transform(X, device)
 
