@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from .._device import check_features, is_torch
+from .._dask import map_method
+from .._device import check_features, is_dask, is_torch
 from ..metrics import report_from_confusion
 from ._base import check_targets, predict_labels, score_maps, scored_confusion
 
@@ -76,8 +78,8 @@ class CentroidProbeMixin:
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
+        X : array-like, torch.Tensor or dask array of shape \
+                (n_samples, n_features) or (N, n_features, h, w)
             Tokens or feature maps.
         size : tuple of (int, int), default=None
             For maps only: upsample the cluster scores bilinearly to (H, W)
@@ -85,15 +87,22 @@ class CentroidProbeMixin:
 
         Returns
         -------
-        labels : ndarray or torch.Tensor of int64, shape (n_samples,), (N, h, w) \
-                or (N, H, W)
+        labels : ndarray, torch.Tensor or dask array of int64, shape \
+                (n_samples,), (N, h, w) or (N, H, W)
             Class ids through ``mapping_`` (-1 for unmatched clusters) when
             ``fit`` got ``y``, else cluster ids. NumPy for NumPy input, torch on
-            the estimator's device for torch input.
+            the estimator's device for torch input, a lazy dask array mapped
+            over the chunks for dask input.
         """
-        X = self._check_X(X)
+        dask_input = is_dask(X)
+        if dask_input:
+            check_is_fitted(self)
+        else:
+            X = self._check_X(X)
         if size is not None and X.ndim != 4:
             raise ValueError("size only applies to 4-D maps (N, C, h, w).")
+        if dask_input:
+            return map_method(self, "predict", X, 0, dtype=np.int64, size=size)
         device = self._resolved_device()
         label_fn = None
         if hasattr(self, "mapping_"):

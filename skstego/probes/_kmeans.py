@@ -1098,32 +1098,6 @@ class KMeansProbe(
 
         return apply_tokenwise(fn, X, device=device, out_features=self.k)
 
-    def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
-        """Class (when fitted with ``y``) or cluster of every token.
-
-        Parameters
-        ----------
-        X : array-like, torch.Tensor or dask array of shape \
-                (n_samples, n_features) or (N, n_features, h, w)
-            Tokens or feature maps.
-        size : tuple of (int, int), default=None
-            For maps only: upsample the cluster scores bilinearly to (H, W)
-            before the argmax.
-
-        Returns
-        -------
-        labels : ndarray, torch.Tensor or dask array of int64, shape \
-                (n_samples,), (N, h, w) or (N, H, W)
-            Class ids through ``mapping_`` (-1 for unmatched clusters) when
-            ``fit`` got ``y``, else cluster ids; a lazy dask array, mapped
-            over the chunks, for dask input.
-        """
-        if is_dask(X):
-            if size is not None and X.ndim != 4:
-                raise ValueError("size only applies to 4-D maps (N, C, h, w).")
-            return map_method(self, "predict", X, 0, dtype=np.int64, size=size)
-        return super().predict(X, size=size)
-
     # --------------------------------------------------------------- misc
 
     @property
