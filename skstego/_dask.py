@@ -150,16 +150,12 @@ def _block_estep(
     block: Any, centers: np.ndarray, cosine: bool, device: Any, far: int
 ) -> dict[str, Any]:
     """One chunk of a Lloyd iteration: sums, counts, inertia, farthest tokens."""
-    from .probes._centroid import _normalize_rows
-    from .probes._kmeans import _assign, _chunk_rows, _row_sq_norms, _sq_distances
+    from .probes._kmeans import _assign, _chunk_rows, _prepare_tokens, _sq_distances
 
     device = resolve_device(device)
     with torch.no_grad():
         x = _tokens(block, device)
-        if cosine:
-            x, x_sq = _normalize_rows(x), None
-        else:
-            x_sq = _row_sq_norms(x)
+        x, x_sq = _prepare_tokens(x, cosine)
         c = torch.as_tensor(centers, device=device)
         k, d = c.shape
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=device)
@@ -182,16 +178,12 @@ def _block_labels(
     block: Any, centers: np.ndarray, cosine: bool, device: Any
 ) -> tuple[np.ndarray, float]:
     """Labels and inertia of a chunk's tokens against ``centers``."""
-    from .probes._centroid import _normalize_rows
-    from .probes._kmeans import _evaluate, _row_sq_norms
+    from .probes._kmeans import _evaluate, _prepare_tokens
 
     device = resolve_device(device)
     with torch.no_grad():
         x = _tokens(block, device)
-        if cosine:
-            x, x_sq = _normalize_rows(x), None
-        else:
-            x_sq = _row_sq_norms(x)
+        x, x_sq = _prepare_tokens(x, cosine)
         labels, inertia = _evaluate(
             x, x_sq, torch.as_tensor(centers, device=device), cosine
         )

@@ -129,6 +129,16 @@ def _row_sq_norms(X: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _prepare_tokens(
+    X: torch.Tensor, cosine: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens as the distance kernels take them: unit rows for cosine (no
+    norms needed), else the rows with their squared norms."""
+    if cosine:
+        return _normalize_rows(X), None
+    return X, _row_sq_norms(X)
+
+
 def _mean_variance(X: torch.Tensor) -> float:
     """Mean over features of the (biased) variance, two-pass in chunks."""
     mean = X.mean(dim=0)
@@ -1050,10 +1060,7 @@ class KMeansProbe(
                 xb = as_tensor(X[sl], device)
                 if xb.ndim == 4:
                     xb = maps_to_tokens(xb)
-                if cosine:
-                    xb, x_sq = _normalize_rows(xb), None
-                else:
-                    x_sq = _row_sq_norms(xb)
+                xb, x_sq = _prepare_tokens(xb, cosine)
                 lab, part = _evaluate(xb, x_sq, centers, cosine)
                 inertia += part
                 out.append(lab)
