@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._dask import map_method
 from .._device import check_features, is_dask, is_torch
-from ..metrics import report_from_confusion
+from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
 from ._base import check_targets, predict_labels, score_maps, scored_confusion
 
 __all__ = ["CentroidProbeMixin"]
@@ -60,6 +60,35 @@ class CentroidProbeMixin:
     @property
     def _n_outputs(self) -> int:
         return int(self.cluster_centers_.shape[0])
+
+    def _fit_mapping(self, X: Any, y: Any, labels: Any, device: torch.device) -> None:
+        """``mapping_`` and ``n_classes_`` from the training labels ``y``.
+
+        The Hungarian assignment on the confusion of ``y`` with the training
+        clusters ``labels`` (or, for label maps of another size than ``X``,
+        with the argmax of the cluster scores upsampled to that size).
+        """
+        n_classes = _n_valid_classes(y)
+        if n_classes == 0:
+            raise ValueError(
+                "y holds no valid label (all labels are negative); fit without "
+                "y, or pass class ids >= 0."
+            )
+        if X.ndim == 2 or tuple(y.shape[-2:]) == tuple(X.shape[-2:]):
+            conf = confusion_matrix(
+                y, labels, n_classes=n_classes, n_pred=self._n_outputs
+            )
+        else:
+            conf = scored_confusion(
+                self._scorer(device),
+                X,
+                y,
+                device=device,
+                n_outputs=self._n_outputs,
+                n_classes=n_classes,
+            )
+        self.mapping_ = hungarian_match(conf)
+        self.n_classes_ = n_classes
 
     def _scorer(self, device: torch.device):
         """Token scores (m, C) -> (m, k) to maximise, on ``device``."""

@@ -19,10 +19,9 @@ from sklearn.base import BaseEstimator, ClusterMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._device import TorchEstimatorMixin, check_features, is_torch, resolve_device
-from ..metrics import confusion_matrix, hungarian_match
 from ..projection._hnne import hnne_seed, new_hnne, sample_tokens
-from ._base import check_targets, predict_labels, scored_confusion
-from ._centroid import CentroidProbeMixin, _n_valid_classes, _normalize_rows
+from ._base import check_targets, predict_labels
+from ._centroid import CentroidProbeMixin, _normalize_rows
 
 __all__ = ["HNNEClusterProbe"]
 
@@ -275,27 +274,7 @@ class HNNEClusterProbe(
         for name in ("mapping_", "n_classes_"):
             self.__dict__.pop(name, None)
         if y is not None:
-            n_classes = _n_valid_classes(y)
-            if n_classes == 0:
-                raise ValueError(
-                    "y holds no valid label (all labels are negative); fit without "
-                    "y, or pass class ids >= 0."
-                )
-            if X.ndim == 2 or tuple(y.shape[-2:]) == tuple(X.shape[-2:]):
-                conf = confusion_matrix(
-                    y, labels, n_classes=n_classes, n_pred=n_clusters
-                )
-            else:
-                conf = scored_confusion(
-                    self._scorer(device),
-                    X,
-                    y,
-                    device=device,
-                    n_outputs=n_clusters,
-                    n_classes=n_classes,
-                )
-            self.mapping_ = hungarian_match(conf)
-            self.n_classes_ = n_classes
+            self._fit_mapping(X, y, labels, device)
         return self
 
     def _choose_level(self, levels: np.ndarray) -> int:

@@ -44,11 +44,9 @@ from .._device import (
     resolve_device,
     rows_per_batch,
 )
-from ..metrics import confusion_matrix, hungarian_match
-from ._base import check_targets, scored_confusion
+from ._base import check_targets
 from ._centroid import (
     CentroidProbeMixin,
-    _n_valid_classes,
     _normalize_rows,
     _similarity,
 )
@@ -875,25 +873,7 @@ class KMeansProbe(
         self.labels_ = labels.cpu().numpy()
         self.inertia_ = float(inertia)
         if y is not None:
-            n_classes = _n_valid_classes(y)
-            if n_classes == 0:
-                raise ValueError(
-                    "y holds no valid label (all labels are negative); fit without "
-                    "y, or pass class ids >= 0."
-                )
-            if X.ndim == 2 or tuple(y.shape[-2:]) == tuple(X.shape[-2:]):
-                conf = confusion_matrix(y, labels, n_classes=n_classes, n_pred=self.k)
-            else:
-                conf = scored_confusion(
-                    self._scorer(device),
-                    X,
-                    y,
-                    device=device,
-                    n_outputs=self.k,
-                    n_classes=n_classes,
-                )
-            self.mapping_ = hungarian_match(conf)
-            self.n_classes_ = n_classes
+            self._fit_mapping(X, y, labels, device)
         return self
 
     def _fit_minibatch(
