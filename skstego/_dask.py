@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 
 from ._device import as_tensor, is_dask, maps_to_tokens, resolve_device
 
-__all__ = ["is_dask", "kmeans_lloyd", "map_method", "pca_statistics"]
+__all__ = [
+    "gather_tokens",
+    "is_dask",
+    "kmeans_lloyd",
+    "label_tokens",
+    "map_method",
+    "merge_moments",
+    "pca_statistics",
+]
 
 #: Most tokens drawn from a dask array for the k-means++ / random seeding.
 SEED_SAMPLES = 1 << 18
@@ -130,12 +138,12 @@ def _block_moments(block: Any, cosine: bool) -> tuple[int, np.ndarray, np.ndarra
     return x.shape[0], mean.numpy(), ((x - mean) ** 2).sum(dim=0).numpy()
 
 
-def _mean_variance(blocks: list, cosine: bool) -> float:
-    """Mean over features of the biased variance of all tokens (Chan merge)."""
-    import dask
+def merge_moments(parts: list) -> tuple[int, np.ndarray, np.ndarray]:
+    """Merge per-chunk (count, mean, sum of squared deviations) (Chan et al.).
 
-    task = dask.delayed(_block_moments, pure=True)
-    parts = _compute([task(b, cosine) for b in blocks])
+    Chunks of zero count are skipped. Float64 throughout.
+    """
+    parts = [p for p in parts if p[0] > 0] or parts[:1]
     n, mean, m2 = parts[0]
     for n_b, mean_b, m2_b in parts[1:]:
         total = n + n_b
@@ -143,6 +151,15 @@ def _mean_variance(blocks: list, cosine: bool) -> float:
         m2 = m2 + m2_b + delta**2 * (n * n_b / total)
         mean = mean + delta * (n_b / total)
         n = total
+    return n, mean, m2
+
+
+def _mean_variance(blocks: list, cosine: bool) -> float:
+    """Mean over features of the biased variance of all tokens (Chan merge)."""
+    import dask
+
+    task = dask.delayed(_block_moments, pure=True)
+    n, mean, m2 = merge_moments(_compute([task(b, cosine) for b in blocks]))
     return float(m2.sum() / (n * mean.shape[0]))
 
 
@@ -190,23 +207,71 @@ def _block_labels(
         return labels.cpu().numpy(), inertia
 
 
-def _seed_tokens(X: Any, gen: torch.Generator, n_total: int) -> torch.Tensor:
-    """All tokens (up to :data:`SEED_SAMPLES`), else a random subsample."""
+def _block_take(block: Any, local: np.ndarray) -> np.ndarray:
+    """Tokens number ``local`` (sorted, image-major) of one block."""
+    x = _checked(block)
+    if x.ndim == 4:
+        b, c = x.shape[:2]
+        hw = x.shape[2] * x.shape[3]
+        x = x.reshape(b, c, hw)[local // hw, :, local % hw]
+    else:
+        x = x[local]
+    return np.ascontiguousarray(x)
+
+
+def gather_tokens(X: Any, idx: np.ndarray) -> np.ndarray:
+    """Tokens number ``idx`` (sorted) of a dask array, selected on the workers.
+
+    Tokens are numbered image-major and row-major within an image for
+    ``(N, C, h, w)`` maps, as in memory. Each chunk's task returns only its
+    selected tokens, so the traffic is ``len(idx)`` tokens, not the array.
+
+    Returns
+    -------
+    ndarray of shape (len(idx), C)
+        float32 (float64 kept).
+    """
+    import dask
+
     X = _by_rows(X)
     per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+    bounds = np.concatenate([[0], np.cumsum(X.chunks[0])]) * per_image
+    cuts = np.searchsorted(idx, bounds)
+    task = dask.delayed(_block_take, pure=True)
+    tasks = [
+        task(block, idx[cuts[i] : cuts[i + 1]] - bounds[i])
+        for i, block in enumerate(_blocks(X))
+        if cuts[i] < cuts[i + 1]
+    ]
+    parts = _compute(tasks)
+    if not parts:
+        return np.empty((0, X.shape[1]), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def label_tokens(
+    X: Any, centers: np.ndarray, cosine: bool, device: Any
+) -> tuple[np.ndarray, float]:
+    """Labels (n,) and inertia of every token of a dask array, on the workers."""
+    import dask
+
+    task = dask.delayed(_block_labels, pure=True)
+    parts = _compute([task(b, centers, cosine, device) for b in _blocks(X)])
+    return np.concatenate([p[0] for p in parts]), float(sum(p[1] for p in parts))
+
+
+def _seed_tokens(X: Any, gen: torch.Generator, n_total: int) -> torch.Tensor:
+    """All tokens (up to :data:`SEED_SAMPLES`), else a random subsample.
+
+    The subsample is drawn in O(:data:`SEED_SAMPLES`) memory, as KMeansProbe
+    draws ``max_samples`` (no permutation of all ``n_total`` tokens).
+    """
+    from .probes._kmeans import _sample_indices
+
     if n_total <= SEED_SAMPLES:
-        x = torch.from_numpy(_checked(X.compute()))
-        return maps_to_tokens(x) if x.ndim == 4 else x
-    idx = torch.randperm(n_total, generator=gen, device=gen.device)[:SEED_SAMPLES]
-    idx = idx.sort().values.cpu().numpy()
-    rows = np.unique(idx // per_image)
-    sub = _checked(X[rows].compute())
-    if X.ndim == 4:
-        sub = sub.reshape(sub.shape[0], sub.shape[1], per_image).transpose(0, 2, 1)
-        sub = sub.reshape(-1, X.shape[1])
-        pos = np.searchsorted(rows, idx // per_image) * per_image + idx % per_image
-        sub = sub[pos]
-    return torch.from_numpy(np.ascontiguousarray(sub))
+        return torch.from_numpy(gather_tokens(X, np.arange(n_total)))
+    idx = _sample_indices(n_total, SEED_SAMPLES, gen).numpy()
+    return torch.from_numpy(gather_tokens(X, idx))
 
 
 def _relocate(stats: dict, sums: np.ndarray, counts: np.ndarray) -> None:
@@ -278,7 +343,6 @@ def kmeans_lloyd(
         As the in-memory loop: (k, C) float32 centroids and (n,) int64 labels
         (CPU tensors), float inertia, int iterations, float64 curve.
     """
-    import dask
 
     from .probes._centroid import _normalize_rows
     from .probes._kmeans import _init_centers, _row_sq_norms
@@ -294,7 +358,6 @@ def kmeans_lloyd(
         if cosine:
             seeds = _normalize_rows(seeds)
         seeds_sq = torch.ones(seeds.shape[0]) if cosine else _row_sq_norms(seeds)
-    task = dask.delayed(_block_labels, pure=True)
     best = None
     for _ in range(n_init):
         start = _init_centers(
@@ -314,10 +377,9 @@ def kmeans_lloyd(
             device=device,
             verbose=estimator.verbose,
         )
-        parts = _compute([task(b, centers, cosine, device) for b in blocks])
-        inertia = float(sum(p[1] for p in parts))
+        labels, inertia = label_tokens(X, centers, cosine, device)
         if best is None or inertia < best[2]:
-            labels = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+            labels = torch.from_numpy(labels)
             curve = np.append(np.asarray(measured[1:], dtype=np.float64), inertia)
             best = (torch.from_numpy(centers), labels, inertia, n_iter, curve)
     return best

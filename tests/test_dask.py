@@ -204,8 +204,36 @@ def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
         D = da.from_array(X, chunks=70)
     n = tokens.shape[0]
     seeds = _dask._seed_tokens(D, torch.Generator().manual_seed(0), n)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:50]
-    np.testing.assert_array_equal(seeds.numpy(), tokens[np.sort(idx.numpy())])
+    # the draw: a seed from the generator, then 50 distinct token numbers
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(0)))
+    idx = np.random.default_rng(seed).choice(n, size=50, replace=False)
+    np.testing.assert_array_equal(seeds.numpy(), tokens[np.sort(idx)])
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_kmeans_subsample_gathered_and_labelled_on_the_workers(client, maps):
+    rng = np.random.default_rng(11)
+    if maps:
+        X = rng.normal(size=(12, 4, 5, 5)).astype(np.float32)
+        D = da.from_array(X, chunks=(5, 4, 5, 5))
+    else:
+        X = _tokens(12, n=1500, d=4, offset=0.0)
+        D = da.from_array(X, chunks=400)
+    kw = dict(max_samples=120, device="cpu", random_state=0)
+    with get_task_stream(client) as ts:
+        probe = KMeansProbe(4, **kw).fit(D)
+    assert _ran_on_cluster(ts, client, "_block_take")
+    assert _ran_on_cluster(ts, client, "_block_labels")
+    # the same sample (drawn from the same generator) gives the same fit
+    ref = KMeansProbe(4, **kw).fit(X)
+    np.testing.assert_allclose(probe.cluster_centers_, ref.cluster_centers_, atol=1e-6)
+    np.testing.assert_array_equal(probe.labels_, ref.labels_)
+    np.testing.assert_allclose(probe.inertia_, ref.inertia_, rtol=1e-5)
+    # and only the sample's tokens came back from the workers
+    lean = KMeansProbe(4, compute_labels=False, **kw)
+    with get_task_stream(client) as ts:
+        lean.fit(D)
+    assert not _ran_on_cluster(ts, client, "_block_labels")
 
 
 def test_random_projection_on_dask_is_lazy_and_equal(client):
@@ -245,3 +273,107 @@ def test_linear_probe_outputs_on_dask_are_lazy(client):
     dmaps = da.from_array(maps, chunks=(2, -1, -1, -1))
     up = probe.predict(dmaps, size=(8, 8))
     np.testing.assert_array_equal(up.compute(), probe.predict(maps, size=(8, 8)))
+
+
+# ----------------------------------------------------------------- LinearProbe
+
+
+def _linear_data(seed=8, n=400):
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, 4)) * [1.0, 3.0, 0.5, 2.0] + 1.0).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 1.5).astype(int) + (X[:, 2] > 1.5)
+    return X, np.where(np.arange(n) % 7 == 0, -1, y)  # some ignored tokens
+
+
+def test_linear_lbfgs_on_dask_reaches_logistic_regression(client):
+    # Gradient sums of every chunk computed on the workers: the optimum of
+    # LogisticRegression(C=1) on standardised features (weight_decay=1/n).
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from skstego import LinearProbe
+
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    ref = LogisticRegression(C=1.0, tol=1e-8, max_iter=2000).fit(X, y)
+    D = da.from_array(X, chunks=(400, 32))  # columns split: rechunked
+    with get_task_stream(client) as ts:
+        probe = LinearProbe(
+            solver="lbfgs", weight_decay=1.0 / len(y), tol=1e-6, max_iter=1000
+        ).fit(D, y)
+    assert _ran_on_cluster(ts, client, "_block_loss_grad")
+    assert _ran_on_cluster(ts, client, "_block_moments")
+    np.testing.assert_allclose(probe.coef_, ref.coef_, atol=1e-2)
+    np.testing.assert_allclose(probe.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_linear_fit_on_dask_equals_streamed_and_in_memory(
+    client, tmp_path, monkeypatch, solver
+):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    import skstego.probes._linear as linear_module
+    from skstego import LinearProbe
+
+    X, y = _linear_data()
+    params = dict(
+        solver=solver, ignore_index=-1, max_iter=30, device="cpu", random_state=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        memory = LinearProbe(**params).fit(X, y)
+        # one chunk: the in-memory fit, step for step
+        one = LinearProbe(**params).fit(da.from_array(X, chunks=-1), y)
+        np.testing.assert_allclose(one.coef_, memory.coef_, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(one.loss_curve_, memory.loss_curve_, rtol=1e-6)
+        # 7 chunks of 60 rows: the memmap streamed fit with the same chunks
+        # (Adam shuffles within each chunk, the generator carried across the
+        # workers); L-BFGS sums the same gradients as in memory.
+        monkeypatch.setattr(linear_module, "_STREAM_ELEMENTS", 2 * 60 * 5)
+        np.save(tmp_path / "x.npy", X)
+        streamed = LinearProbe(**params).fit(
+            np.load(tmp_path / "x.npy", mmap_mode="r"), y
+        )
+        with get_task_stream(client) as ts:
+            chunked = LinearProbe(**params).fit(da.from_array(X, chunks=60), y)
+    name = "_block_adam" if solver == "adam" else "_block_loss_grad"
+    assert _ran_on_cluster(ts, client, name)
+    np.testing.assert_allclose(chunked.coef_, streamed.coef_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(chunked.loss_curve_, streamed.loss_curve_, rtol=1e-5)
+    if solver == "lbfgs":
+        np.testing.assert_allclose(chunked.coef_, memory.coef_, rtol=1e-3, atol=1e-4)
+
+
+def test_linear_on_dask_maps_with_label_maps_of_another_size(client):
+    from skstego import LinearProbe
+
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(8, 5, 4, 4)).astype(np.float32)
+    Y = np.kron((M[:, 0] > 0).astype(int), np.ones((2, 2), dtype=int))
+    Y[:, 0, 0] = -1
+    params = dict(solver="lbfgs", max_iter=20, device="cpu", random_state=0)
+    memory = LinearProbe(**params).fit(M, Y)
+    chunked = LinearProbe(**params).fit(da.from_array(M, chunks=(3, 2, 4, 4)), Y)
+    np.testing.assert_allclose(chunked.coef_, memory.coef_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(
+        chunked.predict(M, size=(8, 8)), memory.predict(M, size=(8, 8))
+    )
+
+
+def test_linear_partial_fit_on_dask_equals_in_memory(client):
+    from skstego import LinearProbe
+
+    X, y = _linear_data(9)
+    dask_probe = LinearProbe(ignore_index=-1, device="cpu", random_state=0)
+    memory = LinearProbe(ignore_index=-1, device="cpu", random_state=0)
+    for part_X, part_y in zip(np.split(X, 2), np.split(y, 2), strict=True):
+        dask_probe.partial_fit(
+            da.from_array(part_X, chunks=-1), part_y, classes=[0, 1, 2]
+        )
+        memory.partial_fit(part_X, part_y, classes=[0, 1, 2])
+    np.testing.assert_allclose(dask_probe.coef_, memory.coef_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dask_probe.loss_curve_, memory.loss_curve_, rtol=1e-6)

@@ -29,7 +29,7 @@ from sklearn.base import (
 from sklearn.utils._param_validation import Interval, StrOptions
 from tqdm.auto import tqdm
 
-from .._dask import is_dask, kmeans_lloyd, map_method
+from .._dask import gather_tokens, is_dask, kmeans_lloyd, label_tokens, map_method
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
     LazyFeatures,
@@ -1023,7 +1023,15 @@ class KMeansProbe(
     def _label_all(
         self, X: Any, centers: torch.Tensor, cosine: bool, device: torch.device
     ) -> tuple[torch.Tensor, float]:
-        """Labels and inertia of every token of ``X``, batch by batch."""
+        """Labels and inertia of every token of ``X``, batch by batch.
+
+        On dask input every chunk is labelled on its worker.
+        """
+        if isinstance(X, LazyFeatures) and is_dask(X.source):
+            labels, inertia = label_tokens(
+                X.source, centers.cpu().numpy(), cosine, self.device
+            )
+            return torch.from_numpy(labels).to(device), inertia
         per_row = int(np.prod(X.shape[1:])) * 2 + self.k * (
             int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
         )
@@ -1156,6 +1164,8 @@ def _gather_lazy(
 
 def _gather_tokens(X: Any, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Tokens number ``idx`` (image-major, row-major for maps) of ``X``."""
+    if isinstance(X, LazyFeatures) and is_dask(X.source):
+        return as_tensor(gather_tokens(X.source, idx.cpu().numpy()), device)
     if isinstance(X, LazyFeatures):
         return _gather_lazy(X, idx.cpu().numpy(), device)
     if is_torch(X):

@@ -301,7 +301,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         else:
             classes, labels = self._encode_fit_label_maps(X, y, device)
         n_classes = len(classes)
-        objective, counts = _build_objective(X, labels, n_classes, device)
+        objective, counts = _build_objective(
+            X, labels, n_classes, device, worker_device=self.device
+        )
         mean = objective.mean
         # Zero weights, intercept at the (smoothed) log class frequencies; both
         # in the standardised parametrisation.
@@ -310,7 +312,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         bias = prior.log().float()
         adam = _Adam([weight, bias], lr=self.lr)
         if self.solver == "adam":
-            gen = make_generator(self.random_state, device)
+            gen = _shuffle_generator(self.random_state, X, device)
             self._fit_adam(objective, weight, bias, gen, device, adam)
         else:
             self._fit_lbfgs(objective, weight, bias)
@@ -408,7 +410,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             moments = tuple(
                 torch.as_tensor(state[key]).to(device) for key in ("mean", "scale")
             )
-        objective, counts = _build_objective(X, labels, n_classes, device, moments)
+        objective, counts = _build_objective(
+            X, labels, n_classes, device, moments, self.device
+        )
         if first:
             weight = torch.zeros(n_classes, objective.mean.shape[0], device=device)
             prior = (counts.double() + 1.0) / (counts.sum().double() + n_classes)
@@ -420,7 +424,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             adam.m = [torch.as_tensor(m).to(device) for m in state["m"]]
             adam.v = [torch.as_tensor(v).to(device) for v in state["v"]]
             adam.t = state["t"]
-        gen = make_generator(self.random_state, device)
+        gen = _shuffle_generator(self.random_state, X, device)
         loss = self._adam_epoch(
             objective,
             weight,
@@ -599,19 +603,14 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
     ) -> float:
         """One shuffled pass of Adam steps; returns the epoch's mean loss."""
         wd = float(self.weight_decay)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.float64, device=device)
-        for part, batch in objective.epoch(gen, batch_size, device):
-            loss, n, grad_w, grad_b = part.loss_grad(batch, weight, bias)
-            n_ = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
-            grad_w.div_(n_)
-            grad_b.div_(n_)
-            if wd:
-                grad_w.add_(weight, alpha=wd)
-            adam.step([grad_w, grad_b])
-            total += loss
-            count += n
-        loss = float(total / count.clamp(min=1))
+        if objective.remote_steps:
+            # dask: the steps of each chunk run where the chunk lives
+            total, count = objective.adam_epoch(weight, bias, adam, gen, batch_size, wd)
+        else:
+            total, count = adam_pass(
+                objective.epoch(gen, batch_size, device), weight, bias, adam, wd
+            )
+        loss = float(total / max(float(count), 1.0))
         if wd:
             loss += 0.5 * wd * float(weight.square().sum())
         if not np.isfinite(loss):
@@ -954,6 +953,46 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         return y_enc
 
 
+def adam_pass(
+    steps: Any,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    adam: _Adam,
+    weight_decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam steps over ``(objective, batch)`` pairs; summed loss and count.
+
+    ``weight`` and ``bias`` are updated in place. Used by every fit and, on
+    dask input, by each chunk's task on the worker holding the chunk.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    count = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for part, batch in steps:
+        loss, n, grad_w, grad_b = part.loss_grad(batch, weight, bias)
+        n_ = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+        grad_w.div_(n_)
+        grad_b.div_(n_)
+        if weight_decay:
+            grad_w.add_(weight, alpha=weight_decay)
+        adam.step([grad_w, grad_b])
+        total += loss
+        count += n
+    return total, count
+
+
+def _shuffle_generator(
+    random_state: Any, X: Any, device: torch.device
+) -> torch.Generator:
+    """The generator of Adam's shuffles: on ``device``, on the CPU for dask.
+
+    A dask fit carries the generator's state from chunk to chunk across the
+    workers, whatever device each resolves; CPU state travels anywhere.
+    """
+    if isinstance(X, LazyFeatures) and is_dask(X.source):
+        return make_generator(random_state, torch.device("cpu"))
+    return make_generator(random_state, device)
+
+
 def _check_n_classes(n_classes: int, classes: np.ndarray) -> None:
     if n_classes < 2:
         raise ValueError(
@@ -1057,6 +1096,9 @@ class _Objective:
 
     units: int
     n_labelled: int
+    #: True when the objective runs Adam's steps itself, chunk by chunk
+    #: where the data live (:class:`~._linear_dask.DaskObjective`).
+    remote_steps: ClassVar[bool] = False
 
     def __init__(self, mean: torch.Tensor, scale: torch.Tensor, n_classes: int):
         self.n_classes = n_classes
@@ -1066,8 +1108,8 @@ class _Objective:
 
     def epoch(self, gen: torch.Generator, batch_size: int, device: torch.device):
         """``(objective, batch)`` pairs of one shuffled pass."""
-        perm = torch.randperm(self.units, generator=gen, device=device)
-        for batch in self.batches(perm, batch_size):
+        perm = torch.randperm(self.units, generator=gen, device=gen.device)
+        for batch in self.batches(perm.to(device), batch_size):
             yield self, batch
 
     def raw(
@@ -1197,16 +1239,7 @@ class _StreamedObjective(_Objective):
         """(tokens, labels) of the labelled tokens, or (maps, label maps)."""
         for sl in iter_slices(self.units, self.rows):
             xb = as_tensor(self.X[sl], self.device)
-            yb = self.labels[sl].to(self.device)
-            if not self.same_size:
-                yield xb, yb
-                continue
-            if xb.ndim == 4:
-                xb, yb = maps_to_tokens(xb), yb.reshape(-1)
-            keep = yb >= 0
-            if not bool(keep.all()):
-                xb, yb = xb[keep], yb[keep]
-            yield xb, yb
+            yield chunk_training_data(xb, self.labels[sl], self.same_size)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation per feature: two streamed passes."""
@@ -1225,9 +1258,10 @@ class _StreamedObjective(_Objective):
         return mean.float(), _scale_from(sq, n)
 
     def parts(self):
-        cls = _TokenObjective if self.same_size else _MapObjective
         for xb, yb in self.chunks():
-            yield cls(xb, yb, self.mean, self.scale, self.n_classes)
+            yield chunk_objective(
+                xb, yb, self.same_size, self.mean, self.scale, self.n_classes
+            )
 
     def epoch(self, gen, batch_size, device):
         for part in self.parts():
@@ -1246,19 +1280,60 @@ class _StreamedObjective(_Objective):
         return total, count, grad_w, grad_b
 
 
+def chunk_training_data(
+    xb: torch.Tensor, yb: torch.Tensor, same_size: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's (labelled tokens, labels), or (maps, label maps) of another size.
+
+    ``yb`` (encoded, -1 ignored) is moved to the device of ``xb``.
+    """
+    yb = yb.to(xb.device)
+    if not same_size:
+        return xb, yb
+    if xb.ndim == 4:
+        xb, yb = maps_to_tokens(xb), yb.reshape(-1)
+    keep = yb >= 0
+    if not bool(keep.all()):
+        xb, yb = xb[keep], yb[keep]
+    return xb, yb
+
+
+def chunk_objective(
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    same_size: bool,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    n_classes: int,
+) -> _Objective:
+    """The in-memory objective of one chunk from :func:`chunk_training_data`."""
+    cls = _TokenObjective if same_size else _MapObjective
+    return cls(xb, yb, mean, scale, n_classes)
+
+
 def _build_objective(
     X: Any,
     labels: torch.Tensor,
     n_classes: int,
     device: torch.device,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    worker_device: Any = "auto",
 ) -> tuple[_Objective, torch.Tensor]:
     """The training objective of encoded ``labels`` and the class counts.
 
     ``moments`` (mean, scale) fixes the standardisation; None measures it on
     the data (on the labelled tokens, or every pixel for label maps of
-    another size). On-disk ``X`` gives a :class:`_StreamedObjective`.
+    another size). On-disk ``X`` gives a :class:`_StreamedObjective`, a dask
+    array a :class:`~._linear_dask.DaskObjective` whose tasks resolve
+    ``worker_device`` (the estimator's ``device``) on each worker.
     """
+    if isinstance(X, LazyFeatures) and is_dask(X.source):
+        from ._linear_dask import DaskObjective
+
+        objective = DaskObjective(X.source, labels, n_classes, device, worker_device)
+        mean, scale = objective.moments() if moments is None else moments
+        _Objective.__init__(objective, mean, scale, n_classes)
+        return objective, objective.counts.to(device)
     if isinstance(X, LazyFeatures):
         objective = _StreamedObjective(X, labels, n_classes, device)
         mean, scale = objective.moments() if moments is None else moments
