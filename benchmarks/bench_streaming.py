@@ -1,25 +1,34 @@
-"""Streaming fits on synthetic tokens: memory flat as the token count grows.
+"""Streaming fits on synthetic tokens: memory flat from 10M to 1B tokens.
 
 The tokens never exist as a whole, not even on disk: :class:`SyntheticTokens`
 is a lazy array-like (``shape``, ``dtype``, ``ndim``, slicing, and the
-``_skstego_lazy`` marker of :func:`skstego._device.is_lazy`) whose slices are
-generated on demand, deterministically, block by block (a mixture of
-``--clusters`` Gaussian blobs). For each token count a fresh subprocess fits
+``_skstego_lazy`` marker of :func:`skstego._device.is_lazy`) whose blocks of
+65,536 tokens are made on demand, deterministically and cheaply (a window of
+a fixed pool of Gaussian noise plus a window of a pool of ``--clusters``
+blob centres, at offsets hashed from the block number: one addition per
+value, so that generating a billion tokens costs less than fitting them).
+For each token count, fresh subprocesses fit
 
-* ``TorchPCA(dim=8)`` (streamed covariance pass),
-* ``KMeansProbe(algorithm="lloyd", max_samples=...)`` on a subsample gathered
-  in one streamed pass, ``compute_labels=False`` (no O(n) label array),
-* ``KMeansProbe(algorithm="minibatch", max_iter=1)``: one mini-batch pass,
+* ours: ``TorchPCA(dim=8)`` (one streamed covariance pass),
+  ``KMeansProbe(algorithm="lloyd", max_samples=...)`` (5 Lloyd iterations on
+  a subsample gathered in one streamed pass, ``compute_labels=False``) and
+  ``KMeansProbe(algorithm="minibatch", max_iter=1)`` (one mini-batch pass);
+* the peers a user would stream with instead, in their own process:
+  scikit-learn's ``IncrementalPCA(8).partial_fit`` and
+  ``MiniBatchKMeans(8).partial_fit`` on the same blocks, one pass (no
+  streaming peer exists for Lloyd on a subsample);
 
-and prints its peak resident memory (``ru_maxrss``), the CUDA peak with
-``--device cuda``, and the time per token of each fit. Sizes whose projected
-run time exceeds ``--budget`` seconds are not run; their projected time is
-printed instead (from the largest size run).
+and prints each process's resident memory after its imports and at its peak
+(``ru_maxrss``), the CUDA peak with ``--device cuda``, the time per token of
+each fit and the peer / ours time ratio. A contender whose projected time
+(from its previous size) exceeds ``--budget`` seconds is not run; its
+projection is printed instead.
 
 Run::
 
-    python benchmarks/bench_streaming.py --tokens 1e6,1e7,3e7 --device cpu
-    python benchmarks/bench_streaming.py --tokens 1e7,1e8,1e9 --device cuda
+    python benchmarks/bench_streaming.py                         # 1e7,1e8,1e9
+    python benchmarks/bench_streaming.py --tokens 1e6,1e7 --budget 60
+    python benchmarks/bench_streaming.py --device cuda
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import time
 import numpy as np
 
 BLOCK = 1 << 16
+POOL = 1 << 18
 
 
 class SyntheticTokens:
@@ -45,19 +55,21 @@ class SyntheticTokens:
         self.shape = (int(n), int(d))
         self.ndim = 2
         self.dtype = np.dtype(np.float32)
-        self.seed = seed
         rng = np.random.default_rng(seed)
-        self.centres = rng.normal(scale=3.0, size=(clusters, d)).astype(np.float32)
+        centres = rng.normal(scale=3.0, size=(clusters, d)).astype(np.float32)
+        # pools of POOL + BLOCK rows, so that every window is contiguous
+        self.noise = rng.standard_normal((POOL + BLOCK, d), dtype=np.float32)
+        self.means = centres[rng.integers(clusters, size=POOL + BLOCK)]
+        self.seed = seed
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def _block(self, b: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, b])
         rows = min(BLOCK, self.shape[0] - b * BLOCK)
-        x = rng.standard_normal((rows, self.shape[1]), dtype=np.float32)
-        x += self.centres[rng.integers(len(self.centres), size=rows)]
-        return x
+        h = (b * 0x9E3779B97F4A7C15 + self.seed) % (1 << 64)
+        i, j = h % POOL, (h >> 20) % POOL
+        return self.noise[i : i + rows] + self.means[j : j + rows]
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -80,19 +92,23 @@ class SyntheticTokens:
             parts.append(self._block(b)[lo:hi])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    def blocks(self):
+        """The blocks in order (what a peer's partial_fit loop reads)."""
+        for b in range(-(-self.shape[0] // BLOCK)):
+            yield self._block(b)
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(n: int, d: int, device: str, max_samples: int) -> None:
+def ours(n: int, d: int, device: str, max_samples: int) -> dict:
     import torch
 
     from skstego import KMeansProbe, TorchPCA
 
     X = SyntheticTokens(n, d)
-    base = peak_rss_mib()
-    out = {"tokens": n, "features": d, "rss_before_mib": round(base, 1)}
+    out = {"rss_before_mib": round(peak_rss_mib(), 1)}
     fits = {
         "pca": lambda: TorchPCA(dim=8, device=device),
         "kmeans_lloyd": lambda: KMeansProbe(
@@ -106,7 +122,7 @@ def child(n: int, d: int, device: str, max_samples: int) -> None:
         "kmeans_minibatch": lambda: KMeansProbe(
             k=8,
             algorithm="minibatch",
-            batch_size=65536,
+            batch_size=BLOCK,
             max_iter=1,
             compute_labels=False,
             device=device,
@@ -118,45 +134,86 @@ def child(n: int, d: int, device: str, max_samples: int) -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         make().fit(X)
-        dt = time.perf_counter() - t0
-        out[f"{name}_s"] = round(dt, 2)
-        out[f"{name}_ns_per_token"] = round(dt / n * 1e9, 2)
+        out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
         if device.startswith("cuda"):
             gpu = torch.cuda.max_memory_allocated() / 2**20
             out[f"{name}_gpu_peak_mib"] = round(gpu, 1)
-    out["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    out["data_float32_mib"] = round(n * d * 4 / 2**20, 1)
+    return out
+
+
+def peers(n: int, d: int) -> dict:
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.decomposition import IncrementalPCA
+
+    X = SyntheticTokens(n, d)
+    out = {"rss_before_mib": round(peak_rss_mib(), 1)}
+    t0 = time.perf_counter()
+    pca = IncrementalPCA(n_components=8)
+    for xb in X.blocks():
+        pca.partial_fit(xb)
+    out["pca_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    km = MiniBatchKMeans(8, batch_size=BLOCK, n_init=1, random_state=0)
+    for xb in X.blocks():
+        km.partial_fit(xb)
+    out["kmeans_minibatch_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def child(n: int, d: int, device: str, max_samples: int, who: str) -> None:
+    if who == "ours":
+        out = ours(n, d, device, max_samples)
+    else:
+        out = peers(n, d)
+    out.update(tokens=n, who=who, peak_rss_mib=round(peak_rss_mib(), 1))
     print(json.dumps(out), flush=True)
+
+
+def run(n: int, args: argparse.Namespace, who: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--who", who]
+    cmd += ["--features", str(args.features), "--device", args.device]
+    cmd += ["--max-samples", str(args.max_samples)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="1e6,1e7,3e7")
+    parser.add_argument("--tokens", default="1e7,1e8,1e9")
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-samples", type=int, default=1_000_000)
-    parser.add_argument("--budget", type=float, default=900.0)
+    parser.add_argument("--budget", type=float, default=1800.0)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--who", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.features, args.device, args.max_samples)
+        child(args.child, args.features, args.device, args.max_samples, args.who)
         return
-    rate = None  # seconds per token of the largest size run
+    rate = {"ours": None, "peers": None}  # seconds per token, last size run
     for n in sorted(int(float(s)) for s in args.tokens.split(",")):
-        if rate is not None and rate * n > args.budget:
-            print(
-                json.dumps(
-                    {"tokens": n, "skipped": True, "projected_s": round(rate * n)}
-                ),
-                flush=True,
-            )
-            continue
-        cmd = [sys.executable, __file__, "--child", str(n)]
-        cmd += ["--features", str(args.features), "--device", args.device]
-        cmd += ["--max-samples", str(args.max_samples)]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        rate = (time.perf_counter() - t0) / n
+        row = {"tokens": n, "data_float32_gib": round(n * args.features * 4 / 2**30, 2)}
+        for who in ("ours", "peers"):
+            if rate[who] is not None and rate[who] * n > args.budget:
+                row[who] = {"skipped": True, "projected_s": round(rate[who] * n)}
+                continue
+            result = run(n, args, who)
+            rate[who] = result.pop("wall_s") / n
+            row[who] = result
+        for key in ("pca_s", "kmeans_minibatch_s"):
+            mine, theirs = row["ours"].get(key), row["peers"].get(key)
+            if mine and theirs:
+                row[key.replace("_s", "_ratio")] = round(theirs / mine, 2)
+        for who in ("ours", "peers"):
+            for key, value in list(row[who].items()):
+                if key.endswith("_s") and value:
+                    row[who][key.replace("_s", "_ns_per_token")] = round(
+                        value / n * 1e9, 1
+                    )
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
