@@ -39,6 +39,7 @@ __all__ = [
     "map_method",
     "merge_moments",
     "pca_statistics",
+    "token_moments",
 ]
 
 #: Most tokens drawn from a dask array for the k-means++ / random seeding.
@@ -126,16 +127,26 @@ def pca_statistics(X: Any, device: Any) -> tuple[int, np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------ k-means
 
 
+def token_moments(x: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
+    """Count, float64 mean and sum of squared deviations of (n, C) tokens.
+
+    The per-chunk statistics that :func:`merge_moments` merges (zeros for
+    no tokens).
+    """
+    x = x.double()
+    if x.shape[0] == 0:
+        zeros = np.zeros(x.shape[1])
+        return 0, zeros, zeros
+    mean = x.mean(dim=0)
+    return x.shape[0], mean.cpu().numpy(), ((x - mean) ** 2).sum(dim=0).cpu().numpy()
+
+
 def _block_moments(block: Any, cosine: bool) -> tuple[int, np.ndarray, np.ndarray]:
     """Count, float64 mean and sum of squared deviations of a block's tokens."""
     from .probes._centroid import _normalize_rows
 
     x = _tokens(block, torch.device("cpu"))
-    if cosine:
-        x = _normalize_rows(x)
-    x = x.double()
-    mean = x.mean(dim=0)
-    return x.shape[0], mean.numpy(), ((x - mean) ** 2).sum(dim=0).numpy()
+    return token_moments(_normalize_rows(x) if cosine else x)
 
 
 def merge_moments(parts: list) -> tuple[int, np.ndarray, np.ndarray]:

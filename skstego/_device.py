@@ -217,6 +217,24 @@ def is_dask(X: Any) -> bool:
     return type(X).__name__ == "Array" and module.split(".")[0] == "dask"
 
 
+def dask_source(X: Any) -> Any:
+    """The dask array behind a :class:`LazyFeatures` view, else None.
+
+    Estimators validate on-disk input into :class:`LazyFeatures`; those
+    backed by dask send their passes to :mod:`skstego._dask` instead.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from skstego._device import LazyFeatures, dask_source
+    >>> D = da.zeros((4, 2), chunks=2)
+    >>> dask_source(LazyFeatures(D)) is D, dask_source(D)
+    (True, None)
+    """
+    source = getattr(X, "source", None) if isinstance(X, LazyFeatures) else None
+    return source if is_dask(source) else None
+
+
 def is_lazy(X: Any) -> bool:
     """True for input read in slices rather than loaded: on disk or out of core.
 

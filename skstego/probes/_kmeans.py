@@ -37,6 +37,7 @@ from .._device import (
     apply_tokenwise,
     as_tensor,
     check_features,
+    dask_source,
     is_torch,
     iter_slices,
     make_generator,
@@ -780,9 +781,9 @@ class KMeansProbe(
             )
         if self.algorithm == "minibatch":
             return self._fit_minibatch(X, y, init, n_total, device, gen)
-        if not subsample and is_dask(getattr(X, "source", None)):
+        if not subsample and dask_source(X) is not None:
             # Lloyd passes of per-chunk statistics computed by dask.
-            fitted = kmeans_lloyd(self, X.source, init, gen, n_total)
+            fitted = kmeans_lloyd(self, dask_source(X), init, gen, n_total)
             centers, labels, inertia, n_iter, curve = fitted
             counts = torch.bincount(labels, minlength=self.k).double()
             self.n_steps_ = 0
@@ -1027,9 +1028,9 @@ class KMeansProbe(
 
         On dask input every chunk is labelled on its worker.
         """
-        if isinstance(X, LazyFeatures) and is_dask(X.source):
+        if dask_source(X) is not None:
             labels, inertia = label_tokens(
-                X.source, centers.cpu().numpy(), cosine, self.device
+                dask_source(X), centers.cpu().numpy(), cosine, self.device
             )
             return torch.from_numpy(labels).to(device), inertia
         per_row = int(np.prod(X.shape[1:])) * 2 + self.k * (
@@ -1164,8 +1165,8 @@ def _gather_lazy(
 
 def _gather_tokens(X: Any, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Tokens number ``idx`` (image-major, row-major for maps) of ``X``."""
-    if isinstance(X, LazyFeatures) and is_dask(X.source):
-        return as_tensor(gather_tokens(X.source, idx.cpu().numpy()), device)
+    if dask_source(X) is not None:
+        return as_tensor(gather_tokens(dask_source(X), idx.cpu().numpy()), device)
     if isinstance(X, LazyFeatures):
         return _gather_lazy(X, idx.cpu().numpy(), device)
     if is_torch(X):

@@ -26,6 +26,7 @@ from .._device import (
     apply_tokenwise,
     as_tensor,
     check_features,
+    dask_source,
     is_dask,
     is_torch,
     iter_slices,
@@ -339,10 +340,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         self._adam_state = {
             "mean": objective.mean.cpu().numpy(),
             "scale": objective.scale.cpu().numpy(),
-            "params": [weight.cpu().numpy(), bias.cpu().numpy()],
-            "m": [m.cpu().numpy() for m in adam.m],
-            "v": [v.cpu().numpy() for v in adam.v],
-            "t": adam.t,
+            **adam.state(),
         }
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -419,11 +417,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             bias = prior.log().float()
             adam = _Adam([weight, bias], lr=self.lr)
         else:
-            weight, bias = (torch.as_tensor(p).to(device) for p in state["params"])
+            weight, bias = (torch.tensor(p, device=device) for p in state["params"])
             adam = _Adam([weight, bias], lr=self.lr)
-            adam.m = [torch.as_tensor(m).to(device) for m in state["m"]]
-            adam.v = [torch.as_tensor(v).to(device) for v in state["v"]]
-            adam.t = state["t"]
+            adam.load(state)
         gen = _shuffle_generator(self.random_state, X, device)
         loss = self._adam_epoch(
             objective,
@@ -988,7 +984,7 @@ def _shuffle_generator(
     A dask fit carries the generator's state from chunk to chunk across the
     workers, whatever device each resolves; CPU state travels anywhere.
     """
-    if isinstance(X, LazyFeatures) and is_dask(X.source):
+    if dask_source(X) is not None:
         return make_generator(random_state, torch.device("cpu"))
     return make_generator(random_state, device)
 
@@ -1073,6 +1069,26 @@ class _Adam:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = 0
+
+    def state(self) -> dict[str, Any]:
+        """Parameters, moments and step count as NumPy (to store or send)."""
+        return {
+            "params": [p.cpu().numpy() for p in self.params],
+            "m": [m.cpu().numpy() for m in self.m],
+            "v": [v.cpu().numpy() for v in self.v],
+            "t": self.t,
+        }
+
+    @torch.no_grad()
+    def load(self, state: dict[str, Any]) -> None:
+        """Copy a :meth:`state` into the parameters and moments, in place."""
+        for mine, theirs in zip(
+            self.params + self.m + self.v,
+            state["params"] + state["m"] + state["v"],
+            strict=True,
+        ):
+            mine.copy_(torch.as_tensor(theirs))
+        self.t = state["t"]
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor]) -> None:
@@ -1327,15 +1343,14 @@ def _build_objective(
     array a :class:`~._linear_dask.DaskObjective` whose tasks resolve
     ``worker_device`` (the estimator's ``device``) on each worker.
     """
-    if isinstance(X, LazyFeatures) and is_dask(X.source):
-        from ._linear_dask import DaskObjective
-
-        objective = DaskObjective(X.source, labels, n_classes, device, worker_device)
-        mean, scale = objective.moments() if moments is None else moments
-        _Objective.__init__(objective, mean, scale, n_classes)
-        return objective, objective.counts.to(device)
     if isinstance(X, LazyFeatures):
-        objective = _StreamedObjective(X, labels, n_classes, device)
+        source = dask_source(X)
+        if source is not None:
+            from ._linear_dask import DaskObjective
+
+            objective = DaskObjective(source, labels, n_classes, device, worker_device)
+        else:
+            objective = _StreamedObjective(X, labels, n_classes, device)
         mean, scale = objective.moments() if moments is None else moments
         _Objective.__init__(objective, mean, scale, n_classes)
         return objective, objective.counts.to(device)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._dask import _blocks, _by_rows, _checked, _compute, merge_moments
+from .._dask import _blocks, _by_rows, _checked, _compute, merge_moments, token_moments
 from .._device import as_tensor, maps_to_tokens, resolve_device
 from ._linear import (
     _Adam,
@@ -51,12 +51,7 @@ def _block_moments(
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Count, float64 mean and squared deviations of a chunk's training tokens."""
     xb, _ = _chunk_data(block, labels, same_size, torch.device("cpu"))
-    tokens = (maps_to_tokens(xb) if xb.ndim == 4 else xb).double()
-    if tokens.shape[0] == 0:
-        zeros = np.zeros(tokens.shape[1])
-        return 0, zeros, zeros
-    mean = tokens.mean(dim=0)
-    return tokens.shape[0], mean.numpy(), (tokens - mean).square().sum(0).numpy()
+    return token_moments(maps_to_tokens(xb) if xb.ndim == 4 else xb)
 
 
 def _part(block: Any, labels: np.ndarray, spec: dict) -> tuple[_Objective, Any]:
@@ -86,9 +81,7 @@ def _block_adam(block: Any, labels: np.ndarray, carry: dict, spec: dict) -> dict
     part, device = _part(block, labels, spec)
     weight, bias = (torch.tensor(p, device=device) for p in carry["params"])
     adam = _Adam([weight, bias], lr=spec["lr"])
-    adam.m = [torch.tensor(m, device=device) for m in carry["m"]]
-    adam.v = [torch.tensor(v, device=device) for v in carry["v"]]
-    adam.t = carry["t"]
+    adam.load(carry)
     gen = torch.Generator()
     gen.set_state(torch.from_numpy(carry["gen"]))
     with torch.no_grad():
@@ -100,10 +93,7 @@ def _block_adam(block: Any, labels: np.ndarray, carry: dict, spec: dict) -> dict
             spec["weight_decay"],
         )
     return {
-        "params": [weight.cpu().numpy(), bias.cpu().numpy()],
-        "m": [m.cpu().numpy() for m in adam.m],
-        "v": [v.cpu().numpy() for v in adam.v],
-        "t": adam.t,
+        **adam.state(),
         "gen": gen.get_state().numpy(),
         "total": carry["total"] + float(total),
         "count": carry["count"] + float(count),
@@ -215,10 +205,7 @@ class DaskObjective(_Objective):
 
         spec = self._spec(lr=adam.lr, batch_size=batch_size, weight_decay=weight_decay)
         carry: Any = {
-            "params": [weight.cpu().numpy(), bias.cpu().numpy()],
-            "m": [m.cpu().numpy() for m in adam.m],
-            "v": [v.cpu().numpy() for v in adam.v],
-            "t": adam.t,
+            **adam.state(),
             "gen": gen.get_state().numpy(),
             "total": 0.0,
             "count": 0.0,
@@ -227,13 +214,6 @@ class DaskObjective(_Objective):
         for block, lab in zip(self.blocks, self.label_parts, strict=True):
             carry = task(block, lab, carry, spec)
         (carry,) = dask.compute(carry)
-        with torch.no_grad():
-            weight.copy_(torch.as_tensor(carry["params"][0]))
-            bias.copy_(torch.as_tensor(carry["params"][1]))
-            for mine, theirs in zip(
-                adam.m + adam.v, carry["m"] + carry["v"], strict=True
-            ):
-                mine.copy_(torch.as_tensor(theirs))
-        adam.t = carry["t"]
+        adam.load(carry)  # adam.params are weight and bias
         gen.set_state(torch.from_numpy(carry["gen"]))
         return carry["total"], carry["count"]

@@ -32,6 +32,7 @@ from .._device import (
     as_tensor,
     check_features,
     check_finite_tensor,
+    dask_source,
     is_torch,
     iter_slices,
     make_generator,
@@ -606,8 +607,9 @@ class TorchPCA(
     def _statistics(self, X, device, reference):
         """Count, mean and scatter of ``X``: by dask on its chunks for a dask
         array (``device`` resolved on each worker), else streamed here."""
-        if is_dask(getattr(X, "source", None)):
-            return pca_statistics(X.source, self.device)
+        source = dask_source(X)
+        if source is not None:
+            return pca_statistics(source, self.device)
         return _scatter(X, device, reference)
 
     def _choose_solver(self, n_samples: int, n_features: int, n_components: int):
