@@ -377,3 +377,30 @@ def test_linear_partial_fit_on_dask_equals_in_memory(client):
         memory.partial_fit(part_X, part_y, classes=[0, 1, 2])
     np.testing.assert_allclose(dask_probe.coef_, memory.coef_, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dask_probe.loss_curve_, memory.loss_curve_, rtol=1e-6)
+
+
+def test_stego_and_hnne_transform_on_dask_are_lazy_and_equal(client):
+    """The non-linear reducers fit on dask input as on the same data in memory
+    (STEGO's steps read their batches by index; h-NNE's subsample is gathered
+    in one pass) and map their transform over the chunks, on the workers."""
+    from skstego import HNNEProjector, StegoProjector
+    from skstego.datasets import make_feature_maps
+
+    maps, _ = make_feature_maps(12, n_features=16, map_size=6, random_state=0)
+    dmaps = da.from_array(maps, chunks=(5, -1, -1, -1))
+    for make in (
+        lambda: StegoProjector(dim=3, n_steps=2, batch_size=4, random_state=0),
+        lambda: HNNEProjector(dim=3, max_fit_samples=300, random_state=0),
+    ):
+        ref = make().set_params(device="cpu").fit(maps)
+        fitted = make().set_params(device="cpu").fit(dmaps)
+        with get_task_stream(client) as stream:
+            out = fitted.transform(dmaps)
+            assert is_dask(out) and out.shape == (12, 3, 6, 6)
+            assert out.chunks[0] == (5, 5, 2)
+            computed = out.compute()
+        np.testing.assert_allclose(computed, ref.transform(maps), atol=1e-5)
+        assert _ran_on_cluster(stream, client, "_call")
+        both = make().set_params(device="cpu").fit_transform(dmaps)
+        assert is_dask(both)
+        np.testing.assert_allclose(both.compute(), computed, atol=1e-5)

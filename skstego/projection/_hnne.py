@@ -28,6 +28,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from .._dask import map_method
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
     LazyFeatures,
@@ -35,6 +36,7 @@ from .._device import (
     apply_tokenwise,
     as_tensor,
     check_features,
+    is_dask,
     is_torch,
     iter_slices,
     make_generator,
@@ -379,13 +381,17 @@ class HNNEProjector(
 
         Returns
         -------
-        X_new : ndarray or torch.Tensor of shape (n_samples, dim) \
-                or (N, dim, h, w)
+        X_new : ndarray, torch.Tensor or dask.array.Array of shape \
+                (n_samples, dim) or (N, dim, h, w)
             Codes, float32; NumPy for NumPy input, torch (on the estimator's
-            device) for torch input.
+            device) for torch input, a lazy dask array mapped over the chunks
+            for dask input (computed on the workers).
         """
+        source = X
         X = check_features(self, X, reset=True, lazy=True)
         device = self._fit(X, stacklevel=5)  # + the set_output wrapper
+        if is_dask(source):
+            return map_method(self, "transform", source, int(self.dim))
         return self._transform(X, device)
 
     def transform(self, X: Any) -> np.ndarray | torch.Tensor:
@@ -399,12 +405,15 @@ class HNNEProjector(
 
         Returns
         -------
-        X_new : ndarray or torch.Tensor of shape (n_samples, dim) \
-                or (N, dim, h, w)
+        X_new : ndarray, torch.Tensor or dask.array.Array of shape \
+                (n_samples, dim) or (N, dim, h, w)
             Codes, float32; NumPy for NumPy input, torch (on the estimator's
-            device) for torch input.
+            device) for torch input, a lazy dask array mapped over the chunks
+            for dask input (computed on the workers).
         """
         check_is_fitted(self)
+        if is_dask(X):  # lazy: mapped over the chunks, on the workers
+            return map_method(self, "transform", X, int(self.dim))
         X = check_features(self, X, reset=False, lazy=True)
         return self._transform(X, self._resolved_device())
 

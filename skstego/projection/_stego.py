@@ -27,11 +27,13 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from .._dask import map_method
 from .._device import (
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
     check_features,
+    is_dask,
     is_torch,
     make_generator,
     resolve_device,
@@ -650,12 +652,16 @@ class StegoProjector(
 
         Returns
         -------
-        X_new : ndarray or torch.Tensor of shape (N, dim, h, w) or \
-                (n_samples, dim)
+        X_new : ndarray, torch.Tensor or dask.array.Array of shape \
+                (N, dim, h, w) or (n_samples, dim)
             Codes, float32; NumPy for NumPy input, torch (on the estimator's
-            device) for torch input.
+            device) for torch input, a lazy dask array mapped over the chunks
+            for dask input (computed on the workers).
         """
         check_is_fitted(self)
+        dim = int(self.head_state_["linear.bias"].shape[0])
+        if is_dask(X):  # lazy: mapped over the chunks, on the workers
+            return map_method(self, "transform", X, dim)
         X = check_features(self, X, reset=False, lazy=True)
         device = self._resolved_device()
         params = self._device_params(device)
@@ -663,7 +669,7 @@ class StegoProjector(
             lambda x: _head_tokens(params, x),
             X,
             device=device,
-            out_features=int(self.head_state_["linear.bias"].shape[0]),
+            out_features=dim,
         )
 
     def _device_params(self, device: torch.device) -> dict[str, torch.Tensor]:
