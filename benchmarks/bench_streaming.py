@@ -11,12 +11,18 @@ For each token count, fresh subprocesses fit
 
 * ours: ``TorchPCA(dim=8)`` (one streamed covariance pass),
   ``KMeansProbe(algorithm="lloyd", max_samples=...)`` (5 Lloyd iterations on
-  a subsample gathered in one streamed pass, ``compute_labels=False``) and
+  a subsample gathered in one streamed pass, ``compute_labels=False``),
+  ``KMeansProbe(max_samples=None, max_iter=2)`` (exact Lloyd: every
+  iteration one streamed pass over all tokens, plus the seeding and final
+  passes; up to ``--exact-up-to`` tokens) and
   ``KMeansProbe(algorithm="minibatch", max_iter=1)`` (one mini-batch pass);
 * the peers a user would stream with instead, in their own process:
   scikit-learn's ``IncrementalPCA(8).partial_fit`` and
   ``MiniBatchKMeans(8).partial_fit`` on the same blocks, one pass (no
-  streaming peer exists for Lloyd on a subsample);
+  streaming peer exists for Lloyd), and, while the tokens fit in 4 GiB,
+  scikit-learn's in-memory ``KMeans(8, max_iter=2)`` on all of them (the
+  exact Lloyd a user would run if memory allowed; its time excludes
+  materialising the tokens);
 
 and prints each process's resident memory after its imports and at its peak
 (``ru_maxrss``), the CUDA peak with ``--device cuda``, the time per token of
@@ -44,6 +50,10 @@ import numpy as np
 
 BLOCK = 1 << 16
 POOL = 1 << 18
+#: Lloyd iterations of the exact (``max_samples=None``) k-means contenders.
+EXACT_ITER = 2
+#: The in-memory peer of exact Lloyd (scikit-learn's KMeans) runs up to here.
+IN_MEMORY_PEER_BYTES = 4 << 30
 
 
 class SyntheticTokens:
@@ -102,34 +112,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(n: int, d: int, device: str, max_samples: int) -> dict:
+def ours(n: int, d: int, device: str, max_samples: int, exact_up_to: int) -> dict:
     import torch
 
     from skstego import KMeansProbe, TorchPCA
 
     X = SyntheticTokens(n, d)
     out = {"rss_before_mib": round(peak_rss_mib(), 1)}
+    km = dict(k=8, compute_labels=False, device=device, random_state=0)
     fits = {
         "pca": lambda: TorchPCA(dim=8, device=device),
-        "kmeans_lloyd": lambda: KMeansProbe(
-            k=8,
-            max_iter=5,
-            max_samples=max_samples,
-            compute_labels=False,
-            device=device,
-            random_state=0,
+        "kmeans_lloyd": lambda: KMeansProbe(max_iter=5, max_samples=max_samples, **km),
+        "kmeans_exact": lambda: KMeansProbe(
+            init="random", max_iter=EXACT_ITER, tol=0.0, max_samples=None, **km
         ),
         "kmeans_minibatch": lambda: KMeansProbe(
-            k=8,
-            algorithm="minibatch",
-            batch_size=BLOCK,
-            max_iter=1,
-            compute_labels=False,
-            device=device,
-            random_state=0,
+            algorithm="minibatch", batch_size=BLOCK, max_iter=1, **km
         ),
     }
     for name, make in fits.items():
+        if name == "kmeans_exact" and n > exact_up_to:
+            continue
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -157,12 +160,22 @@ def peers(n: int, d: int) -> dict:
     for xb in X.blocks():
         km.partial_fit(xb)
     out["kmeans_minibatch_s"] = round(time.perf_counter() - t0, 2)
+    if n * d * 4 <= IN_MEMORY_PEER_BYTES:  # the in-memory peer of exact Lloyd
+        from sklearn.cluster import KMeans
+
+        tokens = np.concatenate(list(X.blocks()))
+        t0 = time.perf_counter()
+        KMeans(8, init="random", n_init=1, max_iter=EXACT_ITER, tol=0.0).fit(tokens)
+        out["kmeans_exact_s"] = round(time.perf_counter() - t0, 2)
+        del tokens
     return out
 
 
-def child(n: int, d: int, device: str, max_samples: int, who: str) -> None:
+def child(
+    n: int, d: int, device: str, max_samples: int, who: str, exact_up_to: int
+) -> None:
     if who == "ours":
-        out = ours(n, d, device, max_samples)
+        out = ours(n, d, device, max_samples, exact_up_to)
     else:
         out = peers(n, d)
     out.update(tokens=n, who=who, peak_rss_mib=round(peak_rss_mib(), 1))
@@ -173,6 +186,7 @@ def run(n: int, args: argparse.Namespace, who: str) -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), "--who", who]
     cmd += ["--features", str(args.features), "--device", args.device]
     cmd += ["--max-samples", str(args.max_samples)]
+    cmd += ["--exact-up-to", str(int(float(args.exact_up_to)))]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -187,11 +201,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-samples", type=int, default=1_000_000)
     parser.add_argument("--budget", type=float, default=1800.0)
+    parser.add_argument("--exact-up-to", default="1e8")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--who", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.features, args.device, args.max_samples, args.who)
+        child(
+            args.child,
+            args.features,
+            args.device,
+            args.max_samples,
+            args.who,
+            int(float(args.exact_up_to)),
+        )
         return
     rate = {"ours": None, "peers": None}  # seconds per token, last size run
     for n in sorted(int(float(s)) for s in args.tokens.split(",")):
@@ -203,7 +225,7 @@ def main() -> None:
             result = run(n, args, who)
             rate[who] = result.pop("wall_s") / n
             row[who] = result
-        for key in ("pca_s", "kmeans_minibatch_s"):
+        for key in ("pca_s", "kmeans_minibatch_s", "kmeans_exact_s"):
             mine, theirs = row["ours"].get(key), row["peers"].get(key)
             if mine and theirs:
                 row[key.replace("_s", "_ratio")] = round(theirs / mine, 2)

@@ -9,7 +9,10 @@ and reduced where they live and only small statistics come back:
   (TorchPCA's own chunk accumulation, run on the worker), merged on the
   client in float64 (Chan et al.) and finalised by TorchPCA itself;
 * :func:`kmeans_lloyd`: each Lloyd iteration is one pass of per-chunk
-  centroid sums, counts and inertia, reduced on the client;
+  centroid sums, counts and inertia, reduced on the client. The passes run
+  over :class:`DaskChunks` (dask tasks) or, for on-disk input that is not a
+  dask array, :class:`LazyChunks` (slices read in turn in this process, the
+  next one prefetched), so exact k-means streams stores and memmaps too;
 * :func:`map_method`: ``transform`` / ``predict`` as a lazy dask array,
   mapped over the chunks (the fitted estimator, whose attributes are NumPy,
   is shipped to the workers and run on NumPy blocks there).
@@ -23,13 +26,21 @@ imports it only when given a dask array.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._device import as_tensor, is_dask, maps_to_tokens, resolve_device
+from ._device import (
+    as_tensor,
+    is_dask,
+    iter_slices,
+    maps_to_tokens,
+    resolve_device,
+    rows_per_batch,
+)
 
 __all__ = [
     "gather_tokens",
@@ -124,6 +135,79 @@ def pca_statistics(X: Any, device: Any) -> tuple[int, np.ndarray, np.ndarray]:
     return n, mean, scatter
 
 
+# ------------------------------------------------------------------ chunks
+
+
+class DaskChunks:
+    """The row chunks of a dask array; per-chunk functions run as dask tasks.
+
+    ``map(fn, *args)`` computes ``fn(block, *args)`` for every chunk with
+    dask's current scheduler (on the workers of a ``distributed.Client``)
+    and returns the results in order (read them once: :class:`LazyChunks`
+    yields them lazily); ``gather(idx)`` returns the tokens ``idx``
+    (sorted), selected where the chunks live.
+    """
+
+    def __init__(self, X: Any) -> None:
+        self.X = _by_rows(X)
+        self.blocks = _blocks(self.X)
+
+    def map(self, fn: Any, *args: Any) -> list:
+        import dask
+
+        task = dask.delayed(fn, pure=True)
+        return _compute([task(block, *args) for block in self.blocks])
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        return gather_tokens(self.X, idx)
+
+
+class LazyChunks:
+    """Slices of on-disk input, read one after the other in this process.
+
+    The same ``map`` / ``gather`` as :class:`DaskChunks` for a
+    :class:`~skstego._device.LazyFeatures` (a FeatureStore, a zarr array, a
+    memmap, generated tokens): ``fn`` runs on each slice as it is read (the
+    next one prefetched meanwhile), so memory holds about two slices
+    whatever the size of the input.
+    """
+
+    def __init__(self, X: Any, rows: int, progress: str | None = None) -> None:
+        self.X = X
+        self.rows = int(rows)
+        self.progress = progress
+
+    def map(self, fn: Any, *args: Any) -> Iterator:
+        """``fn(slice, *args)`` for every slice, lazily: read the results once.
+
+        Callers fold each result into their running totals before the next
+        slice is read: results kept across a pass, however small, would pin
+        the heap pages that each slice's temporaries were freed from, and
+        the process's memory would grow with the number of slices.
+        """
+        slices = iter_slices(self.X.shape[0], self.rows, progress=self.progress)
+        return (fn(self.X[sl], *args) for sl in slices)
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        from .probes._kmeans import _gather_lazy
+
+        return _gather_lazy(self.X, idx, torch.device("cpu")).numpy()
+
+
+def chunks_of(X: Any, progress: str | None = None) -> DaskChunks | LazyChunks:
+    """:class:`DaskChunks` for a dask array, :class:`LazyChunks` otherwise.
+
+    ``progress`` (a description) shows a bar over the slices of each pass
+    of on-disk input.
+    """
+    if is_dask(X):
+        return DaskChunks(X)
+    from .probes._kmeans import _STREAM_ELEMENTS
+
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), _STREAM_ELEMENTS)
+    return LazyChunks(X, rows, progress)
+
+
 # ------------------------------------------------------------------ k-means
 
 
@@ -149,28 +233,32 @@ def _block_moments(block: Any, cosine: bool) -> tuple[int, np.ndarray, np.ndarra
     return token_moments(_normalize_rows(x) if cosine else x)
 
 
-def merge_moments(parts: list) -> tuple[int, np.ndarray, np.ndarray]:
+def merge_moments(parts: Iterable) -> tuple[int, np.ndarray, np.ndarray]:
     """Merge per-chunk (count, mean, sum of squared deviations) (Chan et al.).
 
-    Chunks of zero count are skipped. Float64 throughout.
+    Chunks of zero count are skipped (all zero: the first is returned).
+    Float64 throughout. ``parts`` is read once, so it may be a generator.
     """
-    parts = [p for p in parts if p[0] > 0] or parts[:1]
-    n, mean, m2 = parts[0]
-    for n_b, mean_b, m2_b in parts[1:]:
+    merged = first = None
+    for part in parts:
+        first = part if first is None else first
+        if part[0] == 0:
+            continue
+        if merged is None:
+            merged = part
+            continue
+        (n, mean, m2), (n_b, mean_b, m2_b) = merged, part
         total = n + n_b
         delta = mean_b - mean
         m2 = m2 + m2_b + delta**2 * (n * n_b / total)
         mean = mean + delta * (n_b / total)
-        n = total
-    return n, mean, m2
+        merged = total, mean, m2
+    return merged if merged is not None else first
 
 
-def _mean_variance(blocks: list, cosine: bool) -> float:
+def _mean_variance(chunks: Any, cosine: bool) -> float:
     """Mean over features of the biased variance of all tokens (Chan merge)."""
-    import dask
-
-    task = dask.delayed(_block_moments, pure=True)
-    n, mean, m2 = merge_moments(_compute([task(b, cosine) for b in blocks]))
+    n, mean, m2 = merge_moments(chunks.map(_block_moments, cosine))
     return float(m2.sum() / (n * mean.shape[0]))
 
 
@@ -203,9 +291,9 @@ def _block_estep(
 
 
 def _block_labels(
-    block: Any, centers: np.ndarray, cosine: bool, device: Any
-) -> tuple[np.ndarray, float]:
-    """Labels and inertia of a chunk's tokens against ``centers``."""
+    block: Any, centers: np.ndarray, cosine: bool, device: Any, keep: bool
+) -> tuple[np.ndarray | None, float, np.ndarray]:
+    """Labels (None unless ``keep``), inertia and cluster counts of a chunk."""
     from .probes._kmeans import _evaluate, _prepare_tokens
 
     device = resolve_device(device)
@@ -215,7 +303,8 @@ def _block_labels(
         labels, inertia = _evaluate(
             x, x_sq, torch.as_tensor(centers, device=device), cosine
         )
-        return labels.cpu().numpy(), inertia
+        counts = torch.bincount(labels, minlength=centers.shape[0]).cpu().numpy()
+        return (labels.cpu().numpy() if keep else None), inertia, counts
 
 
 def _block_take(block: Any, local: np.ndarray) -> np.ndarray:
@@ -261,17 +350,33 @@ def gather_tokens(X: Any, idx: np.ndarray) -> np.ndarray:
 
 
 def label_tokens(
-    X: Any, centers: np.ndarray, cosine: bool, device: Any
-) -> tuple[np.ndarray, float]:
-    """Labels (n,) and inertia of every token of a dask array, on the workers."""
-    import dask
+    X: Any, centers: np.ndarray, cosine: bool, device: Any, keep: bool = True
+) -> tuple[np.ndarray | None, float, np.ndarray]:
+    """Labels (n,), inertia and counts of every token, chunk by chunk.
 
-    task = dask.delayed(_block_labels, pure=True)
-    parts = _compute([task(b, centers, cosine, device) for b in _blocks(X)])
-    return np.concatenate([p[0] for p in parts]), float(sum(p[1] for p in parts))
+    On the workers for a dask array, slice by slice here for on-disk input.
+    With ``keep=False`` the O(n) labels are not kept (None): only the
+    inertia and the (k,) counts.
+    """
+    return _label_pass(chunks_of(X), centers, cosine, device, keep)
 
 
-def _seed_tokens(X: Any, gen: torch.Generator, n_total: int) -> torch.Tensor:
+def _label_pass(
+    chunks: Any, centers: np.ndarray, cosine: bool, device: Any, keep: bool
+) -> tuple[np.ndarray | None, float, np.ndarray]:
+    labels, inertia = [], 0.0
+    counts = np.zeros(centers.shape[0], dtype=np.int64)
+    for part_labels, part_inertia, part_counts in chunks.map(
+        _block_labels, centers, cosine, device, keep
+    ):
+        if keep:
+            labels.append(part_labels)
+        inertia += part_inertia
+        counts += part_counts
+    return (np.concatenate(labels) if keep else None), inertia, counts
+
+
+def _seed_tokens(chunks: Any, gen: torch.Generator, n_total: int) -> torch.Tensor:
     """All tokens (up to :data:`SEED_SAMPLES`), else a random subsample.
 
     The subsample is drawn in O(:data:`SEED_SAMPLES`) memory, as KMeansProbe
@@ -280,9 +385,25 @@ def _seed_tokens(X: Any, gen: torch.Generator, n_total: int) -> torch.Tensor:
     from .probes._kmeans import _sample_indices
 
     if n_total <= SEED_SAMPLES:
-        return torch.from_numpy(gather_tokens(X, np.arange(n_total)))
+        return torch.from_numpy(chunks.gather(np.arange(n_total)))
     idx = _sample_indices(n_total, SEED_SAMPLES, gen).numpy()
-    return torch.from_numpy(gather_tokens(X, idx))
+    return torch.from_numpy(chunks.gather(idx))
+
+
+_FAR_KEYS = ("far_dist", "far_x", "far_label")
+
+
+def _farthest(kept: dict | None, part: dict, k: int) -> dict:
+    """The ``k`` farthest tokens of ``kept`` and ``part`` (earlier first on ties).
+
+    Folding every chunk's candidates this way selects what a stable sort of
+    all of them would, while holding only ``k`` at a time.
+    """
+    if kept is None:
+        return {key: part[key] for key in _FAR_KEYS}
+    both = {key: np.concatenate([kept[key], part[key]]) for key in _FAR_KEYS}
+    order = np.argsort(-both["far_dist"], kind="stable")[:k]
+    return {key: value[order] for key, value in both.items()}
 
 
 def _relocate(stats: dict, sums: np.ndarray, counts: np.ndarray) -> None:
@@ -300,31 +421,29 @@ def _relocate(stats: dict, sums: np.ndarray, counts: np.ndarray) -> None:
         counts[cluster] = 1
 
 
-def _lloyd(blocks, centers, *, max_iter, tol, cosine, device, verbose=False):
-    """Lloyd iterations over dask chunks, reduced on the client.
+def _lloyd(chunks, centers, *, max_iter, tol, cosine, device, verbose=False):
+    """Lloyd iterations over chunks, reduced in float64 on the client.
 
     As the in-memory loop, it stops when the squared centroid shift is at
     most ``tol``; labels are not kept between passes, so a run whose labels
     have settled stops one iteration later (with the same centroids).
     """
-    import dask
-
     k = centers.shape[0]
-    task = dask.delayed(_block_estep, pure=True)
     measured = []
     n_iter = 0
     for _ in tqdm(
-        range(max_iter), desc="k-means (dask)", disable=not verbose, leave=False
+        range(max_iter), desc="k-means passes", disable=not verbose, leave=False
     ):
         n_iter += 1
-        parts = _compute([task(b, centers, cosine, device, k) for b in blocks])
-        sums = sum(p["sums"] for p in parts)
-        counts = sum(p["counts"] for p in parts).astype(np.int64)
-        measured.append(sum(p["inertia"] for p in parts))
-        far = {
-            key: np.concatenate([p[key] for p in parts])
-            for key in ("far_dist", "far_x", "far_label")
-        }
+        sums = np.zeros(centers.shape, dtype=np.float64)
+        counts = np.zeros(k, dtype=np.int64)
+        inertia, far = 0.0, None
+        for part in chunks.map(_block_estep, centers, cosine, device, k):
+            sums += part["sums"]
+            counts += part["counts"]
+            inertia += part["inertia"]
+            far = _farthest(far, part, k)
+        measured.append(inertia)
         _relocate(far, sums, counts)
         new = sums / np.maximum(counts, 1)[:, None]
         if cosine:
@@ -340,19 +459,24 @@ def _lloyd(blocks, centers, *, max_iter, tol, cosine, device, verbose=False):
 
 def kmeans_lloyd(
     estimator: Any, X: Any, init: Any, gen: torch.Generator, n_total: int
-) -> tuple[torch.Tensor, torch.Tensor, float, int, np.ndarray]:
-    """Fit a KMeansProbe's centroids on every token of a dask array.
+) -> tuple[torch.Tensor, torch.Tensor | None, float, int, np.ndarray, torch.Tensor]:
+    """Fit a KMeansProbe's centroids on every token of chunked input.
 
-    Seeding as in memory (k-means++ or random on the tokens, or on
-    :data:`SEED_SAMPLES` of them drawn with ``gen`` when there are more; or
-    the ``init`` array), then Lloyd passes of per-chunk statistics computed
-    by dask and reduced on the client; ``n_init`` runs, lowest inertia wins.
+    ``X`` is a dask array (each pass runs on the workers) or on-disk
+    :class:`~skstego._device.LazyFeatures` (each pass reads it slice by
+    slice here). Seeding as in memory (k-means++ or random on the tokens,
+    or on :data:`SEED_SAMPLES` of them drawn with ``gen`` when there are
+    more; or the ``init`` array), then Lloyd passes of per-chunk statistics
+    reduced on the client, and a last pass for the labels (kept only with
+    ``estimator.compute_labels``), inertia and counts; ``n_init`` runs,
+    lowest inertia wins.
 
     Returns
     -------
-    centers, labels, inertia, n_iter, inertia_curve
+    centers, labels, inertia, n_iter, inertia_curve, counts
         As the in-memory loop: (k, C) float32 centroids and (n,) int64 labels
-        (CPU tensors), float inertia, int iterations, float64 curve.
+        (CPU tensors; None without ``compute_labels``), float inertia, int
+        iterations, float64 curve, (k,) float64 cluster sizes.
     """
 
     from .probes._centroid import _normalize_rows
@@ -360,12 +484,13 @@ def kmeans_lloyd(
 
     cosine = estimator.metric == "cosine"
     device = estimator.device
-    blocks = _blocks(X)
-    tol = _mean_variance(blocks, cosine) * estimator.tol if estimator.tol > 0 else 0.0
+    keep = bool(estimator.compute_labels)
+    chunks = chunks_of(X, "k-means: chunks" if estimator.verbose else None)
+    tol = _mean_variance(chunks, cosine) * estimator.tol if estimator.tol > 0 else 0.0
     n_init = estimator.n_init if isinstance(init, str) else 1
     seeds, seeds_sq = torch.empty(0, X.shape[1]), None
     if isinstance(init, str):
-        seeds = _seed_tokens(X, gen, n_total)
+        seeds = _seed_tokens(chunks, gen, n_total)
         if cosine:
             seeds = _normalize_rows(seeds)
         seeds_sq = torch.ones(seeds.shape[0]) if cosine else _row_sq_norms(seeds)
@@ -380,7 +505,7 @@ def kmeans_lloyd(
             cosine,
         )
         centers, n_iter, measured = _lloyd(
-            blocks,
+            chunks,
             start.cpu().numpy().astype(np.float32),
             max_iter=estimator.max_iter,
             tol=tol,
@@ -388,11 +513,12 @@ def kmeans_lloyd(
             device=device,
             verbose=estimator.verbose,
         )
-        labels, inertia = label_tokens(X, centers, cosine, device)
+        labels, inertia, counts = _label_pass(chunks, centers, cosine, device, keep)
         if best is None or inertia < best[2]:
-            labels = torch.from_numpy(labels)
+            labels = None if labels is None else torch.from_numpy(labels)
+            counts = torch.from_numpy(counts.astype(np.float64))
             curve = np.append(np.asarray(measured[1:], dtype=np.float64), inertia)
-            best = (torch.from_numpy(centers), labels, inertia, n_iter, curve)
+            best = (torch.from_numpy(centers), labels, inertia, n_iter, curve, counts)
     return best
 
 

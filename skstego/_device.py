@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import validate_data
+from tqdm.auto import tqdm
 
 __all__ = [
     "LazyFeatures",
@@ -420,10 +421,18 @@ def tokens_to_maps(T: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return T.reshape(n, h, w, T.shape[-1]).permute(0, 3, 1, 2).contiguous()
 
 
-def iter_slices(n: int, batch_size: int) -> Iterator[slice]:
-    """Yield consecutive slices of at most ``batch_size`` covering ``range(n)``."""
+def iter_slices(
+    n: int, batch_size: int, *, progress: str | None = None
+) -> Iterator[slice]:
+    """Yield consecutive slices of at most ``batch_size`` covering ``range(n)``.
+
+    With ``progress`` (a description), a tqdm bar counts the slices.
+    """
     batch_size = max(1, int(batch_size))
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    if progress is not None:
+        starts = tqdm(starts, desc=progress, leave=False)
+    for start in starts:
         yield slice(start, min(start + batch_size, n))
 
 

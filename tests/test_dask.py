@@ -203,7 +203,7 @@ def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
         tokens = X = rng.normal(size=(300, 3)).astype(np.float32)
         D = da.from_array(X, chunks=70)
     n = tokens.shape[0]
-    seeds = _dask._seed_tokens(D, torch.Generator().manual_seed(0), n)
+    seeds = _dask._seed_tokens(_dask.chunks_of(D), torch.Generator().manual_seed(0), n)
     # the draw: a seed from the generator, then 50 distinct token numbers
     seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(0)))
     idx = np.random.default_rng(seed).choice(n, size=50, replace=False)

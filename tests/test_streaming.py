@@ -1,18 +1,20 @@
 """Streaming fits: partial_fit and fits from on-disk / lazy input (issue 7)."""
 
+import pickle
 import warnings
 
 import numpy as np
 import pytest
-from sklearn.cluster import MiniBatchKMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score
 
 import skstego.probes._kmeans as kmeans_module
 import skstego.probes._linear as linear_module
 from skstego import HNNEProjector, KMeansProbe, LinearProbe
 from skstego._device import LazyFeatures
-from skstego.projection._hnne import sample_tokens
+from skstego.projection._hnne import TokenReservoir, sample_tokens
 
 
 def _blobs(rng, n, d=5, k=3):
@@ -24,6 +26,18 @@ def _blobs(rng, n, d=5, k=3):
 
 def _unit(a):
     return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+class _Counting(LazyFeatures):
+    """On-disk input that records the keys it is read with."""
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return super().__getitem__(key)
 
 
 def _numpy_minibatch(batches, init, cosine):
@@ -149,6 +163,79 @@ def test_minibatch_fit_streams_memmap_maps_equal_to_reference(
         assert probe.labels_.shape == (7, 3, 4)
     np.testing.assert_array_equal(streamed.labels_, memory.labels_)
     np.testing.assert_array_equal(streamed.labels_, memory.predict(maps))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_exact_lloyd_streams_on_disk_input_equal_to_sklearn(
+    tmp_path, monkeypatch, metric
+):
+    # max_samples=None on on-disk input: every Lloyd iteration is one pass of
+    # per-slice statistics, the tokens never gathered (tiny slices here)
+    monkeypatch.setattr(kmeans_module, "_STREAM_ELEMENTS", 6 * 5 * 5 * 3)
+    rng = np.random.default_rng(21)
+    maps = _blobs(rng, 40 * 25, d=6, k=4).reshape(40, 5, 5, 6).transpose(0, 3, 1, 2)
+    maps = maps.copy()
+    tokens = maps.transpose(0, 2, 3, 1).reshape(-1, 6)
+
+    init = tokens[[0, 250, 500, 750]].copy()
+    params = dict(k=4, metric=metric, init=init, max_iter=50, tol=0.0, device="cpu")
+    on_disk = _Counting(_memmap(tmp_path, "x.npy", maps))
+    streamed = KMeansProbe(max_samples=None, **params).fit(on_disk)
+    assert all(k.stop - k.start <= 3 for k in on_disk.reads)
+    # one pass of 14 slices per Lloyd iteration, and one for the labels
+    assert len(on_disk.reads) == 14 * (streamed.n_iter_ + 1) > 14
+    memory = KMeansProbe(**params).fit(maps)
+    np.testing.assert_allclose(
+        streamed.cluster_centers_, memory.cluster_centers_, atol=1e-5
+    )
+    np.testing.assert_array_equal(streamed.labels_, memory.labels_)
+    np.testing.assert_allclose(streamed.inertia_, memory.inertia_, rtol=1e-5)
+    np.testing.assert_array_equal(streamed.counts_, memory.counts_)
+    if metric == "euclidean":  # and the independent reference
+        ref = KMeans(4, init=init, n_init=1, max_iter=50, tol=0.0).fit(tokens)
+        np.testing.assert_allclose(
+            streamed.cluster_centers_, ref.cluster_centers_, atol=1e-4
+        )
+        np.testing.assert_array_equal(streamed.labels_.reshape(-1), ref.labels_)
+    # without compute_labels no O(n_tokens) labels are kept, counts still are
+    lean = KMeansProbe(max_samples=None, compute_labels=False, **params)
+    lean.fit(LazyFeatures(_memmap(tmp_path, "y.npy", maps)))
+    assert not hasattr(lean, "labels_")
+    np.testing.assert_array_equal(lean.counts_, memory.counts_)
+    np.testing.assert_allclose(lean.cluster_centers_, streamed.cluster_centers_)
+
+
+def test_exact_lloyd_on_disk_seeds_with_kmeans_plus_plus(tmp_path):
+    rng = np.random.default_rng(22)
+    X = _blobs(rng, 3000, d=4, k=3)
+    on_disk = _memmap(tmp_path, "x.npy", X)
+    probe = KMeansProbe(3, max_samples=None, device="cpu", random_state=0)
+    probe.fit(on_disk)
+    ref = KMeans(3, n_init=1, random_state=0).fit(X)
+    # the same partition as scikit-learn's (up to cluster order)
+    assert adjusted_rand_score(probe.labels_, ref.labels_) > 0.99
+    assert probe.inertia_ <= ref.inertia_ * 1.001
+
+
+def test_streamed_fits_show_progress_over_chunks(tmp_path, monkeypatch, capsys):
+    import skstego.projection._pca as pca_module
+    from skstego import TorchPCA
+
+    rng = np.random.default_rng(23)
+    X = _blobs(rng, 1000, d=5, k=3)
+    on_disk = _memmap(tmp_path, "x.npy", X)
+    monkeypatch.setattr(pca_module, "_CPU_CHUNK_ELEMENTS", 5 * 100)
+    monkeypatch.setattr(kmeans_module, "_STREAM_ELEMENTS", 5 * 100)
+    TorchPCA(2, device="cpu").fit(on_disk)
+    KMeansProbe(3, max_samples=None, max_iter=2, device="cpu").fit(on_disk)
+    assert "chunks" not in capsys.readouterr().err
+    TorchPCA(2, device="cpu", verbose=True).fit(on_disk)
+    assert "TorchPCA: chunks" in capsys.readouterr().err
+    KMeansProbe(3, max_samples=None, max_iter=2, device="cpu", verbose=True).fit(
+        on_disk
+    )
+    err = capsys.readouterr().err
+    assert "k-means: chunks" in err and "/10 " in err  # 10 slices a pass
 
 
 def test_minibatch_fit_finds_blobs_and_compute_labels_false(capsys):
@@ -290,12 +377,15 @@ def test_linear_streams_label_maps_of_another_size(tmp_path):
 # ------------------------------------------------------------ HNNEProjector
 
 
+def _hnne_data(seed, maps):
+    """600 blob tokens of 6 features, or the same as 24 maps of 5 x 5."""
+    X = _blobs(np.random.default_rng(seed), 600, d=6, k=4)
+    return X.reshape(24, 5, 5, 6).transpose(0, 3, 1, 2).copy() if maps else X
+
+
 @pytest.mark.parametrize("maps", [False, True])
 def test_hnne_subsample_streamed_from_memmap_equals_in_memory(tmp_path, maps):
-    rng = np.random.default_rng(10)
-    X = _blobs(rng, 600, d=6, k=4)
-    if maps:
-        X = X.reshape(24, 5, 5, 6).transpose(0, 3, 1, 2).copy()
+    X = _hnne_data(10, maps)
     on_disk = _memmap(tmp_path, "x.npy", X)
     lazy = LazyFeatures(on_disk)
     tokens = X.transpose(0, 2, 3, 1).reshape(-1, 6) if maps else X
@@ -311,6 +401,121 @@ def test_hnne_subsample_streamed_from_memmap_equals_in_memory(tmp_path, maps):
     np.testing.assert_allclose(
         streamed.transform(X), memory.transform(X), rtol=1e-5, atol=1e-5
     )
+
+
+def test_hnne_cluster_probe_fits_on_disk_input_without_loading_it(tmp_path):
+    from skstego import HNNEClusterProbe
+
+    rng = np.random.default_rng(14)
+    X = _blobs(rng, 600, d=6, k=4).reshape(24, 5, 5, 6).transpose(0, 3, 1, 2).copy()
+    y = rng.integers(0, 3, size=(24, 5, 5))
+    on_disk = _memmap(tmp_path, "x.npy", X)
+
+    params = dict(k=4, max_fit_samples=300, device="cpu", random_state=0)
+    counting = _Counting(on_disk)
+    streamed = HNNEClusterProbe(**params).fit(counting, y)
+    memory = HNNEClusterProbe(**params).fit(X, y)
+    np.testing.assert_array_equal(streamed.labels_, memory.labels_)
+    np.testing.assert_array_equal(streamed.mapping_, memory.mapping_)
+    np.testing.assert_allclose(
+        streamed.cluster_centers_, memory.cluster_centers_, atol=1e-6
+    )
+    assert counting.reads and all(isinstance(k, slice) for k in counting.reads)
+
+
+def _reservoir_inclusion(n, size, splits, n_runs):
+    """How often each of ``n`` stream items ends in the reservoir, per run."""
+    stream = np.arange(n, dtype=np.float32)[:, None]
+    counts = np.zeros(n)
+    for seed in range(n_runs):
+        res = TokenReservoir(size, seed=seed)
+        for block in np.array_split(stream, splits):
+            res.add(block)
+        kept = res.tokens[:, 0].astype(int)
+        assert res.n_seen == n and len(np.unique(kept)) == size
+        counts[kept] += 1
+    return counts / n_runs
+
+
+@pytest.mark.parametrize("splits", [1, 3, 40])
+def test_token_reservoir_is_a_uniform_sample(splits):
+    # Reference: in a uniform draw of `size` of `n` items without replacement,
+    # each item is kept with probability size / n, whatever the blocks (one
+    # block of 40 has many tokens drawing the same slot: the last must win).
+    n, size, runs = 40, 5, 4000
+    freq = _reservoir_inclusion(n, size, splits, runs)
+    p = size / n
+    sigma = np.sqrt(p * (1 - p) / runs)
+    assert np.abs(freq - p).max() < 5 * sigma
+    # and the early (kept in order) and late halves of the stream alike
+    assert abs(freq[:20].mean() - freq[20:].mean()) < 5 * sigma
+
+
+def test_token_reservoir_keeps_everything_up_to_its_size():
+    stream = np.arange(30, dtype=np.float32).reshape(15, 2)
+    for size in (15, 20, None):
+        res = TokenReservoir(size, seed=0)
+        for block in np.array_split(stream, 4):
+            res.add(block)
+        np.testing.assert_array_equal(res.tokens, stream)
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_hnne_partial_fit_equals_fit_on_the_concatenation(tmp_path, maps):
+    X = _hnne_data(11, maps)
+    params = dict(dim=2, max_fit_samples=600, device="cpu", random_state=0)
+    batches = np.array_split(X, 3)
+    batches[1] = _memmap(tmp_path, "b.npy", batches[1])  # read slice by slice
+    streamed = HNNEProjector(**params)
+    for batch in batches:
+        streamed = streamed.partial_fit(batch)
+    assert streamed.n_samples_seen_ == 600
+    full = HNNEProjector(**params).fit(X)
+    assert full.n_samples_seen_ == 600
+    np.testing.assert_array_equal(
+        streamed.hnne_.hierarchy_parameters.partitions,
+        full.hnne_.hierarchy_parameters.partitions,
+    )
+    np.testing.assert_allclose(streamed.transform(X), full.transform(X), atol=1e-6)
+
+
+def test_hnne_partial_fit_subsamples_beyond_max_fit_samples():
+    rng = np.random.default_rng(12)
+    X = _blobs(rng, 900, d=6, k=4)
+    proj = HNNEProjector(dim=2, max_fit_samples=300, device="cpu", random_state=0)
+    for batch in np.array_split(X, 6):
+        proj.partial_fit(batch)
+    sample = proj._reservoir.tokens
+    assert proj.n_samples_seen_ == 900 and sample.shape == (300, 6)
+    # the sample is 300 distinct input tokens, from early and late batches
+    rows = [np.flatnonzero((X == t).all(axis=1)) for t in sample]
+    assert all(len(r) == 1 for r in rows)
+    rows = np.concatenate(rows)
+    assert len(np.unique(rows)) == 300
+    assert (rows < 300).sum() > 50 and (rows >= 600).sum() > 50
+    # the model is h-NNE fitted on exactly that sample
+    ref = HNNEProjector(dim=2, max_fit_samples=None, device="cpu", random_state=0)
+    ref.fit(sample)
+    np.testing.assert_allclose(proj.transform(X), ref.transform(X), atol=1e-6)
+    # a pickled estimator continues the same stream
+    again = pickle.loads(pickle.dumps(proj)).partial_fit(X[:10])
+    assert again.n_samples_seen_ == 910 and proj.n_samples_seen_ == 900
+
+
+def test_hnne_partial_fit_contract():
+    rng = np.random.default_rng(13)
+    X = _blobs(rng, 300, d=6, k=4)
+    X_before = X.copy()
+    proj = HNNEProjector(dim=2, device="cpu", random_state=0).partial_fit(X)
+    np.testing.assert_array_equal(X, X_before)
+    with pytest.raises(ValueError, match="6 features"):
+        proj.partial_fit(X[:, :5])
+    # fit keeps no sample: partial_fit after fit starts a new one
+    proj.fit(X)
+    assert proj.n_samples_seen_ == 300
+    assert proj.partial_fit(X[:100]).n_samples_seen_ == 100
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        HNNEProjector(dim=1, device="cpu").partial_fit(X[:1])
 
 
 # ------------------------------------------------------------ StegoProjector

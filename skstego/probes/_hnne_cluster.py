@@ -207,7 +207,10 @@ class HNNEClusterProbe(
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features) or \
                 (N, n_features, h, w)
-            Tokens or feature maps. Not modified.
+            Tokens or feature maps. Not modified. On-disk input (a
+            :class:`~skstego.features.FeatureStore`, a zarr or dask array, a
+            NumPy memmap) is never loaded whole: one pass gathers the
+            ``max_fit_samples`` drawn tokens, a second labels every token.
         y : array-like or torch.Tensor of int, default=None
             Optional labels, (n_samples,) for tokens or label maps (N, H, W)
             for maps (any H, W; scores are upsampled bilinearly to it); -1 is
@@ -223,7 +226,7 @@ class HNNEClusterProbe(
                 f"Give either k (wanted number of clusters) or level (index in "
                 f"the hierarchy), not both; got k={self.k}, level={self.level}."
             )
-        X = check_features(self, X, reset=True)
+        X = check_features(self, X, reset=True, lazy=True)
         if is_torch(X):
             X = X.detach()
         if y is not None:

@@ -509,10 +509,19 @@ class KMeansProbe(
     max_samples : int or None, default=1_000_000
         Fit on a random subsample of at most this many tokens (drawn from
         ``random_state``), then label every token. None uses all tokens.
+        Up to ``max_samples`` tokens are gathered on ``device`` and iterated
+        on there. With None, on-disk input (a FeatureStore, a zarr array, a
+        memmap) and dask arrays are not gathered: each Lloyd iteration is
+        one pass of per-chunk statistics (read slice by slice here, or
+        computed on the dask workers), exact and in memory flat in the
+        number of tokens; seeding uses at most 262,144 of the tokens and
+        the torch backend runs whatever ``backend`` says.
 
     algorithm : {"lloyd", "minibatch"}, default="lloyd"
         ``"lloyd"``: exact Lloyd iterations on all tokens (or ``max_samples``
-        of them), gathered on ``device``. ``"minibatch"``: mini-batch k-means
+        of them), gathered on ``device`` or, for on-disk and dask input with
+        ``max_samples=None``, streamed chunk by chunk at every iteration.
+        ``"minibatch"``: mini-batch k-means
         (as :class:`sklearn.cluster.MiniBatchKMeans`, without its
         reassignment of small clusters): ``fit`` initialises on a random
         sample of ``max(3 * batch_size, 3 * k)`` tokens, then makes up to
@@ -781,11 +790,16 @@ class KMeansProbe(
             )
         if self.algorithm == "minibatch":
             return self._fit_minibatch(X, y, init, n_total, device, gen)
-        if not subsample and dask_source(X) is not None:
-            # Lloyd passes of per-chunk statistics computed by dask.
-            fitted = kmeans_lloyd(self, dask_source(X), init, gen, n_total)
-            centers, labels, inertia, n_iter, curve = fitted
-            counts = torch.bincount(labels, minlength=self.k).double()
+        chunked = dask_source(X)
+        if chunked is None and self.max_samples is None:
+            chunked = X if isinstance(X, LazyFeatures) else None
+        if not subsample and chunked is not None:
+            # Exact Lloyd passes of per-chunk statistics: computed by dask on
+            # its workers, or slice by slice from on-disk input here.
+            fitted = kmeans_lloyd(self, chunked, init, gen, n_total)
+            centers, labels, inertia, n_iter, curve, counts = fitted
+            if labels is not None:
+                labels = labels.to(device)
             self.n_steps_ = 0
             return self._set_fitted(
                 X, y, centers.to(device), counts, labels, inertia, n_iter, curve
@@ -1029,7 +1043,7 @@ class KMeansProbe(
         On dask input every chunk is labelled on its worker.
         """
         if dask_source(X) is not None:
-            labels, inertia = label_tokens(
+            labels, inertia, _ = label_tokens(
                 dask_source(X), centers.cpu().numpy(), cosine, self.device
             )
             return torch.from_numpy(labels).to(device), inertia

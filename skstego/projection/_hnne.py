@@ -12,6 +12,7 @@ projected anchors.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -145,6 +146,85 @@ def _gather_lazy_tokens(X: LazyFeatures, idx: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def iter_token_blocks(X: Any) -> Iterator[np.ndarray]:
+    """The tokens of ``X``, in order, as float32 (rows, C) NumPy blocks.
+
+    Tokens of 4-D maps come image by image, then row-major over the grid (the
+    order of :func:`~skstego._device.maps_to_tokens`). Blocks hold about
+    ``DEFAULT_BATCH_ELEMENTS`` values, so on-disk input is read slice by slice
+    and large in-memory input is never copied whole.
+    """
+    c = int(X.shape[1])
+    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+    cpu = torch.device("cpu")
+    for sl in iter_slices(X.shape[0], rows_per_batch(c * per_image)):
+        xb = X[sl]
+        if is_torch(xb):
+            xb = as_tensor(xb.detach(), cpu).numpy()
+        xb = np.asarray(xb)
+        if X.ndim == 4:
+            xb = xb.reshape(xb.shape[0], c, per_image).transpose(0, 2, 1)
+        yield np.ascontiguousarray(xb.reshape(-1, c), dtype=np.float32)
+
+
+class TokenReservoir:
+    """A uniform random sample of at most ``size`` tokens of a token stream.
+
+    Reservoir sampling (Vitter's algorithm R), vectorised per block: the first
+    ``size`` tokens are kept in order; token number ``t`` (0-based) after
+    them replaces the kept token in slot ``j``, drawn uniformly from
+    ``0..t``, when ``j < size``. After ``n_seen`` tokens, ``tokens`` is a
+    uniform draw without replacement of ``min(size, n_seen)`` of them,
+    however the stream was split into blocks. ``size=None`` keeps every token.
+
+    Parameters
+    ----------
+    size : int or None
+        Most tokens kept.
+    seed : int
+        Seeds the slot draws (a NumPy generator, kept with the sample).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skstego.projection._hnne import TokenReservoir
+    >>> res = TokenReservoir(3, seed=0)
+    >>> res.add(np.arange(10, dtype=np.float32).reshape(5, 2))
+    >>> res.n_seen, res.tokens.shape
+    (5, (3, 2))
+    """
+
+    def __init__(self, size: int | None, seed: int) -> None:
+        self.size = size
+        self.n_seen = 0
+        self.tokens: np.ndarray | None = None
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, block: np.ndarray) -> None:
+        """Offer the tokens of ``block`` (n, C) to the sample, in order."""
+        n = block.shape[0]
+        kept = 0 if self.tokens is None else self.tokens.shape[0]
+        room = n if self.size is None else max(0, min(n, self.size - kept))
+        if room or self.tokens is None:
+            head = block[:room]
+            self.tokens = (
+                head.copy()
+                if self.tokens is None
+                else np.concatenate([self.tokens, head])
+            )
+        rest = block[room:]
+        if rest.shape[0]:
+            first = self.n_seen + room
+            slots = self.rng.integers(0, np.arange(first, first + rest.shape[0]) + 1)
+            hit = np.flatnonzero(slots < self.size)
+            # Several tokens of the block may draw the same slot: the last one
+            # wins, as in the sequential algorithm.
+            order = hit[::-1]
+            taken, last = np.unique(slots[order], return_index=True)
+            self.tokens[taken] = rest[order[last]]
+        self.n_seen += n
+
+
 def nearest_rows(
     x: torch.Tensor, centers: torch.Tensor, cosine: bool, c_sq: torch.Tensor | None
 ) -> torch.Tensor:
@@ -199,6 +279,8 @@ class HNNEProjector(
     its nearest finest-level FINCH centroid (exact search, in chunks), through
     the PCA, hnne's inflation (2-D and 3-D targets) and the anchor placement.
     4-D maps (N, C, h, w) give codes (N, dim, h, w); 2-D tokens give (n, dim).
+    For data that arrive in pieces, ``partial_fit`` keeps a uniform random
+    sample (a reservoir) of all tokens seen and refits on it at each call.
 
     Parameters
     ----------
@@ -246,6 +328,10 @@ class HNNEProjector(
         The fitted h-NNE model: its ``hierarchy_parameters`` (FINCH
         ``partitions`` of the fit tokens, ``partition_sizes``,
         ``lowest_level_centroids``) and ``projection_parameters``.
+
+    n_samples_seen_ : int
+        Number of tokens the model was drawn from: all tokens of ``X`` for
+        ``fit``, all tokens passed so far for ``partial_fit``.
 
     n_features_in_ : int
         Number of features (channels, axis 1) seen during :term:`fit`.
@@ -394,6 +480,72 @@ class HNNEProjector(
             return map_method(self, "transform", source, int(self.dim))
         return self._transform(X, device)
 
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: Any = None) -> HNNEProjector:
+        """Add the tokens of ``X`` to the fit sample and refit h-NNE on it.
+
+        The estimator keeps a uniform random sample of at most
+        ``max_fit_samples`` of all the tokens passed to ``partial_fit`` so far
+        (reservoir sampling, seeded by ``random_state``; the first
+        ``max_fit_samples`` tokens are kept in order) and fits a fresh h-NNE
+        on it at every call, so the model after any call is that of ``fit``
+        on a uniform subsample of everything seen. While the tokens seen are
+        at most ``max_fit_samples``, it equals ``fit`` on their
+        concatenation. Each call costs an h-NNE fit on the sample; to stream
+        a whole store once, ``fit(store)`` draws the sample in one pass and
+        fits once.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) \
+                or (N, n_features, h, w)
+            A batch of tokens or feature maps. Not modified; on-disk input is
+            read slice by slice.
+
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : HNNEProjector
+            The refitted estimator; ``n_samples_seen_`` counts every token
+            passed so far.
+
+        Notes
+        -----
+        The sample is kept with the estimator (float32, at most
+        ``max_fit_samples`` x ``n_features``: 1.5 GB for the default one
+        million tokens of 384 channels) so that the next call can extend it;
+        ``max_fit_samples=None`` keeps every token. ``fit`` keeps no sample:
+        ``partial_fit`` after ``fit`` starts a new one.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn.datasets import load_digits
+        >>> from skstego import HNNEProjector
+        >>> X = load_digits().data.astype(np.float32)
+        >>> proj = HNNEProjector(dim=2, max_fit_samples=1000, device="cpu",
+        ...                      random_state=0)
+        >>> for batch in np.array_split(X, 3):
+        ...     proj = proj.partial_fit(batch)
+        >>> proj.n_samples_seen_, proj.transform(X).shape
+        (1797, (1797, 2))
+        """
+        first = not hasattr(self, "_reservoir")
+        X = check_features(self, X, reset=first, lazy=True)
+        if first:
+            gen = make_generator(self.random_state, torch.device("cpu"))
+            seed = int(torch.randint(2**62, (1,), generator=gen))
+            self._reservoir = TokenReservoir(self.max_fit_samples, seed)
+        reservoir = self._reservoir
+        for block in iter_token_blocks(X):
+            reservoir.add(block)
+        n_fit = reservoir.tokens.shape[0]
+        self._check_sizes(int(X.shape[1]), n_fit, reservoir.n_seen)
+        self._fit_tokens(reservoir.tokens, reservoir.n_seen, stacklevel=4)
+        return self
+
     def transform(self, X: Any) -> np.ndarray | torch.Tensor:
         """Project tokens as :meth:`hnne.HNNE.transform`, on the device.
 
@@ -420,14 +572,18 @@ class HNNEProjector(
     # ------------------------------------------------------------ internals
 
     def _fit(self, X: Any, stacklevel: int) -> torch.device:
-        device = resolve_device(self.device)
-        n_features = int(X.shape[1])
         n_total = n_tokens(X)
         n_fit = (
             n_total
             if self.max_fit_samples is None
             else min(n_total, self.max_fit_samples)
         )
+        self._check_sizes(int(X.shape[1]), n_fit, n_total)
+        tokens, _ = sample_tokens(X, self.max_fit_samples, self.random_state)
+        self.__dict__.pop("_reservoir", None)  # a later partial_fit starts afresh
+        return self._fit_tokens(tokens, n_total, stacklevel + 1)
+
+    def _check_sizes(self, n_features: int, n_fit: int, n_total: int) -> None:
         if n_fit < 2:
             raise ValueError(
                 f"h-NNE needs at least 2 tokens to build its hierarchy; got "
@@ -446,7 +602,13 @@ class HNNEProjector(
                 f"n_samples={n_fit}: h-NNE's PCA has at most that many "
                 "components. Pass more tokens or a smaller dim."
             )
-        tokens, _ = sample_tokens(X, self.max_fit_samples, self.random_state)
+
+    def _fit_tokens(
+        self, tokens: np.ndarray, n_total: int, stacklevel: int
+    ) -> torch.device:
+        """Fit a fresh hnne model on ``tokens``, drawn from ``n_total`` tokens."""
+        device = resolve_device(self.device)
+        n_fit = tokens.shape[0]
         model = new_hnne(
             n_components=int(self.dim),
             metric=self.metric,
@@ -474,6 +636,7 @@ class HNNEProjector(
         # the training layout it returns is not kept (see Notes).
         model.fit(tokens, verbose=verbose)
         self.hnne_ = model
+        self.n_samples_seen_ = int(n_total)
         self._n_features_out = int(self.dim)
         return device
 

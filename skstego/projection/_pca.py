@@ -70,11 +70,11 @@ def _n_tokens(X: Any) -> int:
 
 
 def _iter_chunks(
-    X: Any, device: torch.device, dtype: torch.dtype
+    X: Any, device: torch.device, dtype: torch.dtype, progress: str | None = None
 ) -> Iterator[torch.Tensor]:
     """Yield consecutive chunks of ``X`` (rows or whole images) on ``device``."""
-    per_row = int(np.prod(X.shape[1:]))
-    for sl in iter_slices(X.shape[0], rows_per_batch(per_row, _chunk_elements(device))):
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), _chunk_elements(device))
+    for sl in iter_slices(X.shape[0], rows, progress=progress):
         yield as_tensor(X[sl], device, dtype)
 
 
@@ -155,7 +155,7 @@ def _column_sums(x: np.ndarray) -> np.ndarray:
     return sums + x[main:].sum(axis=0, dtype=float)
 
 
-def _scatter_numpy(X: Any, reference: np.ndarray | None):
+def _scatter_numpy(X: Any, reference: np.ndarray | None, progress: str | None = None):
     """CPU backend of :func:`_scatter`: NumPy and its BLAS, no torch threads.
 
     NumPy's ``y.T @ y`` calls BLAS ``syrk``, which computes half of the
@@ -176,7 +176,7 @@ def _scatter_numpy(X: Any, reference: np.ndarray | None):
     acc = np.zeros((d + 1, d + 1))
     n = 0
     shift = None
-    for sl in iter_slices(X.shape[0], rows):
+    for sl in iter_slices(X.shape[0], rows, progress=progress):
         xb = X[sl]
         if is_torch(xb):
             xb = as_tensor(xb, torch.device("cpu"), _input_dtype(xb)).detach().numpy()
@@ -206,7 +206,12 @@ def _scatter_numpy(X: Any, reference: np.ndarray | None):
     return n, shift.astype(np.float64), acc[d, :d], acc[:d, :d]
 
 
-def _scatter_torch(X: Any, device: torch.device, reference: np.ndarray | None):
+def _scatter_torch(
+    X: Any,
+    device: torch.device,
+    reference: np.ndarray | None,
+    progress: str | None = None,
+):
     """CUDA backend of :func:`_scatter`: float32 Gram products with torch.
 
     The symmetric Gram matrix is computed as its upper block row and its
@@ -226,7 +231,7 @@ def _scatter_torch(X: Any, device: torch.device, reference: np.ndarray | None):
     sums = torch.zeros(n_features, dtype=torch.float64, device=device)
     n = 0
     shift = None
-    for xb in _iter_chunks(X, device, dtype):
+    for xb in _iter_chunks(X, device, dtype, progress):
         if shift is None:
             if reference is not None:
                 shift = torch.as_tensor(reference, device=device).to(dtype)
@@ -248,7 +253,12 @@ def _scatter_torch(X: Any, device: torch.device, reference: np.ndarray | None):
     return n, *(t.double().cpu().numpy() for t in (shift, sums, gram))
 
 
-def _scatter(X: Any, device: torch.device, reference: np.ndarray | None):
+def _scatter(
+    X: Any,
+    device: torch.device,
+    reference: np.ndarray | None,
+    progress: str | None = None,
+):
     """Count, float64 mean and scatter matrix of ``X``, chunk by chunk.
 
     Each chunk is shifted by a fixed reference (``reference``, else the first
@@ -263,9 +273,9 @@ def _scatter(X: Any, device: torch.device, reference: np.ndarray | None):
     """
     with torch.no_grad():
         if device.type == "cpu":
-            n, shift, sums, gram = _scatter_numpy(X, reference)
+            n, shift, sums, gram = _scatter_numpy(X, reference, progress)
         else:
-            n, shift, sums, gram = _scatter_torch(X, device, reference)
+            n, shift, sums, gram = _scatter_torch(X, device, reference, progress)
     mean = shift + sums / n
     scatter = gram - np.outer(sums, sums) / n
     return n, mean, (scatter + scatter.T) / 2
@@ -346,6 +356,11 @@ class TorchPCA(
     random_state : int, RandomState instance or None, default=None
         Seeds the random matrix of the "randomized" solver. Pass an int for
         reproducible results.
+
+    verbose : bool, default=False
+        Show a tqdm progress bar over the chunks that the covariance solver
+        streams (``fit`` and ``partial_fit``; e.g. the chunks of a feature
+        store).
 
     Attributes
     ----------
@@ -468,6 +483,7 @@ class TorchPCA(
         "solver": [StrOptions({"auto", "covariance_eigh", "full", "randomized"})],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -479,6 +495,7 @@ class TorchPCA(
         solver: str = "auto",
         device: str | torch.device | None = "auto",
         random_state: Any = None,
+        verbose: bool = False,
     ) -> None:
         self.dim = dim
         self.whiten = whiten
@@ -486,6 +503,7 @@ class TorchPCA(
         self.solver = solver
         self.device = device
         self.random_state = random_state
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
 
@@ -610,7 +628,8 @@ class TorchPCA(
         source = dask_source(X)
         if source is not None:
             return pca_statistics(source, self.device)
-        return _scatter(X, device, reference)
+        progress = "TorchPCA: chunks" if self.verbose else None
+        return _scatter(X, device, reference, progress)
 
     def _choose_solver(self, n_samples: int, n_features: int, n_components: int):
         """scikit-learn's "auto" policy (PCA._fit in scikit-learn 1.5+)."""
