@@ -35,6 +35,8 @@ Run::
     python benchmarks/bench_streaming.py                         # 1e7,1e8,1e9
     python benchmarks/bench_streaming.py --tokens 1e6,1e7 --budget 60
     python benchmarks/bench_streaming.py --device cuda
+    python benchmarks/bench_streaming.py --tokens 1e9 --exact-up-to 1e9 \
+        --only kmeans_exact                                      # one contender
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(n: int, d: int, device: str, max_samples: int, exact_up_to: int) -> dict:
+def ours(
+    n: int, d: int, device: str, max_samples: int, exact_up_to: int, only: str
+) -> dict:
     import torch
 
     from skstego import KMeansProbe, TorchPCA
@@ -131,7 +135,9 @@ def ours(n: int, d: int, device: str, max_samples: int, exact_up_to: int) -> dic
         ),
     }
     for name, make in fits.items():
-        if name == "kmeans_exact" and n > exact_up_to:
+        if (name == "kmeans_exact" and n > exact_up_to) or (
+            only and name not in only.split(",")
+        ):
             continue
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -172,10 +178,16 @@ def peers(n: int, d: int) -> dict:
 
 
 def child(
-    n: int, d: int, device: str, max_samples: int, who: str, exact_up_to: int
+    n: int,
+    d: int,
+    device: str,
+    max_samples: int,
+    who: str,
+    exact_up_to: int,
+    only: str,
 ) -> None:
     if who == "ours":
-        out = ours(n, d, device, max_samples, exact_up_to)
+        out = ours(n, d, device, max_samples, exact_up_to, only)
     else:
         out = peers(n, d)
     out.update(tokens=n, who=who, peak_rss_mib=round(peak_rss_mib(), 1))
@@ -186,7 +198,7 @@ def run(n: int, args: argparse.Namespace, who: str) -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), "--who", who]
     cmd += ["--features", str(args.features), "--device", args.device]
     cmd += ["--max-samples", str(args.max_samples)]
-    cmd += ["--exact-up-to", str(int(float(args.exact_up_to)))]
+    cmd += ["--exact-up-to", str(int(float(args.exact_up_to))), "--only", args.only]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -202,6 +214,12 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=1_000_000)
     parser.add_argument("--budget", type=float, default=1800.0)
     parser.add_argument("--exact-up-to", default="1e8")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset of our contenders (pca, kmeans_lloyd, "
+        "kmeans_exact, kmeans_minibatch); the peers are then not run",
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--who", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,12 +231,16 @@ def main() -> None:
             args.max_samples,
             args.who,
             int(float(args.exact_up_to)),
+            args.only,
         )
         return
     rate = {"ours": None, "peers": None}  # seconds per token, last size run
     for n in sorted(int(float(s)) for s in args.tokens.split(",")):
         row = {"tokens": n, "data_float32_gib": round(n * args.features * 4 / 2**30, 2)}
         for who in ("ours", "peers"):
+            if who == "peers" and args.only:
+                row[who] = {}
+                continue
             if rate[who] is not None and rate[who] * n > args.budget:
                 row[who] = {"skipped": True, "projected_s": round(rate[who] * n)}
                 continue
