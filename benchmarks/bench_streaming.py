@@ -77,10 +77,14 @@ class SyntheticTokens:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _block(self, b: int) -> np.ndarray:
+    def _windows(self, b: int) -> tuple[int, int, int]:
+        """Block ``b``: its rows and where its noise and means windows start."""
         rows = min(BLOCK, self.shape[0] - b * BLOCK)
         h = (b * 0x9E3779B97F4A7C15 + self.seed) % (1 << 64)
-        i, j = h % POOL, (h >> 20) % POOL
+        return rows, h % POOL, (h >> 20) % POOL
+
+    def _block(self, b: int) -> np.ndarray:
+        rows, i, j = self._windows(b)
         return self.noise[i : i + rows] + self.means[j : j + rows]
 
     def __getitem__(self, key):
@@ -97,12 +101,21 @@ class SyntheticTokens:
         start, stop, _ = key.indices(self.shape[0])
         if stop <= start:
             return np.empty((0, self.shape[1]), dtype=np.float32)
-        parts = []
+        # One addition per value, straight into the slice's buffer (as a
+        # reader fills its buffer from disk): no per-block temporaries.
+        out = np.empty((stop - start, self.shape[1]), dtype=np.float32)
+        pos = 0
         for b in range(start // BLOCK, (stop - 1) // BLOCK + 1):
             lo = max(start - b * BLOCK, 0)
             hi = min(stop - b * BLOCK, BLOCK)
-            parts.append(self._block(b)[lo:hi])
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            _, i, j = self._windows(b)
+            np.add(
+                self.noise[i + lo : i + hi],
+                self.means[j + lo : j + hi],
+                out=out[pos : pos + hi - lo],
+            )
+            pos += hi - lo
+        return out
 
     def blocks(self):
         """The blocks in order (what a peer's partial_fit loop reads)."""

@@ -194,18 +194,21 @@ class LazyChunks:
         return _gather_lazy(self.X, idx, torch.device("cpu")).numpy()
 
 
-def chunks_of(X: Any, progress: str | None = None) -> DaskChunks | LazyChunks:
+def chunks_of(
+    X: Any, progress: str | None = None, device: Any = "auto"
+) -> DaskChunks | LazyChunks:
     """:class:`DaskChunks` for a dask array, :class:`LazyChunks` otherwise.
 
     ``progress`` (a description) shows a bar over the slices of each pass
-    of on-disk input.
+    of on-disk input; ``device`` (where the slices are computed on) sets
+    their size.
     """
     if is_dask(X):
         return DaskChunks(X)
-    from .probes._kmeans import _STREAM_ELEMENTS
+    from .probes._kmeans import _stream_elements
 
-    rows = rows_per_batch(int(np.prod(X.shape[1:])), _STREAM_ELEMENTS)
-    return LazyChunks(X, rows, progress)
+    elements = _stream_elements(resolve_device(device))
+    return LazyChunks(X, rows_per_batch(int(np.prod(X.shape[1:])), elements), progress)
 
 
 # ------------------------------------------------------------------ k-means
@@ -485,7 +488,8 @@ def kmeans_lloyd(
     cosine = estimator.metric == "cosine"
     device = estimator.device
     keep = bool(estimator.compute_labels)
-    chunks = chunks_of(X, "k-means: chunks" if estimator.verbose else None)
+    progress = "k-means: chunks" if estimator.verbose else None
+    chunks = chunks_of(X, progress, device)
     tol = _mean_variance(chunks, cosine) * estimator.tol if estimator.tol > 0 else 0.0
     n_init = estimator.n_init if isinstance(init, str) else 1
     seeds, seeds_sq = torch.empty(0, X.shape[1]), None

@@ -65,6 +65,18 @@ _GPU_BLOCK_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 #: memmap) when its tokens are gathered onto the device, and per batch when
 #: every token is labelled after a subsampled fit.
 _STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS
+#: The same on the CPU, where reads allocate a fresh buffer per slice: kept
+#: below glibc's largest mmap threshold (32 MiB), slice buffers are recycled
+#: from the heap instead of being mapped and page-faulted afresh each time
+#: (streamed k-means passes measured 1.5-1.8x faster than with 256 MiB).
+_CPU_STREAM_ELEMENTS = 4 * 1024 * 1024
+
+
+def _stream_elements(device: torch.device) -> int:
+    """Values per slice of streamed input on ``device``."""
+    if device.type == "cpu":
+        return min(_STREAM_ELEMENTS, _CPU_STREAM_ELEMENTS)
+    return _STREAM_ELEMENTS
 
 
 # --------------------------------------------------------------------------
@@ -318,12 +330,12 @@ def _token_batches(
     """Consecutive batches of ``batch_size`` tokens of ``X`` on ``device``.
 
     ``X`` (2-D tokens or 4-D maps; in memory, a tensor or on-disk
-    :class:`LazyFeatures`) is read in slices of about ``_STREAM_ELEMENTS``
-    values; tokens left over at the end of a slice open the next batch, so
-    the batches do not depend on the slice size (only the last one may be
-    smaller).
+    :class:`LazyFeatures`) is read in slices of about
+    :func:`_stream_elements` values; tokens left over at the end of a slice
+    open the next batch, so the batches do not depend on the slice size
+    (only the last one may be smaller).
     """
-    rows = rows_per_batch(int(np.prod(X.shape[1:])), _STREAM_ELEMENTS)
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), _stream_elements(device))
     carry = None
     for sl in iter_slices(X.shape[0], rows):
         xb = as_tensor(X[sl], device)
@@ -1052,7 +1064,7 @@ class KMeansProbe(
         )
         out, inertia = [], 0.0
         with torch.no_grad():
-            rows = rows_per_batch(per_row, _STREAM_ELEMENTS)
+            rows = rows_per_batch(per_row, _stream_elements(device))
             for sl in tqdm(
                 iter_slices(X.shape[0], rows),
                 total=-(-X.shape[0] // rows),
@@ -1157,7 +1169,7 @@ def _gather_lazy(
     per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
     n_tokens = X.shape[0] * per_image
     out = torch.empty(n_tokens if idx is None else len(idx), X.shape[1], device=device)
-    rows = rows_per_batch(int(np.prod(X.shape[1:])), _STREAM_ELEMENTS)
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), _stream_elements(device))
     filled = 0
     for sl in iter_slices(X.shape[0], rows):
         lo, hi = sl.start * per_image, sl.stop * per_image
