@@ -270,15 +270,45 @@ def is_lazy(X: Any) -> bool:
     return type(X).__name__ == "Array" and module.split(".")[0] in ("zarr", "dask")
 
 
+def source_chunk_rows(source: Any) -> int:
+    """Rows per storage chunk along axis 0 of ``source`` (1 when unchunked).
+
+    Read from a ``chunks`` attribute: a tuple of ints (zarr, h5py, a
+    :class:`~skstego.features.FeatureStore`) or dask's tuple of tuples
+    (regular chunks only: all but the last of the same size).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skstego._device import source_chunk_rows
+    >>> source_chunk_rows(np.zeros((10, 3)))
+    1
+    """
+    chunks = getattr(source, "chunks", None)
+    if not chunks:
+        return 1
+    first = chunks[0]
+    if isinstance(first, tuple):  # dask: the sizes of the row chunks
+        if len(set(first[:-1])) > 1 or (len(first) > 1 and first[-1] > first[0]):
+            return 1
+        first = first[0] if first else 1
+    return max(1, int(first))
+
+
 class LazyFeatures:
     """Read-only, chunk-by-chunk view of on-disk features.
 
     Indexing returns a C-contiguous NumPy array (float64 for float64 sources,
     float32 otherwise, e.g. for float16 stores), checked for NaN and infinity.
-    Reads of consecutive equal-length slices (the way estimators stream) are
-    prefetched: while the caller computes on one slice, a background thread
-    reads the next one, so disk reads, decompression and the host-to-device
-    copy overlap the computation. At most two slices are in memory at once.
+    Reads of consecutive slices (the way estimators stream) are prefetched:
+    while the caller computes on one slice, a background thread reads the
+    next one, so disk reads, decompression and the host-to-device copy
+    overlap the computation. Sources stored in chunks along axis 0 (a
+    FeatureStore, zarr, dask: see :func:`source_chunk_rows`) are read in
+    whole chunks, and the rows of a chunk beyond the current slice are kept
+    for the next one, so consecutive slices of any size decompress every
+    storage chunk once. At most a slice, the rest of its last chunk and the
+    next read are in memory at once.
 
     Parameters
     ----------
@@ -305,8 +335,11 @@ class LazyFeatures:
         self.dtype = np.dtype(
             np.float64 if np.dtype(source.dtype) == np.float64 else np.float32
         )
+        self.chunk_rows = source_chunk_rows(source)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[tuple[int, int], Any] | None = None
+        #: rows [start, start + len(rows)) read but not yet handed out
+        self._rest: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -325,29 +358,56 @@ class LazyFeatures:
             )
         return chunk
 
+    def _cover(self, start: int, stop: int) -> tuple[int, int]:
+        """The whole storage chunks that hold rows ``start:stop``."""
+        c = self.chunk_rows
+        return start - start % c, min(self.shape[0], -(-stop // c) * c)
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (whole chunks): the prefetched read, or now."""
+        if self._pending is not None:
+            key, future = self._pending
+            self._pending = None
+            if key == (start, stop):
+                return future.result()
+            future.cancel()
+        return self._read(slice(start, stop))
+
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
             return self._read(key)
         start, stop, _ = key.indices(self.shape[0])
-        chunk = None
-        if self._pending is not None:
-            (p_start, p_stop), future = self._pending
-            self._pending = None
-            if (p_start, p_stop) == (start, stop):
-                chunk = future.result()
-            else:
-                future.cancel()
-        if chunk is None:
-            chunk = self._read(slice(start, stop))
-        after = slice(stop, min(self.shape[0], stop + (stop - start)))
-        if stop - start > 0 and after.start < after.stop:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1)
-            self._pending = (
-                (after.start, after.stop),
-                self._pool.submit(self._read, after),
-            )
+        if stop <= start:
+            return self._read(slice(start, start))
+        pieces, at = [], start
+        rest, self._rest = self._rest, None
+        if rest is not None and rest[0] == start:  # rows read with the last slice
+            held = rest[1]
+            pieces.append(held[: stop - start])
+            at = start + held.shape[0]
+            if at > stop:
+                self._rest = (stop, held[stop - start :])
+        if at < stop:
+            lo, hi = self._cover(at, stop)
+            block = self._read_rows(lo, hi)
+            pieces.append(block[at - lo : stop - lo])
+            if stop < lo + block.shape[0]:  # the rest of the last chunk
+                self._rest = (stop, block[stop - lo :])
+        chunk = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        self._prefetch(stop, stop - start)
         return chunk
+
+    def _prefetch(self, stop: int, length: int) -> None:
+        """Start reading the chunks of the likely next slice ``stop:stop+length``."""
+        if length <= 0 or stop >= self.shape[0]:
+            return
+        at = stop if self._rest is None else self._rest[0] + self._rest[1].shape[0]
+        lo, hi = self._cover(at, min(self.shape[0], stop + length))
+        if hi <= lo or at >= stop + length:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = ((lo, hi), self._pool.submit(self._read, slice(lo, hi)))
 
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)

@@ -561,3 +561,61 @@ def test_stego_trains_from_a_feature_store_as_from_memory(tmp_path):
     assert all(len(k) == 2 * params["batch_size"] for k in fancy)
     slices = [k for k in reads if isinstance(k, slice)]
     assert sum(min(k.stop, len(full)) - k.start for k in slices) == len(full)
+
+
+# ------------------------------------------------------------ chunk-aligned reads
+
+
+class _ChunkedSource:
+    """A chunked array-like (as zarr): records the row ranges it is read."""
+
+    def __init__(self, data, chunk_rows):
+        self.data = data
+        self.shape, self.dtype = data.shape, data.dtype
+        self.chunks = (chunk_rows, *data.shape[1:])
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append((key.start, key.stop) if isinstance(key, slice) else key)
+        return self.data[key]
+
+
+@pytest.mark.parametrize("slice_rows", [1, 3, 7, 10, 25])
+def test_lazy_reads_whole_chunks_once(slice_rows):
+    data = np.random.default_rng(30).normal(size=(53, 4)).astype(np.float32)
+    source = _ChunkedSource(data, chunk_rows=10)
+    lazy = LazyFeatures(source)
+    got = [lazy[a : a + slice_rows] for a in range(0, 53, slice_rows)]
+    np.testing.assert_array_equal(np.concatenate(got), data)
+    # every read is whole chunks, and no row is read twice
+    for lo, hi in source.reads:
+        assert lo % 10 == 0 and (hi % 10 == 0 or hi == 53)
+    covered = np.concatenate([np.arange(lo, hi) for lo, hi in source.reads])
+    np.testing.assert_array_equal(np.sort(covered), np.arange(53))
+
+
+def test_lazy_reads_any_access_pattern_correctly():
+    rng = np.random.default_rng(31)
+    data = rng.normal(size=(40, 3)).astype(np.float32)
+    lazy = LazyFeatures(_ChunkedSource(data, chunk_rows=6))
+    for _ in range(60):  # jumps, repeats, backwards, empty slices, fancy indices
+        a = int(rng.integers(0, 40))
+        b = int(rng.integers(a, 41))
+        np.testing.assert_array_equal(lazy[a:b], data[a:b])
+        got = lazy[a:b]
+        got[...] = -1  # the caller owns its slice: later reads are unaffected
+        idx = rng.integers(0, 40, size=5)
+        np.testing.assert_array_equal(lazy[idx], data[idx])
+    np.testing.assert_array_equal(lazy[0:40], data)
+
+
+def test_chunk_rows_of_sources():
+    import dask.array as da
+
+    from skstego._device import source_chunk_rows
+
+    assert source_chunk_rows(np.zeros((9, 2))) == 1
+    assert source_chunk_rows(_ChunkedSource(np.zeros((9, 2)), 4)) == 4
+    assert source_chunk_rows(da.zeros((9, 2), chunks=(4, 2))) == 4
+    assert source_chunk_rows(da.zeros((9, 2), chunks=((3, 5, 1), (2,)))) == 1
+    assert source_chunk_rows(da.zeros((9, 2), chunks=((4, 4, 1), (2,)))) == 4

@@ -84,6 +84,9 @@ class FeatureStore:
         float16 or float32: the dtype on disk.
     ndim : int
         4.
+    chunks : tuple of int
+        ``(chunk_images, C, h, w)``: the storage chunks, read whole by the
+        estimators that stream the store.
     attrs : dict
         The store's metadata: ``featurizer`` (parameters), ``images`` (paths
         or None), ``n_images``, ``chunk_images``, ``dtype``, ``complete``.
@@ -142,6 +145,8 @@ class FeatureStore:
         self.ndim = len(self.shape)
         self.dtype = np.dtype(np.float32)
         self.storage_dtype = np.dtype(str(attrs["dtype"]))
+        #: Storage chunks, as zarr says: ``(chunk_images, C, h, w)``.
+        self.chunks = (int(attrs["chunk_images"]), *self.shape[1:])
 
     def __len__(self) -> int:
         return self.shape[0]
