@@ -353,20 +353,19 @@ def gather_tokens(X: Any, idx: np.ndarray) -> np.ndarray:
 
 
 def label_tokens(
-    X: Any, centers: np.ndarray, cosine: bool, device: Any, keep: bool = True
-) -> tuple[np.ndarray | None, float, np.ndarray]:
-    """Labels (n,), inertia and counts of every token, chunk by chunk.
+    X: Any, centers: np.ndarray, cosine: bool, device: Any
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Labels (n,), inertia and counts of every token of a dask array.
 
-    On the workers for a dask array, slice by slice here for on-disk input.
-    With ``keep=False`` the O(n) labels are not kept (None): only the
-    inertia and the (k,) counts.
+    Each chunk is labelled on its worker.
     """
-    return _label_pass(chunks_of(X), centers, cosine, device, keep)
+    return _label_pass(DaskChunks(X), centers, cosine, device, keep=True)
 
 
 def _label_pass(
     chunks: Any, centers: np.ndarray, cosine: bool, device: Any, keep: bool
 ) -> tuple[np.ndarray | None, float, np.ndarray]:
+    """One pass: labels (None unless ``keep``), inertia and (k,) counts."""
     labels, inertia = [], 0.0
     counts = np.zeros(centers.shape[0], dtype=np.int64)
     for part_labels, part_inertia, part_counts in chunks.map(

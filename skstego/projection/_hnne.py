@@ -72,6 +72,16 @@ def hnne_seed(random_state: Any) -> int | None:
     return int(check_random_state(random_state).randint(0, 2**31 - 1))
 
 
+def numpy_seed(random_state: Any) -> int:
+    """A NumPy seed drawn from ``random_state`` through a CPU torch generator.
+
+    The subsample of ``fit`` and the reservoir of ``partial_fit`` draw from
+    it, so neither depends on the device.
+    """
+    gen = make_generator(random_state, torch.device("cpu"))
+    return int(torch.randint(2**62, (1,), generator=gen))
+
+
 def sample_tokens(
     X: Any, max_samples: int | None, random_state: Any
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -98,11 +108,8 @@ def sample_tokens(
         Xt = as_tensor(X, cpu)
         Xt = maps_to_tokens(Xt) if Xt.ndim == 4 else Xt
         return np.ascontiguousarray(Xt.numpy()), None
-    gen = make_generator(random_state, cpu)
-    seed = int(torch.randint(2**62, (1,), generator=gen))
-    idx = np.sort(
-        np.random.default_rng(seed).choice(n, size=max_samples, replace=False)
-    )
+    rng = np.random.default_rng(numpy_seed(random_state))
+    idx = np.sort(rng.choice(n, size=max_samples, replace=False))
     if isinstance(X, LazyFeatures):
         return _gather_lazy_tokens(X, idx), idx
     if X.ndim == 2:
@@ -135,15 +142,19 @@ def _gather_lazy_tokens(X: LazyFeatures, idx: np.ndarray | None) -> np.ndarray:
             a, b = np.searchsorted(idx, [lo, hi])
             if a == b:
                 continue
-        xb = X[sl]
-        if X.ndim == 4:
-            xb = xb.reshape(xb.shape[0], c, per_image).transpose(0, 2, 1)
-            xb = xb.reshape(-1, c)
+        xb = _block_tokens(X[sl], c, per_image)
         if idx is not None:
             xb = xb[idx[a:b] - lo]
         out[filled : filled + xb.shape[0]] = xb
         filled += xb.shape[0]
     return out
+
+
+def _block_tokens(xb: np.ndarray, c: int, per_image: int) -> np.ndarray:
+    """A slice of 2-D tokens or 4-D maps as (rows, C) tokens, maps_to_tokens' order."""
+    if xb.ndim == 4:
+        xb = xb.reshape(xb.shape[0], c, per_image).transpose(0, 2, 1)
+    return xb.reshape(-1, c)
 
 
 def iter_token_blocks(X: Any) -> Iterator[np.ndarray]:
@@ -161,10 +172,8 @@ def iter_token_blocks(X: Any) -> Iterator[np.ndarray]:
         xb = X[sl]
         if is_torch(xb):
             xb = as_tensor(xb.detach(), cpu).numpy()
-        xb = np.asarray(xb)
-        if X.ndim == 4:
-            xb = xb.reshape(xb.shape[0], c, per_image).transpose(0, 2, 1)
-        yield np.ascontiguousarray(xb.reshape(-1, c), dtype=np.float32)
+        xb = _block_tokens(np.asarray(xb), c, per_image)
+        yield np.ascontiguousarray(xb, dtype=np.float32)
 
 
 class TokenReservoir:
@@ -535,8 +544,7 @@ class HNNEProjector(
         first = not hasattr(self, "_reservoir")
         X = check_features(self, X, reset=first, lazy=True)
         if first:
-            gen = make_generator(self.random_state, torch.device("cpu"))
-            seed = int(torch.randint(2**62, (1,), generator=gen))
+            seed = numpy_seed(self.random_state)
             self._reservoir = TokenReservoir(self.max_fit_samples, seed)
         reservoir = self._reservoir
         for block in iter_token_blocks(X):
