@@ -360,3 +360,32 @@ def test_cross_validate_keeps_folds_lazy(plain):
     np.testing.assert_allclose(res["test_score"], expected)
     res = cross_validate(_MeanRed(), coll, cv=KFold(2, shuffle=True, random_state=0))
     assert len(res["test_score"]) == 2
+
+
+@pytest.mark.parametrize("size", [(37, 53), (80, 61), (9, 14), (320, 427)])
+def test_nearest_interpolation_is_the_reference_transform(tmp_path, size):
+    # The STEGO reference evaluates on T.Resize(res, NEAREST) + T.CenterCrop(res)
+    # of PIL images (src/utils.py, get_transform), for images and labels alike.
+    import torchvision.transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    rng = np.random.default_rng(size[0])
+    rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    label = rng.integers(0, 27, size, dtype=np.uint8)
+    _write_rgb(tmp_path / "a.png", rgb)
+    Image.fromarray(label).save(tmp_path / "a_label.png")
+    res = 32
+    reference = T.Compose([T.Resize(res, InterpolationMode.NEAREST), T.CenterCrop(res)])
+    expected = np.asarray(reference(Image.fromarray(rgb)))
+    expected_label = np.asarray(reference(Image.fromarray(label)))
+    coll = ImageCollection(
+        [tmp_path / "a.png"],
+        [tmp_path / "a_label.png"],
+        resolution=res,
+        interpolation="nearest",
+    )
+    np.testing.assert_array_equal(coll[0], expected)
+    np.testing.assert_array_equal(coll.labels[0], expected_label)
+    assert "interpolation='nearest'" in repr(coll)
+    with pytest.raises(ValueError, match="interpolation"):
+        ImageCollection([tmp_path / "a.png"], interpolation="cubic")

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def coco(tmp_path):
 
 def test_cocostuff_labels_remapped(coco):
     root, values = coco
-    coll = load_cocostuff27(root)  # no curated list: every image, sorted
+    with pytest.warns(UserWarning, match="Coco164kFull_Stuff_Coarse_7"):
+        coll = load_cocostuff27(root)  # no curated list: every image, sorted
     assert isinstance(coll, ImageCollection) and len(coll) == 3
     assert coll.classes == COCOSTUFF27_CLASSES and coll.palette.shape == (27, 3)
     _, fine_to_coarse = _parse_coco_table()
@@ -112,43 +114,67 @@ def test_cocostuff_labels_remapped(coco):
     assert (coll.labels[0] == -1).sum() == 10
     assert coll[0].shape == (12, 16, 3) and coll[0].dtype == np.uint8
     assert (
-        load_cocostuff27(root, "train")
+        load_cocostuff27(root, "train", curated=False)
         .paths[0]
         .endswith(os.path.join("images", "train2017", "000000000139.jpg"))
     )
 
 
-def test_cocostuff_curated_lists(coco):
+def test_cocostuff_curated_lists_are_the_references(coco):
+    # The reference (src/data.py, Coco / ContrastiveSegDataset) reads
+    # curated/{split}/<list> with subset=7 for "val" (the IIC fine list) and
+    # subset=None, the full list, for "train"; image and label paths follow
+    # the ids in list order.
     root, _ = coco
-    with pytest.raises(FileNotFoundError, match="Coco164kFull_Stuff_Coarse"):
+    reference_lists = {
+        "val": "Coco164kFull_Stuff_Coarse_7.txt",
+        "train": "Coco164kFull_Stuff_Coarse.txt",
+    }
+    with pytest.raises(FileNotFoundError, match="Coco164kFull_Stuff_Coarse_7"):
         load_cocostuff27(root, curated=True)
-    lists = root / "curated" / "val2017"
-    lists.mkdir(parents=True)
-    (lists / "Coco164kFull_Stuff_Coarse.txt").write_text(
-        "000000000632\n000000000139\n\n"
-    )
-    (lists / "Coco164kFull_Stuff_Coarse_7.txt").write_text("000000000285\n")
-    coll = load_cocostuff27(root)  # "auto" finds the list
-    names = [os.path.basename(p) for p in coll.paths]
-    assert names == ["000000000632.jpg", "000000000139.jpg"]
-    assert [os.path.basename(p) for p in coll.label_paths] == [
-        "000000000632.png",
-        "000000000139.png",
-    ]
+    for split in ("val2017", "train2017"):
+        lists = root / "curated" / split
+        lists.mkdir(parents=True)
+        (lists / "Coco164kFull_Stuff_Coarse.txt").write_text(
+            "000000000632\n000000000139\n\n"
+        )
+        (lists / "Coco164kFull_Stuff_Coarse_7.txt").write_text("000000000285\n")
+    for split, name in reference_lists.items():
+        folder = f"{split}2017"
+        ids = [
+            i.strip() for i in (root / "curated" / folder / name).read_text().split()
+        ]
+        coll = load_cocostuff27(root, split)  # "auto" finds the reference list
+        assert coll.paths == [
+            os.path.join(str(root), "images", folder, f"{i}.jpg") for i in ids
+        ]
+        assert coll.label_paths == [
+            os.path.join(str(root), "annotations", folder, f"{i}.png") for i in ids
+        ]
     assert len(load_cocostuff27(root, curated=False)) == 3
-    small = load_cocostuff27(root, curated_list="Coco164kFull_Stuff_Coarse_7.txt")
-    assert [os.path.basename(p) for p in small.paths] == ["000000000285.jpg"]
+    full = load_cocostuff27(root, curated_list="Coco164kFull_Stuff_Coarse.txt")
+    assert [os.path.basename(p) for p in full.paths] == [
+        "000000000632.jpg",
+        "000000000139.jpg",
+    ]
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         load_cocostuff27(root, curated_list="missing.txt")
-    # the train split has no list: "auto" uses every image, True errors
-    assert len(load_cocostuff27(root, "train")) == 3
+
+
+def test_cocostuff_missing_list_warns_and_true_requires_it(coco):
+    root, _ = coco
+    with pytest.warns(UserWarning, match="Coco164kFull_Stuff_Coarse.txt"):
+        assert len(load_cocostuff27(root, "train")) == 3
     with pytest.raises(FileNotFoundError, match="train2017"):
         load_cocostuff27(root, "train", curated=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_cocostuff27(root, "train", curated=False)) == 3
 
 
 def test_cocostuff_collection_kwargs_and_errors(coco, tmp_path):
     root, _ = coco
-    coll = load_cocostuff27(root, resolution=8, five_crop=True)
+    coll = load_cocostuff27(root, curated=False, resolution=8, five_crop=True)
     assert len(coll) == 15
     assert coll[4].shape == (8, 8, 3) and coll.labels.stack().shape == (15, 8, 8)
     with pytest.raises(FileNotFoundError, match=r"images.val2017"):
@@ -158,7 +184,7 @@ def test_cocostuff_collection_kwargs_and_errors(coco, tmp_path):
     with pytest.raises(ValueError, match="split"):
         load_cocostuff27(root, "test")
     with pytest.raises(TypeError, match="label_fn"):
-        load_cocostuff27(root, label_fn=abs)
+        load_cocostuff27(root, curated=False, label_fn=abs)
 
 
 # --------------------------------------------------------------------------

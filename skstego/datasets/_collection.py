@@ -156,23 +156,43 @@ def _center_box(h: int, w: int, size: int) -> tuple[int, int]:
     return round((h - size) / 2.0), round((w - size) / 2.0)
 
 
-def _resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def _resize_image(
+    img: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear"
+) -> np.ndarray:
     from PIL import Image
 
     if img.shape[:2] == size:
         return img
-    pil = Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    resample = (
+        Image.Resampling.NEAREST
+        if interpolation == "nearest"
+        else Image.Resampling.BILINEAR
+    )
+    pil = Image.fromarray(img).resize((size[1], size[0]), resample)
     return np.asarray(pil)
 
 
 def _resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize sampling at pixel centres (exact for integers)."""
+    """Nearest-neighbour resize with PIL's sampling (exact for integers).
+
+    PIL (and torchvision's ``Resize(NEAREST)`` on PIL images, the STEGO
+    reference's label transform) picks source pixels with its own rounding at
+    pixel centres; resizing an int32 image reproduces it value for value.
+    """
+    from PIL import Image
+
     h, w = label.shape
     if (h, w) == size:
         return label
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * (h / size[0])).astype(int), h - 1)
-    cols = np.minimum(((np.arange(size[1]) + 0.5) * (w / size[1])).astype(int), w - 1)
-    return label[rows[:, None], cols[None, :]]
+    info = np.iinfo(np.int32)
+    if label.size and (label.min() < info.min or label.max() > info.max):
+        raise ValueError("label values must fit in int32 to be resized")
+    pil = Image.fromarray(np.ascontiguousarray(label, dtype=np.int32))
+    out = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.NEAREST))
+    return out.astype(label.dtype, copy=False)
 
 
 def default_palette(n_colors: int) -> np.ndarray:
@@ -251,8 +271,8 @@ class ImageCollection(Sequence):
        ``int(crop_ratio * H) x int(crop_ratio * W)`` pixels (torchvision's
        ``five_crop``, as STEGO's training crops);
     2. with ``resolution`` set, the short side resized to ``resolution``
-       (bilinear for images, nearest for labels; the long side scaled as
-       torchvision does), then with ``crop="center"`` the centre
+       (``interpolation`` for images, nearest for labels; the long side
+       scaled as torchvision does), then with ``crop="center"`` the centre
        ``resolution x resolution`` square.
 
     Parameters
@@ -275,6 +295,11 @@ class ImageCollection(Sequence):
     five_crop : bool, default=False
         Five crops per file: the collection is 5 times longer, item ``i``
         being crop ``i % 5`` of file ``i // 5``.
+    interpolation : {"bilinear", "nearest"}, default="bilinear"
+        How images are resized (PIL's filters). ``"nearest"`` is the STEGO
+        reference's evaluation transform (``get_transform`` in its
+        ``src/utils.py``: ``Resize(res, NEAREST)`` then ``CenterCrop(res)``)
+        and, with ``crop="center"``, reproduces its input pixels exactly.
     crop_ratio : float, default=0.5
         Side of the five crops, as a fraction of each side of the image.
     label_fn : callable, optional
@@ -341,6 +366,7 @@ class ImageCollection(Sequence):
         *,
         resolution: int | None = None,
         crop: str = "center",
+        interpolation: str = "bilinear",
         five_crop: bool = False,
         crop_ratio: float = 0.5,
         label_fn: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -367,12 +393,18 @@ class ImageCollection(Sequence):
             resolution = int(resolution)
         if crop not in _CROPS:
             raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}.")
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {_INTERPOLATIONS}, got "
+                f"{interpolation!r}."
+            )
         if not isinstance(crop_ratio, numbers.Real) or not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}.")
         if label_fn is not None and not callable(label_fn):
             raise TypeError(f"label_fn must be callable, got {label_fn!r}.")
         self.resolution = resolution
         self.crop = crop
+        self.interpolation = interpolation
         self.five_crop = bool(five_crop)
         self.crop_ratio = float(crop_ratio)
         self.label_fn = label_fn
@@ -465,7 +497,13 @@ class ImageCollection(Sequence):
 
     def _load_image(self, item: int) -> np.ndarray:
         f, k = self._file(item)
-        return self._geometry(_read_image(self._images[f]), k, _resize_image)
+        return self._geometry(
+            _read_image(self._images[f]),
+            k,
+            lambda img, size: _resize_image(
+                img, size, getattr(self, "interpolation", "bilinear")
+            ),
+        )
 
     def _load_label(self, item: int) -> np.ndarray:
         f, k = self._file(item)
@@ -510,6 +548,8 @@ class ImageCollection(Sequence):
         if self.resolution is not None:
             parts.append(f"resolution={self.resolution}")
             parts.append(f"crop={self.crop!r}")
+            if self.interpolation != "bilinear":
+                parts.append(f"interpolation={self.interpolation!r}")
         if self.five_crop:
             parts.append(f"five_crop (ratio {self.crop_ratio:g})")
         return f"ImageCollection({', '.join(parts)})"

@@ -10,6 +10,7 @@ lists: images and labels are read when indexed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "CITYSCAPES27_CLASSES",
     "COCOSTUFF27_CLASSES",
     "COCOSTUFF27_FINE_TO_COARSE",
+    "COCOSTUFF27_LISTS",
     "POTSDAM3_CLASSES",
     "LabelRemap",
     "load_cityscapes27",
@@ -133,6 +135,14 @@ _COCOSTUFF27 = (
 )
 #: Names of the 27 coarse COCO-Stuff classes, in class-id order.
 COCOSTUFF27_CLASSES: list[str] = [name for name, _ in _COCOSTUFF27]
+
+#: The reference's curated image list of each split (``src/data.py`` of
+#: mhamilton723/STEGO: the full list for training, the IIC subset ``_7``
+#: for evaluation).
+COCOSTUFF27_LISTS: dict[str, str] = {
+    "train": "Coco164kFull_Stuff_Coarse.txt",
+    "val": "Coco164kFull_Stuff_Coarse_7.txt",
+}
 #: Coarse class of each fine COCO-Stuff id 0-181 (index = fine id).
 COCOSTUFF27_FINE_TO_COARSE: np.ndarray = _table([ids for _, ids in _COCOSTUFF27], 182)
 COCOSTUFF27_FINE_TO_COARSE.flags.writeable = False
@@ -282,7 +292,14 @@ def load_cocostuff27(
 
         root/images/{train2017,val2017}/ID.jpg
         root/annotations/{train2017,val2017}/ID.png      fine ids 0-181, 255
-        root/curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse.txt
+        root/curated/train2017/Coco164kFull_Stuff_Coarse.txt
+        root/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt
+
+    The image lists are those of the reference implementation
+    (``src/data.py`` of mhamilton723/STEGO): it trains on the full curated
+    list ``Coco164kFull_Stuff_Coarse.txt`` and evaluates on the IIC subset
+    ``Coco164kFull_Stuff_Coarse_7.txt`` of ``val2017``, the image set of every
+    COCO-Stuff-27 number in the STEGO paper.
 
     The 182 fine COCO-Stuff ids map to 27 coarse classes by the COCO-Stuff
     category hierarchy (:data:`COCOSTUFF27_FINE_TO_COARSE`); 255 (unlabeled)
@@ -295,15 +312,18 @@ def load_cocostuff27(
     split : {"val", "train"}, default="val"
         Which ``{split}2017`` folders to read.
     curated : bool or "auto", default="auto"
-        Use the curated image list (one ID a line), as STEGO does: ``"auto"``
-        when it exists (all images of the split otherwise), ``True`` requires
-        it, ``False`` lists all images of the split.
+        Use the reference's curated image list of the split (one ID a line):
+        ``Coco164kFull_Stuff_Coarse_7.txt`` for ``"val"``,
+        ``Coco164kFull_Stuff_Coarse.txt`` for ``"train"``. ``"auto"`` uses it
+        when it exists and otherwise lists every image of the split with a
+        warning (such scores are not comparable with STEGO's); ``True``
+        requires it; ``False`` lists every image of the split.
     curated_list : str or path-like, optional
         Another list: a file name in ``root/curated/{split}2017`` (e.g.
-        ``"Coco164kFull_Stuff_Coarse_7.txt"``, STEGO's usual validation
-        subset) or a path. Implies ``curated=True``.
+        ``"Coco164kFull_Stuff_Coarse.txt"``, the full curated validation list)
+        or a path. Implies ``curated=True``.
     **collection_kwargs
-        ``resolution``, ``crop``, ``five_crop``, ``crop_ratio`` of
+        ``resolution``, ``crop``, ``interpolation``, ``five_crop``, ``crop_ratio`` of
         :class:`ImageCollection`.
 
     Returns
@@ -337,12 +357,19 @@ def load_cocostuff27(
             else os.path.join(root, "curated", folder, name)
         )
     else:
-        list_path = os.path.join(
-            root, "curated", folder, "Coco164kFull_Stuff_Coarse.txt"
-        )
+        list_path = os.path.join(root, "curated", folder, COCOSTUFF27_LISTS[split])
     if curated not in (True, False, "auto"):
         raise ValueError(f"curated must be True, False or 'auto', got {curated!r}.")
     use_list = curated is True or (curated == "auto" and os.path.isfile(list_path))
+    if curated == "auto" and not use_list:
+        warnings.warn(
+            f"COCO-Stuff-27: the reference image list {list_path!r} is missing, "
+            f"so every image of {img_dir!r} is used; STEGO's {split} numbers are "
+            "on that list (download the curated lists, or pass curated=False "
+            "to silence this warning).",
+            UserWarning,
+            stacklevel=2,
+        )
     if use_list:
         if not os.path.isfile(list_path):
             raise FileNotFoundError(
@@ -390,7 +417,7 @@ def load_cityscapes27(
     split : str, default="val"
         ``"train"``, ``"val"`` or ``"test"`` (a folder of ``leftImg8bit``).
     **collection_kwargs
-        ``resolution``, ``crop``, ``five_crop``, ``crop_ratio`` of
+        ``resolution``, ``crop``, ``interpolation``, ``five_crop``, ``crop_ratio`` of
         :class:`ImageCollection`.
 
     Returns
@@ -458,7 +485,7 @@ def load_potsdam3(
         ``"unlabelled_train"``, ``"all"``. STEGO's ``"train"`` is
         ``"labelled_train"`` and its ``"val"`` ``"labelled_test"``.
     **collection_kwargs
-        ``resolution``, ``crop``, ``five_crop``, ``crop_ratio`` of
+        ``resolution``, ``crop``, ``interpolation``, ``five_crop``, ``crop_ratio`` of
         :class:`ImageCollection`.
 
     Returns
@@ -528,7 +555,7 @@ def load_image_folder(
     palette : array-like of shape (n_classes, 3), optional
         Class colours; a default palette when ``classes`` is given.
     **collection_kwargs
-        ``resolution``, ``crop``, ``five_crop``, ``crop_ratio`` of
+        ``resolution``, ``crop``, ``interpolation``, ``five_crop``, ``crop_ratio`` of
         :class:`ImageCollection`.
 
     Returns
