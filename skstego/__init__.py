@@ -12,10 +12,16 @@ Every estimator runs on the GPU when one is present (``device="auto"``) and
 returns NumPy for NumPy input, torch for torch input.
 """
 
-from .features import DinoFeaturizer, FeatureStore
+from .features import DinoFeaturizer, FeatureStore, FlipAveraged
 from .postprocess import DenseCRF, crf_refine
 from .probes import CRFProbe, HNNEClusterProbe, KMeansProbe, LinearProbe
-from .projection import HNNEProjector, RandomProjection, StegoProjector, TorchPCA
+from .projection import (
+    HNNEProjector,
+    RandomProjection,
+    StegoProjector,
+    TokenStandardScaler,
+    TorchPCA,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -24,12 +30,14 @@ __all__ = [
     "DenseCRF",
     "DinoFeaturizer",
     "FeatureStore",
+    "FlipAveraged",
     "HNNEClusterProbe",
     "HNNEProjector",
     "KMeansProbe",
     "LinearProbe",
     "RandomProjection",
     "StegoProjector",
+    "TokenStandardScaler",
     "TorchPCA",
     "__version__",
     "crf_refine",

@@ -1,10 +1,12 @@
 """The ``skstego`` command line: segment images, fit and evaluate models.
 
-Three subcommands (``skstego COMMAND --help`` for all options)::
+Four subcommands (``skstego COMMAND --help`` for all options)::
 
     skstego segment IMAGES... --out DIR      label + overlay PNG per image
     skstego fit IMAGES... --out MODEL.skstego
     skstego evaluate MODEL.skstego --dataset cocostuff27 --root DIR
+    skstego evaluate --protocol stego --checkpoint STEGO.ckpt --dataset ... --root DIR
+    skstego sweep --dataset cocostuff27 --root DIR --out DIR
 
 ``segment`` without ``--pipeline`` fits unsupervised on the images it is
 given (DINO features, once; a reducer; k-means) and predicts them; with
@@ -240,14 +242,49 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="score a model on a labelled dataset (mIoU, accuracy, per class)",
-        description="Score a model from `skstego fit` on a dataset in the "
-        "STEGO layouts (see skstego.datasets). k-means models are scored as "
-        "STEGO does, with clusters matched to classes by the Hungarian "
-        "algorithm on the evaluation data; linear probes with their classes.",
+        description="Score a model from `skstego fit`, or a released STEGO "
+        "checkpoint (--checkpoint), on a dataset in the STEGO layouts (see "
+        "skstego.datasets). k-means models are scored as STEGO does, with "
+        "clusters matched to classes by the Hungarian algorithm on the "
+        "evaluation data; linear probes with their classes. --protocol stego "
+        "is the reference evaluation (src/eval_segmentation.py of STEGO): "
+        "320 px, nearest resize and centre crop of images and labels, codes "
+        "averaged over the image and its mirror image, codes upsampled to the "
+        "label size before the probe, the dataset's fixed class count, "
+        "optional dense CRF; STEGO's published numbers are printed beside.",
         epilog=EPILOG,
         formatter_class=fmt,
     )
-    ev.add_argument("model", metavar="MODEL.skstego")
+    ev.add_argument(
+        "model",
+        metavar="MODEL.skstego",
+        nargs="?",
+        default=None,
+        help="model file from `skstego fit` (or give --checkpoint)",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a released STEGO checkpoint (.ckpt, read without running code)",
+    )
+    ev.add_argument(
+        "--probe",
+        choices=("cluster", "linear"),
+        default="cluster",
+        help="with --checkpoint: which of its probes to score (default cluster)",
+    )
+    ev.add_argument(
+        "--protocol",
+        choices=("skstego", "stego"),
+        default="skstego",
+        help="skstego: the model's resolution and preprocessing; stego: the "
+        "reference evaluation (default skstego)",
+    )
+    ev.add_argument(
+        "--crf",
+        action="store_true",
+        help="refine the probabilities with a dense CRF before scoring",
+    )
     ev.add_argument(
         "--dataset",
         required=True,
@@ -264,7 +301,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="PX",
-        help="center crop side (default: the model's featurizer resolution)",
+        help="center crop side (default: 320 with --protocol stego, else the "
+        "model's featurizer resolution)",
     )
     ev.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     _add_run_args(ev)
@@ -278,7 +316,12 @@ def _parser() -> argparse.ArgumentParser:
         "codes and score it on the validation split (skstego.study.run_sweep). "
         "Writes OUT/results.csv, one row per reducer x dim x probe x seed, "
         "the features cache and the figures sweep_miou/sweep_accuracy "
-        "(.png, .svg); rerun the same command to resume after an interruption.",
+        "(.png, .svg); rerun the same command to resume after an interruption. "
+        "Every row carries a fingerprint of the settings and data behind it "
+        "(OUT/settings.json): rows made under other settings are recomputed, "
+        "with a warning naming what changed, never reported as new. "
+        "--standardize batch --preset DATASET reproduces the study's code "
+        "(stego-studies, src/mxm_dimred.py).",
         epilog=EPILOG,
         formatter_class=fmt,
     )
@@ -308,8 +351,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     sw.add_argument(
         "--dims",
-        default="3,6,12,24,48,96,192,384,768",
-        help="comma-separated dims (default: the study's 3..768)",
+        default="study",
+        help="comma-separated dims, or 'study': 3..768 plus the preset's STEGO "
+        "dim (default study)",
+    )
+    sw.add_argument(
+        "--standardize",
+        choices=("train", "batch", "none"),
+        default="train",
+        help="standardisation before pca, rp and hnne: training statistics, "
+        "each forward batch's own (the study's code), or none (default train)",
+    )
+    sw.add_argument(
+        "--batch-images",
+        default=None,
+        metavar="N[,M]",
+        help="with --standardize batch: images per training[,test] batch "
+        "(default: the study's, 16,8 for pca/rp and 512 for hnne)",
+    )
+    sw.add_argument(
+        "--preset",
+        choices=("cocostuff27", "cityscapes", "potsdam", "none"),
+        default=None,
+        help="StegoProjector preset of the stego cells (default: the dataset's; "
+        "none: StegoProjector defaults)",
     )
     sw.add_argument(
         "--probes",
@@ -1163,37 +1228,78 @@ _LOADERS = {
 }
 
 
+def _evaluation_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The pipeline to score and its name: a model file or a STEGO checkpoint."""
+    from .io import load, load_stego_checkpoint
+
+    if (args.model is None) == (args.checkpoint is None):
+        raise UsageError(
+            "give a model file (MODEL.skstego) or --checkpoint FILE, not both "
+            "or neither."
+        )
+    if args.checkpoint is not None:
+        try:
+            pipe = load_stego_checkpoint(
+                args.checkpoint, probe=args.probe, device=args.device
+            )
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        return pipe, args.checkpoint
+    return load(args.model, device=args.device), args.model
+
+
+def _upsampled(codes: Any, size: tuple[int, int]) -> np.ndarray:
+    """Codes (N, D, h, w) bilinearly resized to ``size`` (align_corners=False)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.ascontiguousarray(codes))
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False).numpy()
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
 
-    from . import KMeansProbe, datasets
-    from .io import load
+    from . import FlipAveraged, KMeansProbe, datasets
     from .metrics import confusion_matrix, report_from_confusion
 
     _check_device(args.device)
-    featurizer, reducer, probe = _split_pipeline(
-        load(args.model, device=args.device), args.model
-    )
+    stego = args.protocol == "stego"
+    pipe, where = _evaluation_model(args)
+    featurizer, reducer, probe = _split_pipeline(pipe, where)
     featurizer = clone(featurizer).set_params(device=args.device, crop="center")
     if args.batch_size:
         featurizer.set_params(batch_size=args.batch_size)
-    resolution = args.resolution or featurizer.resolution
+    resolution = args.resolution or (320 if stego else featurizer.resolution)
     featurizer.set_params(resolution=resolution)
+    if stego:
+        featurizer.set_params(interpolation="nearest")
     loader = getattr(datasets, _LOADERS[args.dataset])
     split = {} if args.split is None else {"split": args.split}
-    coll = loader(args.root, resolution=resolution, **split)
+    interpolation = "nearest" if stego else "bilinear"
+    coll = loader(
+        args.root, resolution=resolution, interpolation=interpolation, **split
+    )
     if coll.labels is None:
         raise UsageError(
             f"the {args.dataset} data in {args.root!r} have no label maps to "
             "score against."
         )
     _check_backbone(featurizer)
+    steps = [("featurize", featurizer)]
+    if not isinstance(reducer, str):
+        steps.append(("reduce", reducer))
+    encoder: Any = Pipeline(steps)
+    if stego:
+        encoder = FlipAveraged(encoder)
+    crf = _load_crf(args.device) if args.crf else None
 
     clusters = isinstance(probe, KMeansProbe)
     if clusters:  # raw cluster ids: matched on the evaluation data below
-        raw = copy.copy(probe)
-        raw.__dict__.pop("mapping_", None)
-        raw.__dict__.pop("n_classes_", None)
+        probe = copy.copy(probe)
+        probe.__dict__.pop("mapping_", None)
+        probe.__dict__.pop("n_classes_", None)
     n_classes = coll.n_classes
     n_pred = int(probe.k) if clusters else _n_labels(probe)
     chunks = []
@@ -1212,13 +1318,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         bar.update(min(chunk, len(coll) - start))
         if not images:
             continue
-        codes = _reduce(reducer, featurizer.transform(np.stack(images)))
+        batch = np.stack(images)
+        codes = np.asarray(encoder.transform(batch))
         y = np.stack(labels)
-        pred = (
-            np.asarray(raw.predict(codes, size=y.shape[-2:]))
-            if clusters
-            else _predict(probe, codes, tuple(y.shape[-2:]))
-        )
+        size = tuple(y.shape[-2:])
+        if stego:  # the reference upsamples codes, then applies the probe
+            codes, size = _upsampled(codes, size), None
+        if crf is not None:
+            proba = _probabilities(probe, codes, size)
+            ids = crf(batch, proba).argmax(1)
+            table = None if clusters else _label_ids(probe)
+            pred = table[ids] if table is not None else ids
+        elif clusters:
+            pred = np.asarray(probe.predict(codes, size=size))
+        else:
+            pred = _predict(probe, codes, size)
         chunks.append((y, pred))
     bar.close()
     if not chunks:
@@ -1236,11 +1350,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     names = coll.classes or [str(c) for c in range(n_classes)]
     _print_report(report, names, sum(len(y) for y, _ in chunks))
+    if stego:
+        _print_published(args.dataset, "cluster" if clusters else "linear", report)
     if args.json:
         _write_json_report(report, names, args, sum(len(y) for y, _ in chunks))
     for path, why in failed:
         print(f"skstego: failed: {path}: {why}", file=sys.stderr)
     return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _print_published(dataset: str, kind: str, report: dict) -> None:
+    """STEGO's published numbers (with CRF) beside ours."""
+    from .io import PUBLISHED_RESULTS
+
+    published = PUBLISHED_RESULTS.get(dataset, {}).get(kind)
+    if not published:
+        return
+    print(f"STEGO published ({kind} probe, with CRF; Hamilton et al. 2022):")
+    for key, label in (("accuracy", "pixel accuracy"), ("miou", "mIoU")):
+        if key in published:
+            print(
+                f"  {label}: {published[key]:.1f} published, "
+                f"{100 * report[key]:.2f} here"
+            )
 
 
 def _pct(value: float) -> str:
@@ -1269,6 +1401,9 @@ def _write_json_report(
     mapping = report.get("mapping")
     data = {
         "model": args.model,
+        "checkpoint": args.checkpoint,
+        "protocol": args.protocol,
+        "crf": bool(args.crf),
         "dataset": args.dataset,
         "root": args.root,
         "split": args.split,
@@ -1339,6 +1474,14 @@ def _split_data(
     return coll, labels.astype(np.int64)
 
 
+#: The StegoProjector preset of each dataset (the released checkpoints').
+_SWEEP_PRESETS = {
+    "cocostuff27": "cocostuff27",
+    "cityscapes27": "cityscapes",
+    "potsdam3": "potsdam",
+}
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from .projection import StegoProjector
     from .study import run_sweep, save_sweep_figures, summarize_sweep
@@ -1348,10 +1491,22 @@ def _sweep(args: argparse.Namespace) -> int:
         args.reducers, "--reducers", ("pca", "rp", "stego", "hnne", "none")
     )
     probes = _names(args.probes, "--probes", ("kmeans", "linear", "hnne_cluster"))
-    dims = _int_list(args.dims, "--dims")
+    dims: Any = "study" if args.dims == "study" else _int_list(args.dims, "--dims")
     seeds = _int_list(args.seeds, "--seeds")
+    preset = _SWEEP_PRESETS.get(args.dataset) if args.preset is None else args.preset
+    preset = None if preset == "none" else preset
+    batch_images: Any = None
+    if args.batch_images is not None:
+        sizes = _int_list(args.batch_images, "--batch-images")
+        if len(sizes) > 2 or min(sizes) < 1:
+            raise UsageError("--batch-images: give N or N,M (positive integers).")
+        batch_images = sizes[0] if len(sizes) == 1 else tuple(sizes)
     if args.stego_steps and "stego" in reducers:
-        stego = StegoProjector(n_steps=args.stego_steps)
+        stego = (
+            StegoProjector.from_preset(preset, n_steps=args.stego_steps)
+            if preset
+            else StegoProjector(n_steps=args.stego_steps)
+        )
         reducers = [("stego", stego) if r == "stego" else r for r in reducers]
     resolution = args.resolution or 224
     featurizer = _featurizer(args, resolution)
@@ -1370,6 +1525,9 @@ def _sweep(args: argparse.Namespace) -> int:
         probes=probes,
         seeds=seeds,
         n_clusters=args.k,
+        standardize=args.standardize,
+        batch_images=batch_images,
+        preset=preset,
         featurizer=featurizer,
         cache_dir=out,
         device=args.device,

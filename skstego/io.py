@@ -19,6 +19,10 @@ Loading never runs code from the file: classes come from a fixed allow-list
 are plain JSON values and arrays are read by safetensors. Files that are not
 skstego models, or come from a newer format version, are refused with a
 message naming the path.
+
+:func:`load_stego_checkpoint` reads the other kind of model file users bring:
+a released STEGO checkpoint (a PyTorch Lightning ``.ckpt``), through a
+restricted unpickler that runs no code from the file.
 """
 
 from __future__ import annotations
@@ -35,7 +39,21 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
+from ._stego_checkpoint import (
+    PUBLISHED_RESULTS,
+    load_stego_checkpoint,
+    read_stego_checkpoint,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "PUBLISHED_RESULTS",
+    "load",
+    "load_stego_checkpoint",
+    "read_stego_checkpoint",
+    "save",
+]
 
 #: Name written to every manifest; files with another name are refused.
 FORMAT_NAME = "skstego-model"

@@ -4,10 +4,20 @@ Koenig et al. (CVPR 2023 workshop) found that STEGO's head is mostly a
 dimensionality reduction: they reduced DINO features with PCA, random
 projection, h-NNE and STEGO itself to dims 3 ... 768, fitted a linear and a
 cluster probe on the codes and compared validation mIoU and pixel accuracy
-(``STEGO.md`` section 7). :func:`run_sweep` runs that grid for any reducers,
-dims, probes and seeds, and returns a tidy table; :func:`summarize_sweep`
-aggregates it over seeds and :func:`save_sweep_figures` draws the paper's
-figures.
+(Koenig, Schambach and Otterbach, "Uncovering the Inner Workings of STEGO for
+Safe Unsupervised Semantic Segmentation", CVPR 2023 workshops,
+https://arxiv.org/abs/2304.07314; code: ``src/mxm_dimred.py`` of
+``merantix-momentum/stego-studies``). :func:`run_sweep` runs that grid for
+any reducers, dims, probes and seeds, and returns a tidy table;
+:func:`summarize_sweep` aggregates it over seeds and
+:func:`save_sweep_figures` draws the paper's figures.
+
+``run_sweep(..., standardize="batch", preset="cocostuff27", dims="study")``
+reproduces the study's protocol for the baselines: tokens standardised as
+the study's code does (reducers fitted on tokens standardised with the
+training statistics, every forward batch standardised with its own
+statistics), its dims plus STEGO's dim, and STEGO retrained with the
+dataset's preset at every dim.
 
 The study explains STEGO's results by two mechanisms: k-means converges
 better in fewer dimensions, and the head's codes form more distinct
@@ -59,13 +69,28 @@ __all__ = [
     "DEFAULT_DIMS",
     "MECHANISM_COLUMNS",
     "RESULT_COLUMNS",
+    "STANDARDIZE_OPTIONS",
+    "STUDY_BATCH_IMAGES",
     "run_sweep",
     "save_sweep_figures",
     "summarize_sweep",
 ]
 
-#: The study's dims (STEGO.md section 7).
+#: The study's dims (Koenig et al. 2023, figures 2 and 4; the list in
+#: ``src/mxm_dimred.py`` of ``merantix-momentum/stego-studies``), without
+#: STEGO's own dim, which ``dims="study"`` adds for the ``preset``.
 DEFAULT_DIMS = (3, 6, 12, 24, 48, 96, 192, 384, 768)
+
+#: Values of ``run_sweep(standardize=...)``.
+STANDARDIZE_OPTIONS = ("train", "batch", "none")
+
+#: Images per standardised batch of the study's code, (training, test), per
+#: named reducer: PCA and random projection run in the forward pass of the
+#: probe training (``batch_size: 16``) and validation (``val_batch_size:
+#: 8``) of ``src/configs/train_config.yml``; h-NNE codes are precomputed in
+#: batches of 512 images (``prepare_projected_dataset`` in
+#: ``src/mxm_dimred.py``).
+STUDY_BATCH_IMAGES = {"pca": (16, 8), "rp": (16, 8), "hnne": (512, 512)}
 
 #: Columns of the table :func:`run_sweep` returns, in order.
 RESULT_COLUMNS = (
@@ -93,33 +118,139 @@ MECHANISM_COLUMNS = (
     "inertia_curve",
 )
 
-_KEYS = ("reducer", "dim", "probe", "seed")
+_KEYS = ("reducer", "dim", "probe", "seed", "fingerprint")
 _RESULTS_FILE = "results.csv"
 _MECHANISMS_FILE = "mechanisms.csv"
 _LABELS_DIR = "labels"
 _FEATURES_FILE = "features_{}.npy"
 _FEATURES_META = "features_{}.json"
+_SETTINGS_FILE = "settings.json"
 
 
 # ------------------------------------------------------------------ specs
-def _named_reducer(name: str) -> Any:
+def _named_reducer(
+    name: str,
+    standardize: str = "train",
+    batch_images: tuple[int, int] | None = None,
+    preset: str | None = None,
+) -> Any:
+    """The estimator behind a reducer name, standardised as asked."""
     from .projection import RandomProjection, StegoProjector, TorchPCA
 
+    if name == "stego":  # the head is trained on raw features, as in STEGO
+        return (
+            StegoProjector() if preset is None else StegoProjector.from_preset(preset)
+        )
     if name == "pca":
-        # the study standardised tokens before PCA
-        return TorchPCA(standardize=True)
-    if name == "rp":
-        return RandomProjection(kind="gaussian")
-    if name == "stego":
-        return StegoProjector()
-    if name == "hnne":
+        est = TorchPCA()
+    elif name == "rp":
+        est = RandomProjection(kind="gaussian")
+    elif name == "hnne":
         from .projection import HNNEProjector
 
-        return HNNEProjector(metric="cosine")
-    raise ValueError(
-        f"Unknown reducer {name!r}: use 'pca', 'rp', 'stego', 'hnne', 'none' or "
-        "pass (name, estimator) pairs / a dict of estimators with a `dim` parameter."
-    )
+        est = HNNEProjector(metric="cosine")
+    else:
+        raise ValueError(
+            f"Unknown reducer {name!r}: use 'pca', 'rp', 'stego', 'hnne', 'none' "
+            "or pass (name, estimator) pairs / a dict of estimators with a `dim` "
+            "parameter."
+        )
+    sizes = batch_images if batch_images is not None else STUDY_BATCH_IMAGES[name]
+    return _Standardized(est, standardize, sizes)
+
+
+class _Standardized:
+    """A reducer whose input is standardised as in the study's code.
+
+    ``mode="none"``: the reducer alone. ``mode="train"``: fitted and applied
+    on tokens standardised with the training statistics (PCA:
+    ``TorchPCA(standardize=True)``, the same in one pass). ``mode="batch"``:
+    fitted like that, but every forward batch of ``batch_images[0]``
+    training / ``batch_images[1]`` test images is standardised with its
+    own statistics before the reducer (``DimRedPCA.forward`` and friends
+    in ``src/mxm_dimred.py``).
+    """
+
+    def __init__(self, reducer: Any, mode: str, batch_images: tuple[int, int]):
+        self.reducer = reducer
+        self.mode = mode
+        self.batch_images = (int(batch_images[0]), int(batch_images[1]))
+
+    def settings(self) -> dict:
+        batch = list(self.batch_images) if self.mode == "batch" else None
+        return {
+            **_settings(self.reducer),
+            "standardize": self.mode,
+            "batch_images": batch,
+        }
+
+    def seeded(self, seed: int, device: Any, **params: Any) -> _Standardized:
+        out = copy.copy(self)
+        out.reducer = _seeded(self.reducer, seed, device, **params)
+        out._device = device
+        return out
+
+    def _pca(self) -> bool:
+        from .projection import TorchPCA
+
+        return isinstance(self.reducer, TorchPCA)
+
+    def fit(self, F: Any) -> _Standardized:
+        from .projection import RandomProjection, TokenStandardScaler
+
+        dev = getattr(self, "_device", None) or "auto"
+        self.scaler_ = None
+        if self.mode == "none":
+            self.reducer.fit(F)
+            return self
+        if self._pca():  # StandardScaler + PCA, streamed, as DimRedPCA.compute
+            self.reducer.set_params(standardize=True).fit(F)
+            return self
+        if self.mode == "train" or not isinstance(self.reducer, RandomProjection):
+            self.scaler_ = TokenStandardScaler(device=dev).fit(F)
+        if isinstance(self.reducer, RandomProjection):
+            self.reducer.fit(F)  # data-independent: reads the shape only
+        else:
+            self.reducer.fit(self.scaler_.transform(F))
+        return self
+
+    def transform(self, F: Any, split: str) -> Any:
+        from .projection import TokenStandardScaler
+
+        if self.mode == "none":
+            return self.reducer.transform(F)
+        if self.mode == "train":
+            if self._pca():
+                return self.reducer.transform(F)
+            return self.reducer.transform(self.scaler_.transform(F))
+        size = self.batch_images[0 if split == "train" else 1]
+        dev = getattr(self, "_device", None) or "auto"
+        scaler = TokenStandardScaler(size, device=dev).fit(F[:1])
+        if self._pca():
+            # the study's torch path: batch-standardised tokens @ V[:, :dim];
+            # the PCA was fitted on standardised tokens (mean 0)
+            pca = self.reducer
+            device = resolve_device(dev)
+            comps = as_tensor(pca.components_, device)
+
+            def reduce(Z: Any) -> Any:
+                return apply_tokenwise(
+                    lambda t: t @ comps.T,
+                    Z,
+                    device=device,
+                    out_features=int(comps.shape[0]),
+                )
+
+        else:
+            reduce = self.reducer.transform
+        n_elem = int(np.prod(F.shape[1:]))
+        step = size * max(1, rows_per_batch(n_elem * 4) // size)
+        parts = [reduce(scaler.transform(F[sl])) for sl in iter_slices(len(F), step)]
+        if is_torch(parts[0]):
+            import torch
+
+            return torch.cat(parts)
+        return np.concatenate(parts)
 
 
 def _named_probe(name: str, k: int) -> Any:
@@ -174,10 +305,20 @@ def _truncatable(est: Any) -> bool:
     """PCA codes at dim d are the first d codes at any larger dim."""
     from .projection import TorchPCA
 
+    if isinstance(est, _Standardized):
+        est = est.reducer
     return isinstance(est, TorchPCA)
 
 
+def _transform(est: Any, F: Any, split: str) -> Any:
+    if isinstance(est, _Standardized):
+        return est.transform(F, split)
+    return est.transform(F)
+
+
 def _seeded(est: Any, seed: int, device: Any, **params: Any) -> Any:
+    if isinstance(est, _Standardized):
+        return est.seeded(seed, device, **params)
     est = clone(est)
     own = est.get_params(deep=False)
     extra = {"random_state": seed} if "random_state" in own else {}
@@ -185,6 +326,108 @@ def _seeded(est: Any, seed: int, device: Any, **params: Any) -> Any:
         extra["device"] = device
     extra.update({k: v for k, v in params.items() if k in own})
     return est.set_params(**extra)
+
+
+# ------------------------------------------------------------ fingerprints
+#: Parameters that do not change a cell's numbers (seed and dim are keys).
+_VOLATILE = frozenset({"device", "verbose", "random_state", "dim", "n_jobs"})
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able stand-in for a parameter value."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=str)}
+    if hasattr(value, "get_params"):
+        return _settings(value)
+    if isinstance(value, np.ndarray) or is_torch(value):
+        return "array:" + _data_id(value)
+    return repr(value)
+
+
+def _settings(est: Any) -> Any:
+    """Everything about an estimator that can change a cell's numbers."""
+    if est is None:
+        return "none"
+    if isinstance(est, _Standardized):
+        return est.settings()
+    params = est.get_params(deep=False)
+    return {
+        "class": f"{type(est).__module__}.{type(est).__qualname__}",
+        **{k: _plain(v) for k, v in sorted(params.items()) if k not in _VOLATILE},
+    }
+
+
+def _hash(obj: Any) -> str:
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, default=repr)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _data_id(X: Any, n_samples: int = 16) -> str:
+    """Shape, dtype and the values of up to 16 evenly spaced samples.
+
+    Cheap even for memory-mapped features of thousands of images, and
+    different whenever the weights, the resolution, the images or their
+    order change (a change confined to unsampled images goes unnoticed:
+    pass ``features_key`` for certainty).
+    """
+    import hashlib
+
+    if X is None:
+        return "none"
+    shape = tuple(int(v) for v in X.shape)
+    h = hashlib.sha1(repr((shape, str(X.dtype))).encode())
+    n = shape[0] if shape else 0
+    rows = 1 if len(shape) > 2 else max(1, min(64, n // n_samples))
+    for i in np.unique(np.linspace(0, max(n - rows, 0), min(n, n_samples)).round()):
+        block = X[int(i) : int(i) + rows]
+        block = block.detach().cpu().numpy() if is_torch(block) else np.asarray(block)
+        h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _images_id(X: Any) -> str:
+    """Identity of the images a featurizer reads, for the feature cache."""
+    import hashlib
+
+    paths = getattr(X, "paths", None)
+    if paths is not None:  # ImageCollection: its files and its settings
+        return _hash([[str(p) for p in paths], repr(X)])
+    if hasattr(X, "shape") and hasattr(X, "dtype"):
+        return _data_id(X)
+    items = list(X)
+    if all(isinstance(p, (str, os.PathLike)) for p in items):
+        return _hash([os.fspath(p) for p in items])
+    h = hashlib.sha1()
+    for item in items[:: max(1, len(items) // 16)]:
+        h.update(np.ascontiguousarray(np.asarray(item)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _flat(obj: Any, prefix: str = "") -> dict:
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _differences(old: Any, new: Any) -> list[str]:
+    """Settings that differ between two fingerprinted settings, readable."""
+    a, b = _flat(old), _flat(new)
+    return [
+        f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<unset>") != b.get(k, "<unset>")
+    ]
 
 
 # --------------------------------------------------------------- features
@@ -201,6 +444,7 @@ def _features(
     meta = {
         "featurizer": repr(featurizer),
         "n_images": len(X),
+        "images": _images_id(X),
     }
     if os.path.exists(meta_path) and os.path.exists(path):
         with open(meta_path) as f:
@@ -227,7 +471,41 @@ def _features(
 
 # ---------------------------------------------------------------- results
 def _key(row: Mapping) -> tuple:
-    return (row["reducer"], int(row["dim"]), row["probe"], int(row["seed"]))
+    return (
+        row["reducer"],
+        int(row["dim"]),
+        row["probe"],
+        int(row["seed"]),
+        row["fingerprint"],
+    )
+
+
+def _set_aside_unversioned(path: str | None) -> None:
+    """Move a results file without fingerprints out of the way, with a warning.
+
+    Files of skstego versions before the fingerprints cannot say which
+    settings made their rows, so none of them can be trusted for this sweep.
+    """
+    if path is None or not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    if "fingerprint" in header:
+        return
+    import warnings
+
+    root, ext = os.path.splitext(path)
+    target, i = f"{root}.unversioned{ext}", 1
+    while os.path.exists(target):
+        target, i = f"{root}.unversioned{i}{ext}", i + 1
+    os.replace(path, target)
+    warnings.warn(
+        f"{path} has no settings fingerprints (written by an older skstego): "
+        f"its rows cannot be matched to settings and are not reused. Moved it "
+        f"to {target}; every cell is recomputed.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _done_cells(path: str | None) -> tuple[list[dict], set]:
@@ -237,9 +515,61 @@ def _done_cells(path: str | None) -> tuple[list[dict], set]:
     import pandas as pd
 
     # names stay strings (a reducer called "1" is not the number 1)
-    table = pd.read_csv(path, dtype={"reducer": str, "probe": str})
+    table = pd.read_csv(path, dtype={"reducer": str, "probe": str, "fingerprint": str})
     rows = list({_key(r): r for r in table.to_dict("records")}.values())
     return rows, {_key(r) for r in rows}
+
+
+def _read_settings(cache_dir: str | None) -> dict:
+    if cache_dir is None:
+        return {}
+    path = os.path.join(cache_dir, _SETTINGS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_settings(cache_dir: str | None, known: dict) -> None:
+    if cache_dir is None:
+        return
+    path = os.path.join(cache_dir, _SETTINGS_FILE)
+    tmp = f"{path}.part"
+    with open(tmp, "w") as f:
+        json.dump(known, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _warn_stale(rows: list[dict], todo: set, known: dict) -> None:
+    """Warn about cells to compute that are stored under other settings.
+
+    ``todo``: keys (with fingerprint) of the requested cells not yet done.
+    The warning names every setting that differs.
+    """
+    import warnings
+
+    todo_fp = {k[:4]: k[4] for k in todo}
+    stale: dict[tuple, str] = {}  # (reducer, probe, fp) -> latest other fp
+    for row in rows:
+        key = _key(row)
+        fp = todo_fp.get(key[:4])
+        if fp is not None and fp != key[4]:
+            stale[key[0], key[2], fp] = key[4]
+    lines = []
+    for (reducer, probe, fp), other in sorted(stale.items()):
+        if other in known and fp in known:
+            diffs = "; ".join(_differences(known[other], known[fp]))
+        else:
+            diffs = f"unrecorded settings (fingerprint {other})"
+        lines.append(f"{reducer} x {probe} (latest stored vs now): {diffs}")
+    if lines:
+        warnings.warn(
+            "The results file holds cells of this sweep computed with other "
+            "settings: they are not reused (they stay in the file under their "
+            "own fingerprint) and these cells are recomputed:\n  " + "\n  ".join(lines),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _append(path: str | None, row: dict) -> None:
@@ -271,7 +601,7 @@ def _slice_codes(codes: Any, dim: int) -> Any:
 
 # ------------------------------------------------------------- mechanisms
 def _labels_path(cache_dir: str, key: tuple) -> str:
-    reducer, dim, probe, seed = key
+    reducer, dim, probe, seed, fingerprint = key
     name = "__".join(
         [
             urllib.parse.quote(reducer, safe=""),
@@ -279,7 +609,9 @@ def _labels_path(cache_dir: str, key: tuple) -> str:
             urllib.parse.quote(probe, safe=""),
         ]
     )
-    return os.path.join(cache_dir, _LABELS_DIR, f"{name}__seed{seed}.npy")
+    return os.path.join(
+        cache_dir, _LABELS_DIR, f"{name}__seed{seed}__{fingerprint}.npy"
+    )
 
 
 class _LabelStore:
@@ -486,12 +818,16 @@ def run_sweep(
     y_test: Any = None,
     *,
     reducers: Any = ("pca", "rp", "stego", "none"),
-    dims: Iterable[int] = DEFAULT_DIMS,
+    dims: Iterable[int] | str = "study",
     probes: Any = ("kmeans", "linear"),
     seeds: Sequence[int] = (0, 1, 2),
     n_clusters: int | None = None,
+    standardize: str = "train",
+    batch_images: int | tuple[int, int] | None = None,
+    preset: str | None = None,
     featurizer: Any = None,
     cache_dir: str | os.PathLike | None = None,
+    features_key: str | None = None,
     device: Any = None,
     mechanisms: bool = False,
     silhouette_sample_size: int | None = 10_000,
@@ -505,6 +841,11 @@ def run_sweep(
     on the test codes: cluster probes under Hungarian matching on the test
     split (the unsupervised protocol), the linear probe against
     ``y_train``-trained classes.
+
+    ``standardize="batch", preset=<dataset>`` (with the default
+    ``dims="study"``) is the protocol of the study's code for the baselines
+    (``src/mxm_dimred.py`` of ``merantix-momentum/stego-studies``); see
+    Notes for what still differs.
 
     Parameters
     ----------
@@ -524,9 +865,14 @@ def run_sweep(
         (:class:`~skstego.HNNEProjector`), ``"none"`` (raw features, one
         cell at the feature dim), or ``(name, estimator)`` pairs / a dict of
         estimators with a ``dim`` parameter (cloned per cell; ``random_state``
-        and ``device`` set when they have them).
-    dims : iterable of int, default=DEFAULT_DIMS
+        and ``device`` set when they have them). ``standardize`` applies to
+        the names ``"pca"``, ``"rp"`` and ``"hnne"`` only: estimators you
+        pass run as given (chain a :class:`~skstego.TokenStandardScaler`
+        yourself).
+    dims : iterable of int or "study", default="study"
         Target dims; dims above the number of features are skipped.
+        ``"study"``: the study's :data:`DEFAULT_DIMS` (3 ... 768) plus
+        STEGO's dim of ``preset`` (90, 100 or 70) when one is given.
     probes : iterable or dict, default=("kmeans", "linear")
         ``"kmeans"`` (:class:`~skstego.KMeansProbe`), ``"linear"``
         (:class:`~skstego.LinearProbe`), ``"hnne_cluster"``
@@ -536,6 +882,31 @@ def run_sweep(
     n_clusters : int, optional
         ``k`` of the named cluster probes; default: the number of classes
         in the scored labels.
+    standardize : {"train", "batch", "none"}, default="train"
+        How the named reducers ``"pca"``, ``"rp"`` and ``"hnne"`` see the
+        tokens (STEGO always gets raw features).
+
+        - ``"train"``: standardised per channel with the mean and (ddof=0)
+          standard deviation of the training tokens, at fit and transform
+          time (scikit-learn's ``StandardScaler`` then the reducer).
+        - ``"batch"``: the study's code. The reducer is fitted on tokens
+          standardised with the training statistics, but at transform time
+          every batch of ``batch_images`` images is standardised with its
+          own statistics, the training split too (the study standardised
+          each training batch of its probes the same way). PCA codes are
+          then ``z @ components_.T`` of the batch-standardised ``z``, as in
+          the study's torch path.
+        - ``"none"``: raw features.
+    batch_images : int or (int, int), optional
+        Images per standardised batch for ``standardize="batch"``, for the
+        (training, test) split; an int for both. Default: the study's,
+        :data:`STUDY_BATCH_IMAGES` (16 and 8 for PCA and random projection,
+        512 for h-NNE). For 2-D tokens, rows per batch.
+    preset : {"cocostuff27", "cityscapes", "potsdam"}, optional
+        The dataset's STEGO preset: the ``"stego"`` reducer is
+        ``StegoProjector.from_preset(preset)`` with the cell's dim (default
+        :class:`~skstego.StegoProjector` defaults), and ``dims="study"``
+        adds the preset's dim.
     featurizer : estimator, optional
         Turns ``X_train``/``X_test`` into feature maps, once.
     cache_dir : path, optional
@@ -547,6 +918,25 @@ def run_sweep(
         cluster probe's test clustering to ``labels/*.npy``, so that a
         resumed sweep still compares later seeds with earlier ones; a cell
         finished without mechanisms is recomputed when they are asked for.
+
+        Every row carries a fingerprint of all settings that change its
+        numbers: the reducer's and the probe's parameters (``k``,
+        ``standardize`` and ``batch_images`` included; not ``device``,
+        ``verbose``, the seed or the dim, which are keys) and the identity of
+        the data (shape, dtype and sampled values of the features and labels
+        of both splits, or ``features_key``). A cell is reused only under
+        the same fingerprint. Cells stored under other settings stay in the
+        file (a later sweep with those settings reuses them) and are
+        recomputed, with a warning naming the differing settings
+        (``settings.json`` records the settings of every fingerprint). A
+        results file of an older skstego without fingerprints is moved to
+        ``results.unversioned.csv`` with a warning. The features cache is
+        keyed by the featurizer's repr, the number of images and their
+        identity (paths, or sampled pixel values).
+    features_key : str, optional
+        Your name for the features and labels (e.g. ``"dino-vitb8-320"``),
+        used in the fingerprints instead of their sampled values. Give a new
+        key whenever they change.
     device : optional
         Overrides the ``device`` of every reducer and probe (and is where
         the mechanism metrics run; default "auto").
@@ -599,6 +989,20 @@ def run_sweep(
     The numbers are on the test codes at the codes' resolution, except
     ``ece`` (label resolution).
 
+    With ``standardize="batch"`` and ``preset``, what still differs from the
+    study's code: the reducers are fitted on all of ``X_train`` (the study:
+    the first 5000 training images; h-NNE's standardisation statistics: on
+    its 1M-token subsample, here on all training tokens); training batches
+    are consecutive images in the given order (the study's were shuffled);
+    the random projection is drawn with the cell's seed (the study's
+    ``GaussianRandomProjection`` drew from NumPy's global state after
+    ``seed_everything(0)``); the probes are skstego's, fitted on all
+    training codes (the study trained its probes by Adam on mini-batches);
+    a channel constant within a batch is centred and left at 0, as
+    scikit-learn's ``StandardScaler`` does (the study's PCA path would
+    divide by zero there).
+    Without ``X_test``, the test codes are the training codes.
+
     Examples
     --------
     >>> from skstego.datasets import make_feature_maps
@@ -614,7 +1018,29 @@ def run_sweep(
     y_eval = y_test if y_test is not None else y_train
     if y_eval is None:
         raise ValueError("run_sweep scores against labels: pass y_test or y_train.")
-    reducer_specs = _as_named(reducers, _named_reducer, "reducer")
+    if standardize not in STANDARDIZE_OPTIONS:
+        raise ValueError(
+            f"standardize must be one of {STANDARDIZE_OPTIONS}, got {standardize!r}."
+        )
+    batch_images = _check_batch_images(batch_images)
+    if preset is not None:
+        from .projection._stego import PRESETS
+
+        if preset not in PRESETS:
+            raise ValueError(
+                f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}."
+            )
+    if isinstance(dims, str):
+        if dims != "study":
+            raise ValueError(f"dims must be integers or 'study', got {dims!r}.")
+        dims = list(DEFAULT_DIMS)
+        if preset is not None:
+            dims.append(int(PRESETS[preset]["dim"]))
+    reducer_specs = _as_named(
+        reducers,
+        lambda n: _named_reducer(n, standardize, batch_images, preset),
+        "reducer",
+    )
     dims = sorted({int(d) for d in dims})
     if not dims or dims[0] < 1:
         raise ValueError(f"dims must be positive integers, got {dims}.")
@@ -638,6 +1064,8 @@ def run_sweep(
         os.makedirs(cache_dir, exist_ok=True)
         results_path = os.path.join(cache_dir, _RESULTS_FILE)
         mechanisms_path = os.path.join(cache_dir, _MECHANISMS_FILE)
+        _set_aside_unversioned(results_path)
+        _set_aside_unversioned(mechanisms_path)
     rows, done = _done_cells(results_path)
     mech_rows, mech_done = _done_cells(mechanisms_path) if mechanisms else ([], set())
     if mechanisms:  # a cell is finished when it has its mechanisms too
@@ -669,17 +1097,57 @@ def run_sweep(
         if supervised:
             raise ValueError(f"Probes {supervised} need y_train.")
 
+    # the fingerprint of every (reducer, probe) pair: all that changes a score
+    if features_key is not None:
+        data = {"features_key": str(features_key)}
+    else:
+        data = {
+            "X_train": _data_id(F_train),
+            "y_train": _data_id(y_train),
+            "X_test": "X_train" if F_test is F_train else _data_id(F_test),
+            "y_test": _data_id(y_test),
+        }
+    known = _read_settings(cache_dir)
+    fingerprints = {}
+    for name, est in reducer_specs:
+        for pname, probe in probe_specs:
+            settings = {
+                "reducer": _settings(est),
+                "probe": _settings(probe),
+                "data": data,
+            }
+            fp = _hash(settings)
+            fingerprints[name, pname] = fp
+            known[fp] = settings
+    _write_settings(cache_dir, known)
+
     def cells(name: str, est: Any) -> list[int]:
         if est is None:
             return [n_features]
         return [d for d in dims if d <= n_features]
 
+    wanted = {
+        (name, d, pname, seed, fingerprints[name, pname])
+        for seed in seeds
+        for name, est in reducer_specs
+        for d in cells(name, est)
+        for pname, _ in probe_specs
+    }
+    _warn_stale(rows, wanted - done, known)
+
+    def codes(red: Any) -> tuple[Any, Any]:
+        C_train = _transform(red, F_train, "train")
+        if F_test is F_train:
+            return C_train, C_train
+        return C_train, _transform(red, F_test, "test")
+
     for seed in seeds:
         for name, est in reducer_specs:
+            fps = {p: fingerprints[name, p] for p, _ in probe_specs}
             todo = [
                 d
                 for d in cells(name, est)
-                if any((name, d, p, seed) not in done for p, _ in probe_specs)
+                if any((name, d, p, seed, fps[p]) not in done for p, _ in probe_specs)
             ]
             if not todo:
                 continue
@@ -687,11 +1155,7 @@ def run_sweep(
             if est is not None and _truncatable(est):
                 t0 = time.perf_counter()
                 top = _seeded(est, seed, device, dim=max(todo)).fit(F_train)
-                shared = (
-                    top.transform(F_train),
-                    top.transform(F_test) if F_test is not F_train else None,
-                    time.perf_counter() - t0,
-                )
+                shared = (*codes(top), time.perf_counter() - t0)
             for d in todo:
                 t0 = time.perf_counter()
                 if est is None:
@@ -699,23 +1163,24 @@ def run_sweep(
                 elif shared is not None:
                     C_train = _slice_codes(shared[0], d)
                     C_test = (
-                        C_train if shared[1] is None else _slice_codes(shared[1], d)
+                        C_train
+                        if shared[1] is shared[0]
+                        else _slice_codes(shared[1], d)
                     )
                 else:
                     red = _seeded(est, seed, device, dim=d).fit(F_train)
-                    C_train = red.transform(F_train)
-                    C_test = C_train if F_test is F_train else red.transform(F_test)
+                    C_train, C_test = codes(red)
                 reduce_seconds = time.perf_counter() - t0
                 if shared is not None:
                     reduce_seconds += shared[2] / len(todo)
                 for pname, probe in probe_specs:
-                    if (name, d, pname, seed) in done:
+                    key = (name, int(d), pname, seed, fps[pname])
+                    if key in done:
                         continue
                     t1 = time.perf_counter()
                     fitted = _seeded(probe, seed, device).fit(C_train, y_train)
                     report = _evaluate(fitted, C_test, y_eval)
                     probe_seconds = time.perf_counter() - t1
-                    key = (name, int(d), pname, seed)
                     if mechanisms:
                         mech = _mechanisms(
                             fitted,
@@ -724,7 +1189,7 @@ def run_sweep(
                             report,
                             key=key,
                             earlier=[
-                                (name, int(d), pname, s)
+                                (name, int(d), pname, s, fps[pname])
                                 for s in seeds[: seeds.index(seed)]
                             ],
                             labels=labels,
@@ -745,9 +1210,10 @@ def run_sweep(
                         "probe_seconds": round(probe_seconds, 4),
                         "n_train": len(F_train),
                         "n_test": len(F_test),
+                        "fingerprint": fps[pname],
                     }
                     rows.append(row)
-                    done.add((name, d, pname, seed))
+                    done.add(key)
                     _append(results_path, row)
                     if verbose:
                         print(
@@ -756,25 +1222,45 @@ def run_sweep(
                             f"acc {100 * row['accuracy']:.1f}",
                             flush=True,
                         )
-    rows = list({_key(r): r for r in rows}.values())  # a recomputed cell: last
-    table = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    # only the cells asked for, under this sweep's settings; a recomputed
+    # cell: its last row
+    rows = list({_key(r): r for r in rows if _key(r) in wanted}.values())
+    table = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "fingerprint"])
     if mechanisms:
+        mech_rows = [r for r in mech_rows if _key(r) in wanted]
         mech_rows = list({_key(r): r for r in mech_rows}.values())
         mech = pd.DataFrame(mech_rows, columns=[*_KEYS, *MECHANISM_COLUMNS])
         mech = mech.astype({"dim": table["dim"].dtype, "seed": table["seed"].dtype})
         table = table.merge(mech, on=list(_KEYS), how="left")
-    wanted = {n for n, _ in reducer_specs}, {p for p, _ in probe_specs}, set(seeds)
-    table = table[
-        table["reducer"].isin(wanted[0])
-        & table["probe"].isin(wanted[1])
-        & table["seed"].isin(wanted[2])
-    ]
     order = {n: i for i, (n, _) in enumerate(reducer_specs)}
     porder = {n: i for i, (n, _) in enumerate(probe_specs)}
     table = table.assign(
         _r=table["reducer"].map(order), _p=table["probe"].map(porder)
     ).sort_values(["seed", "_r", "dim", "_p"], kind="stable")
-    return table.drop(columns=["_r", "_p"]).reset_index(drop=True)
+    table = table.drop(columns=["_r", "_p", "fingerprint"])
+    return table.reset_index(drop=True)
+
+
+def _check_batch_images(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, (int, np.integer)) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if (
+        len(pair) != 2
+        or any(
+            isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in pair
+        )
+        or min(pair) < 1
+    ):
+        raise ValueError(
+            "batch_images must be a positive int or a (training, test) pair of "
+            f"them, got {value!r}."
+        )
+    return int(pair[0]), int(pair[1])
 
 
 class _Shape(BaseEstimator):

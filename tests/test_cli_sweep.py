@@ -88,3 +88,29 @@ def test_sweep_usage_errors(dataset, tmp_path, capsys, extra, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_sweep_reproduction_flags_reach_run_sweep(dataset, tmp_path, monkeypatch):
+    import skstego.study
+
+    seen = {}
+
+    def fake_run_sweep(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(skstego.study, "run_sweep", fake_run_sweep)
+    argv = [
+        *("sweep", "--dataset", "folder", "--root", str(dataset)),
+        *("--out", str(tmp_path / "o"), *BACKBONE, "--device", "cpu", "--quiet"),
+        *("--standardize", "batch", "--batch-images", "4,2", "--preset", "potsdam"),
+        *("--reducers", "pca,stego", "--stego-steps", "3"),
+    ]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert seen["standardize"] == "batch" and seen["batch_images"] == (4, 2)
+    assert seen["preset"] == "potsdam" and seen["dims"] == "study"
+    stego = dict(r for r in seen["reducers"] if isinstance(r, tuple))["stego"]
+    # the preset's settings with the requested steps (the reference's potsdam run)
+    assert stego.n_steps == 3 and stego.neg_shift == 0.76 and stego.batch_size == 16
+    assert main([*argv[:-4], "--batch-images", "0"]) == 2

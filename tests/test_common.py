@@ -11,6 +11,7 @@ from skstego import (
     LinearProbe,
     RandomProjection,
     StegoProjector,
+    TokenStandardScaler,
     TorchPCA,
 )
 
@@ -24,6 +25,7 @@ ESTIMATORS = [
     StegoProjector(dim=2, n_steps=5, batch_size=4),
     HNNEProjector(dim=2),
     HNNEClusterProbe(k=3),
+    TokenStandardScaler(),
     # the meta-estimator's checks set only its own random_state: seed the probe
     CRFProbe(KMeansProbe(k=3, random_state=0)),
 ]
@@ -35,6 +37,9 @@ NOT_CHECKED: dict[str, str] = {
     # generic checks feed; tests/test_featurizer.py checks clone, params,
     # fit-returns-self, no mutation in __init__ and pickling.
     "DinoFeaturizer": "images in, not 2-D features",
+    # Images in, like DinoFeaturizer; tests/test_flip.py checks it against the
+    # reference's formula, clone, params and the fitted/prefit paths.
+    "FlipAveraged": "images in, not 2-D features",
     # A post-processor without fit: refine(images, probabilities);
     # tests/test_postprocess.py checks params, clone, repr and no mutation.
     "DenseCRF": "no fit: refines (images, probabilities) pairs",

@@ -27,6 +27,23 @@ def _run(data, **kwargs):
     return run_sweep(X_train, y_train, X_test, y_test, **kwargs)
 
 
+def _tokens(maps):
+    return maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def _maps(tokens, like):
+    n, _, h, w = like.shape
+    return tokens.reshape(n, h, w, -1).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def _standardized(fit_on, X):
+    """sklearn's StandardScaler fitted on the tokens of ``fit_on``."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(_tokens(fit_on))
+    return _maps(scaler.transform(_tokens(X)), X)
+
+
 def _row(table, reducer, dim, probe, seed):
     hit = table[
         (table.reducer == reducer)
@@ -53,8 +70,13 @@ def test_cells_equal_the_estimators_run_by_hand(data):
             pca = TorchPCA(dim, standardize=True, device="cpu").fit(X_train)
             rp = RandomProjection(dim, kind="gaussian", device="cpu", random_state=seed)
             rp.fit(X_train)
+            # standardize="train": StandardScaler of the training tokens first
+            scaled = _standardized(X_train, X_train), _standardized(X_train, X_test)
             for name, red in (("pca", pca), ("rp", rp)):
-                tr, te = red.transform(X_train), red.transform(X_test)
+                if name == "rp":
+                    tr, te = red.transform(scaled[0]), red.transform(scaled[1])
+                else:
+                    tr, te = red.transform(X_train), red.transform(X_test)
                 km = KMeansProbe(k=4, device="cpu", random_state=seed).fit(tr)
                 rep = km.score_report(te, y_test)
                 row = _row(table, name, dim, "kmeans", seed)
@@ -254,10 +276,6 @@ def mech_data(data):
     return data[0], data[1], X_test, y_test
 
 
-def _tokens(maps):
-    return maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
-
-
 def _test_class_proba(km, codes, y):
     """Cluster probabilities summed into classes by the Hungarian matching of
     the clusters predicted at the label size (scipy), + unmatched column."""
@@ -386,7 +404,9 @@ def test_mechanisms_resume_with_the_earlier_seeds_labels(data, tmp_path):
     pca = TorchPCA(3, standardize=True, device="cpu").fit(X_train)
     te = pca.transform(X_test)
     seed0 = KMeansProbe(k=4, device="cpu", random_state=0).fit(pca.transform(X_train))
-    stored = np.load(tmp_path / "labels" / "pca__3__km__seed0.npy")
+    # named by cell and settings fingerprint
+    (path,) = (tmp_path / "labels").glob("pca__3__km__seed0__*.npy")
+    stored = np.load(path)
     np.testing.assert_array_equal(stored, seed0.predict(te))
 
     InterruptedKMeans.armed = False
@@ -460,3 +480,273 @@ def test_mechanisms_on_cuda_match_cpu(mech_data):
     gpu = run_sweep(*tensors, device="cuda", **kwargs)
     cols = ["miou", "n_iter", "silhouette", "davies_bouldin", "ece", "stability_ari"]
     pd.testing.assert_frame_equal(gpu[cols], cpu[cols], atol=1e-4, check_dtype=False)
+
+
+# --------------------------------------------------------------------------
+# the study's protocol: standardize, preset, dims="study"
+# --------------------------------------------------------------------------
+def _per_batch(X, size):
+    """The study's forward pass: StandardScaler().fit_transform per batch."""
+    from sklearn.preprocessing import StandardScaler
+
+    out = [
+        _maps(StandardScaler().fit_transform(_tokens(X[i : i + size])), X[i : i + size])
+        for i in range(0, len(X), size)
+    ]
+    return np.concatenate(out)
+
+
+def _study_pca_codes(X_train, X, dim, size):
+    """mxm_dimred's DimRedPCA by hand: StandardScaler + PCA fitted on the
+    training tokens; forward: per-batch standardisation, then @ V[:, :dim]."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    pca = PCA().fit(StandardScaler().fit_transform(_tokens(X_train)))
+    V = pca.components_.T[:, :dim]
+    return _maps(_tokens(_per_batch(X, size)) @ V, X)
+
+
+def _align_signs(codes, reference):
+    """PCA components are defined up to sign: flip codes to the reference's."""
+    a, b = _tokens(codes), _tokens(reference)
+    signs = np.sign((a * b).sum(axis=0))
+    return _maps(a * signs, codes)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_batch_standardization_equals_the_study_by_hand(data):
+    from skstego.study import _named_reducer, _seeded
+
+    X_train, y_train, X_test, y_test = data
+    sizes = (5, 4)  # several batches per split, the last ones smaller
+    table = _run(
+        data,
+        reducers=["pca", "rp"],
+        dims=[3, 6],
+        probes=["kmeans", "linear"],
+        standardize="batch",
+        batch_images=sizes,
+    )
+    assert len(table) == 2 * 2 * 2 * 2
+    for dim in (3, 6):
+        # codes of the sweep's reducer against the study's formula
+        red = _seeded(_named_reducer("pca", "batch", sizes), 0, "cpu", dim=dim)
+        red.fit(X_train)
+        ref_tr = _study_pca_codes(X_train, X_train, dim, sizes[0])
+        ref_te = _study_pca_codes(X_train, X_test, dim, sizes[1])
+        got_tr = _align_signs(red.transform(X_train, "train"), ref_tr)
+        got_te = _align_signs(red.transform(X_test, "test"), ref_te)
+        np.testing.assert_allclose(got_tr, ref_tr, atol=1e-4)
+        np.testing.assert_allclose(got_te, ref_te, atol=1e-4)
+        for seed in (0, 1):
+            # random projection: skstego's matrix, the study's standardisation
+            rp = RandomProjection(dim, device="cpu", random_state=seed).fit(X_train)
+            W = rp.components_.T
+            rp_tr = _maps(_tokens(_per_batch(X_train, sizes[0])) @ W, X_train)
+            rp_te = _maps(_tokens(_per_batch(X_test, sizes[1])) @ W, X_test)
+            for name, tr, te in (("pca", ref_tr, ref_te), ("rp", rp_tr, rp_te)):
+                km = KMeansProbe(k=4, device="cpu", random_state=seed).fit(tr)
+                row = _row(table, name, dim, "kmeans", seed)
+                assert row.miou == pytest.approx(km.score(te, y_test), abs=1e-6)
+                lin = LinearProbe(device="cpu", random_state=seed).fit(tr, y_train)
+                rep = lin.score_report(te, y_test)
+                row = _row(table, name, dim, "linear", seed)
+                assert row.miou == pytest.approx(rep["miou"], abs=1e-6)
+                assert row.accuracy == pytest.approx(rep["accuracy"], abs=1e-6)
+
+
+def test_default_batch_sizes_and_none(data):
+    from skstego.study import STUDY_BATCH_IMAGES, _named_reducer
+
+    X_train, _, X_test, _ = data
+    assert STUDY_BATCH_IMAGES["pca"] == (16, 8)
+    red = _named_reducer("pca", "batch").fit(X_train)
+    assert red.batch_images == (16, 8)
+    got = _align_signs(
+        red.transform(X_test, "test"), ref := _study_pca_codes(X_train, X_test, 24, 8)
+    )
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    # "none": raw features into PCA and RP
+    table = _run(
+        data,
+        reducers=["pca"],
+        dims=[3],
+        probes=["kmeans"],
+        seeds=[0],
+        standardize="none",
+    )
+    codes = TorchPCA(3, device="cpu").fit(X_train)
+    km = KMeansProbe(k=4, device="cpu", random_state=0).fit(codes.transform(X_train))
+    assert table.miou.iloc[0] == pytest.approx(
+        km.score(codes.transform(X_test), data[3]), abs=1e-6
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_hnne_batch_standardization_equals_hnne_by_hand(data):
+    hnne = pytest.importorskip("hnne")
+    from skstego.study import _named_reducer, _seeded
+
+    X_train, _, X_test, _ = data
+    red = _seeded(_named_reducer("hnne", "batch", (5, 4)), 0, "cpu", dim=2)
+    red.fit(X_train)
+    from sklearn.preprocessing import StandardScaler
+
+    ref = hnne.HNNE(n_components=2, metric="cosine", random_state=0)
+    ref.fit(StandardScaler().fit_transform(_tokens(X_train)))
+    expected = ref.transform(_tokens(_per_batch(X_test, 4)))
+    got = _tokens(red.transform(X_test, "test"))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_preset_and_study_dims(data, monkeypatch):
+    from skstego import StegoProjector
+    from skstego.projection._stego import PRESETS
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(self, X, y=None):
+        seen.append(self.get_params())
+        raise Stop
+
+    monkeypatch.setattr(StegoProjector, "fit", fake_fit)
+    with pytest.raises(Stop):
+        _run(data, reducers=["stego"], dims=[5], probes=["kmeans"], preset="potsdam")
+    expected = {**PRESETS["potsdam"], "dim": 5}
+    assert {k: seen[0][k] for k in expected} == expected
+    # dims="study": the study's dims and the preset's STEGO dim
+    X, y = make_feature_maps(4, n_features=100, n_classes=3, map_size=3, random_state=0)
+    table = run_sweep(
+        X,
+        y,
+        reducers=["rp"],
+        probes=["kmeans"],
+        seeds=[0],
+        preset="potsdam",
+        device="cpu",
+    )
+    assert sorted(set(table.dim)) == [3, 6, 12, 24, 48, 70, 96]
+    table = run_sweep(
+        X, y, reducers=["rp"], probes=["kmeans"], seeds=[0], dims="study", device="cpu"
+    )
+    assert sorted(set(table.dim)) == [3, 6, 12, 24, 48, 96]
+    with pytest.raises(ValueError, match="Unknown preset"):
+        _run(data, preset="coco")
+    with pytest.raises(ValueError, match="standardize must be"):
+        _run(data, standardize="global")
+    with pytest.raises(ValueError, match="batch_images"):
+        _run(data, standardize="batch", batch_images=(8, 0))
+    with pytest.raises(ValueError, match="'study'"):
+        _run(data, dims="paper")
+
+
+# --------------------------------------------------------------------------
+# resumption keyed by settings (no stale scores)
+# --------------------------------------------------------------------------
+def test_changed_settings_are_recomputed_with_a_warning(data, tmp_path):
+    import warnings
+
+    args = dict(reducers=["pca"], probes=["kmeans"], dims=[2, 4], seeds=[0])
+    first = _run(data, **args, cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"standardize: 'train' -> 'batch'"):
+        batch = _run(data, **args, standardize="batch", cache_dir=tmp_path)
+    fresh = _run(data, **args, standardize="batch")
+    cols = ["reducer", "dim", "probe", "seed", "miou", "accuracy"]
+    pd.testing.assert_frame_equal(batch[cols], fresh[cols])
+    assert not np.allclose(batch.miou, first.miou)  # not the stale scores
+    # both settings stay in the file; going back reuses the first rows
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = _run(data, **args, cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(again, first)
+    # k of the cluster probe
+    with pytest.warns(UserWarning, match=r"probe\.k: 4 -> 3"):
+        k3 = _run(data, **args, n_clusters=3, cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(k3[cols], _run(data, **args, n_clusters=3)[cols])
+    # other features of the same shape (new weights, say)
+    X_train, y_train, X_test, y_test = data
+    other = (X_train[::-1].copy(), y_train[::-1].copy(), X_test, y_test)
+    with pytest.warns(UserWarning, match=r"data\.X_train"):
+        moved = _run(other, **args, cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(moved[cols], _run(other, **args)[cols])
+    # features_key: the user names the data, values are not sampled
+    with pytest.warns(UserWarning, match=r"data\.features_key: '<unset>' -> 'v1'"):
+        named = _run(data, **args, features_key="v1", cache_dir=tmp_path)
+    same = _run(other, **args, features_key="v1", cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(same, named)
+
+
+def test_only_the_requested_cells_are_returned(data, tmp_path):
+    args = dict(reducers=["pca"], probes=["kmeans"], seeds=[0], cache_dir=tmp_path)
+    _run(data, **args, dims=[2, 4])
+    table = _run(data, **args, dims=[4])
+    assert table.dim.tolist() == [4]
+
+
+def test_results_without_fingerprints_are_set_aside(data, tmp_path):
+    old = pd.DataFrame(
+        {
+            "reducer": ["pca"],
+            "dim": [2],
+            "probe": ["kmeans"],
+            "seed": [0],
+            "miou": [0.99],
+            "accuracy": [0.99],
+            "reduce_seconds": [0.0],
+            "probe_seconds": [0.0],
+            "n_train": [12],
+            "n_test": [6],
+        }
+    )
+    old.to_csv(tmp_path / "results.csv", index=False)
+    args = dict(reducers=["pca"], probes=["kmeans"], dims=[2], seeds=[0])
+    with pytest.warns(UserWarning, match="no settings fingerprints"):
+        table = _run(data, **args, cache_dir=tmp_path)
+    assert table.miou.iloc[0] != 0.99
+    assert table.miou.iloc[0] == pytest.approx(_run(data, **args).miou.iloc[0])
+    assert (tmp_path / "results.unversioned.csv").exists()
+
+
+class _MeanFeaturizer:
+    """A stand-in featurizer: 4x4 patches -> their mean colour (3 channels)."""
+
+    calls = 0
+
+    def transform(self, images):
+        type(self).calls += 1
+        x = np.asarray(images, dtype=np.float32)
+        n, h, w, _ = x.shape
+        x = x.reshape(n, h // 4, 4, w // 4, 4, 3).mean(axis=(2, 4))
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __repr__(self):
+        return "_MeanFeaturizer()"
+
+
+@pytest.mark.filterwarnings("ignore:The results file holds")
+def test_feature_cache_notices_other_images(tmp_path):
+    from skstego.datasets import make_scenes
+
+    images, labels = make_scenes(4, size=16, n_classes=3, random_state=0)
+    others, other_labels = make_scenes(4, size=16, n_classes=3, random_state=1)
+    args = dict(
+        featurizer=_MeanFeaturizer(),
+        reducers=["none"],
+        probes=["kmeans"],
+        seeds=[0],
+        device="cpu",
+        cache_dir=tmp_path,
+    )
+    run_sweep(images, labels, **args)
+    _MeanFeaturizer.calls = 0
+    run_sweep(images, labels, **args)
+    assert _MeanFeaturizer.calls == 0  # cached
+    table = run_sweep(others, other_labels, **args)
+    assert _MeanFeaturizer.calls > 0  # same count, other images: recomputed
+    expected = run_sweep(others, other_labels, **{**args, "cache_dir": None})
+    assert table.miou.iloc[0] == pytest.approx(expected.miou.iloc[0])

@@ -1,7 +1,9 @@
 """Feature extraction: frozen DINO ViT backbones turning images into feature maps,
-and a chunked on-disk store of feature maps (zarr) read lazily."""
+flip-averaged encoding (STEGO's test-time augmentation), and a chunked on-disk
+store of feature maps (zarr) read lazily."""
 
 from ._dino import DinoFeaturizer
+from ._flip import FlipAveraged
 from ._store import FeatureStore
 
-__all__ = ["DinoFeaturizer", "FeatureStore"]
+__all__ = ["DinoFeaturizer", "FeatureStore", "FlipAveraged"]
