@@ -282,8 +282,8 @@ def test_subsampled_maps_equal_subsampled_tokens(maps):
 def test_label_maps_of_another_size(maps):
     X, y = maps
     n, _, h, w = X.shape
-    H, W = 2 * h, 3 * w
-    y_big = y.repeat(2, axis=1).repeat(3, axis=2)
+    H, W = 3 * h, 3 * w
+    y_big = y.repeat(3, axis=1).repeat(3, axis=2)
     y_big[:, 0, 0] = -1
     probe = KMeansProbe(k=4, random_state=0).fit(X)
     # Independent: bilinear upsampling of the similarities, then argmax.

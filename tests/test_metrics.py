@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.model_selection import cross_val_score
 
@@ -146,14 +147,36 @@ def test_hungarian_match_rejects_non_2d():
 # --------------------------------------------------------------------------
 # ignore label, out-of-range labels, undefined IoU
 # --------------------------------------------------------------------------
-def test_ignore_label_and_out_of_range_labels_are_dropped():
-    y_true = [0, 1, -1, 5, 1, 7]
+def test_ignore_label_is_dropped_and_out_of_range_labels_raise():
+    y_true = [0, 1, -1, -5, 1, 1]
     y_pred = [0, 1, 1, 0, 0, 1]
     conf = confusion_matrix(y_true, y_pred, n_classes=2)
-    np.testing.assert_array_equal(conf, [[1, 0], [1, 1]])
+    np.testing.assert_array_equal(conf, [[1, 0], [1, 2]])
     r = segmentation_report(y_true, y_pred, n_classes=2)
-    assert r["accuracy"] == pytest.approx(2 / 3)
-    np.testing.assert_array_equal(r["support"], [1, 2])
+    assert r["accuracy"] == pytest.approx(3 / 4)
+    np.testing.assert_array_equal(r["support"], [1, 3])
+    # a label >= n_classes would be lost silently: it raises
+    with pytest.raises(ValueError, match="up to 7, but n_classes=2"):
+        confusion_matrix([0, 1, 7], [0, 1, 1], n_classes=2)
+    with pytest.raises(ValueError, match="n_classes=2"):
+        segmentation_report([0, 1, 5], [0, 1, 1], n_classes=2)
+    # so does a prediction >= n_pred
+    with pytest.raises(ValueError, match="up to 3, but n_pred=2"):
+        confusion_matrix([0, 1, 1], [0, 3, 1], n_pred=2)
+    with pytest.raises(ValueError, match="n_pred=2"):
+        segmentation_report([0, 1, 1], [0, 2, 1], n_pred=2, matching="hungarian")
+
+
+def test_label_maps_of_different_shapes_raise():
+    y = np.arange(24).reshape(2, 3, 4) % 3
+    with pytest.raises(ValueError, match="different shapes"):
+        confusion_matrix(y, y.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match="different shapes"):
+        segmentation_report(y, y.reshape(2, 4, 3))
+    # flattened predictions, or an extra axis of length 1, are fine
+    np.testing.assert_array_equal(
+        confusion_matrix(y, y.ravel()), confusion_matrix(y, y[:, None])
+    )
 
 
 def test_custom_ignore_index():
@@ -182,9 +205,18 @@ def test_absent_but_predicted_class_has_zero_iou():
     assert np.isnan(r["recall"][2]) and r["precision"][2] == 0.0
 
 
-def test_all_pixels_ignored_gives_nan():
-    r = segmentation_report([-1, -1], [0, 1])
+@pytest.mark.parametrize("extra_clusters", ["errors", "reference"])
+@pytest.mark.parametrize("matching", ["identity", "hungarian"])
+@pytest.mark.parametrize("y_true", [[-1, -1], []], ids=["ignored", "empty"])
+def test_all_pixels_ignored_gives_nan_with_a_warning(y_true, matching, extra_clusters):
+    y_pred = list(range(len(y_true)))
+    with pytest.warns(UndefinedMetricWarning, match="No valid pixel"):
+        r = segmentation_report(
+            y_true, y_pred, matching=matching, extra_clusters=extra_clusters
+        )
     assert np.isnan(r["miou"]) and np.isnan(r["accuracy"])
+    with pytest.warns(UndefinedMetricWarning):
+        report_from_confusion(np.zeros((3, 3)))
 
 
 def test_identity_predictions_beyond_n_classes_count_as_misses():

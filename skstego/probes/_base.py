@@ -1,11 +1,21 @@
 """What every probe shares: label checks, map-aware prediction, batched scoring.
 
 A probe computes one score per (token, output) -- similarities to centroids,
-class logits -- through ``_token_scores``. This module turns that into
+class logits -- through a score function. This module turns that into
 predictions for 2-D tokens or 4-D maps (optionally upsampled bilinearly to a
 label map's size before the argmax, as the STEGO protocol does) and into
 confusion matrices computed batch by batch on the device, so that scoring a
 large validation set never materialises all upsampled scores at once.
+
+Upsampling comes in two flavours (``upsample``): ``"scores"`` upsamples the
+per-output scores of the feature maps; ``"codes"`` upsamples the feature maps
+(codes) themselves and scores every pixel of the result, which is what the
+STEGO reference does (``F.interpolate(code, label.shape[-2:],
+mode="bilinear", align_corners=False)`` before both probes, in
+``src/train_segmentation.py`` and ``src/eval_segmentation.py``). The two are
+equal up to float rounding for scores affine in the codes (a linear probe,
+Euclidean k-means' ``2 x.c - |c|^2``) and differ for cosine similarities,
+which normalise every (upsampled) code first.
 """
 
 from __future__ import annotations
@@ -30,7 +40,36 @@ from .._device import (
 )
 from ..metrics import integer_labels
 
-__all__ = ["check_targets", "predict_labels", "scored_confusion"]
+__all__ = [
+    "check_targets",
+    "check_upsample",
+    "predict_labels",
+    "score_maps",
+    "scored_confusion",
+]
+
+_UPSAMPLE = ("scores", "codes")
+
+
+def check_upsample(upsample: str) -> str:
+    """Validate the ``upsample`` option: ``"scores"`` or ``"codes"``."""
+    if upsample not in _UPSAMPLE:
+        raise ValueError(f"upsample must be 'scores' or 'codes', got {upsample!r}.")
+    return upsample
+
+
+def _same_aspect(small: tuple[int, int], big: tuple[int, int]) -> bool:
+    """Whether ``big`` is a rescaling of ``small`` up to rounding.
+
+    True when one scale factor ``s`` brings both sides of ``big`` within less
+    than one cell of ``small``: ``|H / s - h| < 1`` and ``|W / s - w| < 1``
+    (e.g. labels of a 321 x 481 image for 40 x 60 feature maps of a
+    patch-8 ViT). A transposed or otherwise reshaped label map fails.
+    """
+    (h, w), (H, W) = small, big
+    lo = max(H / (h + 1), W / (w + 1))
+    hi = min(H / (h - 1) if h > 1 else np.inf, W / (w - 1) if w > 1 else np.inf)
+    return lo < hi
 
 
 def check_targets(X: Any, y: Any) -> np.ndarray | torch.Tensor:
@@ -54,6 +93,14 @@ def check_targets(X: Any, y: Any) -> np.ndarray | torch.Tensor:
                 f"For 4-D maps X of shape {tuple(X.shape)}, y must be label maps "
                 f"(N, H, W) with N={X.shape[0]}; got shape {tuple(yt.shape)}."
             )
+        hw, HW = tuple(X.shape[-2:]), tuple(yt.shape[-2:])
+        if not _same_aspect(hw, HW):
+            raise ValueError(
+                f"Label maps of size {HW} do not have the aspect ratio of the "
+                f"feature maps, {hw} (transposed, or cropped differently?): "
+                "scores are upsampled to the label size, which must be a "
+                "rescaling of the feature maps' size."
+            )
     return yt
 
 
@@ -61,20 +108,33 @@ def _upsampled_scores(
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     xb: torch.Tensor,
     size: tuple[int, int] | None,
+    upsample: str = "scores",
 ) -> torch.Tensor:
-    """Scores of a 4-D batch as (B, K, H, W), upsampled to ``size`` if given."""
+    """Scores of a 4-D batch as (B, K, H, W), upsampled to ``size`` if given.
+
+    ``upsample="codes"`` upsamples the maps ``xb`` before scoring them;
+    ``"scores"`` scores the maps and upsamples the scores.
+    """
+    resize = size is not None and tuple(size) != tuple(xb.shape[-2:])
+    if resize and upsample == "codes":
+        xb = F.interpolate(xb, size=tuple(size), mode="bilinear", align_corners=False)
+        resize = False
     b, _, h, w = xb.shape
     scores = tokens_to_maps(score_fn(maps_to_tokens(xb)), b, h, w)
-    if size is not None and tuple(size) != (h, w):
+    if resize:
         scores = F.interpolate(
             scores, size=tuple(size), mode="bilinear", align_corners=False
         )
     return scores
 
 
-def _image_batch(X: Any, n_outputs: int, size: tuple[int, int] | None) -> int:
+def _image_batch(
+    X: Any, n_outputs: int, size: tuple[int, int] | None, upsample: str = "scores"
+) -> int:
     h, w = (X.shape[2], X.shape[3]) if size is None else size
     per_image = int(np.prod(X.shape[1:])) + 2 * n_outputs * h * w
+    if upsample == "codes":
+        per_image += 2 * X.shape[1] * h * w  # upsampled and normalised codes
     return rows_per_batch(per_image, DEFAULT_BATCH_ELEMENTS)
 
 
@@ -84,13 +144,14 @@ def _argmax_batches(
     device: torch.device,
     n_outputs: int,
     size: tuple[int, int] | None,
+    upsample: str = "scores",
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield (slice, argmax ids on ``device``) batch by batch.
 
     Ids are (n,) for tokens and (B, H, W) for maps, upsampled to ``size``.
     """
     batch = (
-        _image_batch(X, n_outputs, size)
+        _image_batch(X, n_outputs, size, upsample)
         if X.ndim == 4
         else rows_per_batch(X.shape[1] + 2 * n_outputs)
     )
@@ -98,7 +159,8 @@ def _argmax_batches(
         for sl in iter_slices(X.shape[0], batch):
             xb = as_tensor(X[sl], device)
             if xb.ndim == 4:
-                yield sl, _upsampled_scores(score_fn, xb, size).argmax(dim=1)
+                scores = _upsampled_scores(score_fn, xb, size, upsample)
+                yield sl, scores.argmax(dim=1)
             else:
                 yield sl, score_fn(xb).argmax(dim=1)
 
@@ -111,19 +173,22 @@ def predict_labels(
     n_outputs: int,
     size: tuple[int, int] | None = None,
     label_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    upsample: str = "scores",
 ) -> np.ndarray | torch.Tensor:
     """Argmax of ``score_fn`` per token, (n,) for tokens or (N, h, w) for maps.
 
-    ``size`` upsamples map scores bilinearly to (H, W) first; ``label_fn``
-    maps argmax ids (e.g. cluster -> class). Output follows input type.
+    ``size`` upsamples map scores (or, with ``upsample="codes"``, the maps)
+    bilinearly to (H, W) first; ``label_fn`` maps argmax ids (e.g. cluster ->
+    class). Output follows input type.
     """
+    check_upsample(upsample)
     label_fn = label_fn or (lambda ids: ids)
     if X.ndim == 4 and size is not None:
         size = tuple(int(s) for s in size)
         if len(size) != 2:
             raise ValueError(f"size must be (H, W), got {size!r}.")
     out = []
-    for _, ids in _argmax_batches(score_fn, X, device, n_outputs, size):
+    for _, ids in _argmax_batches(score_fn, X, device, n_outputs, size, upsample):
         ids = label_fn(ids)
         out.append(ids if is_torch(X) else ids.cpu())
     return to_output(torch.cat(out), X)
@@ -138,16 +203,21 @@ def scored_confusion(
     n_outputs: int,
     n_classes: int,
     ignore_index: int = -1,
+    upsample: str = "scores",
 ) -> np.ndarray:
     """Confusion matrix (n_classes, n_outputs) of argmax predictions against ``y``.
 
-    For maps, scores are upsampled bilinearly to the label maps' size before
-    the argmax. Labels outside ``[0, n_classes)`` and ``ignore_index`` are left
-    out. Computed in batches on ``device``.
+    For maps, scores (or the maps, ``upsample="codes"``) are upsampled
+    bilinearly to the label maps' size before the argmax. Negative labels and
+    ``ignore_index`` are left out; callers make ``n_classes`` cover every other
+    label (labels ``>= n_classes`` would be dropped). Computed in batches on
+    ``device``.
     """
+    check_upsample(upsample)
     conf = torch.zeros(n_classes * n_outputs, dtype=torch.int64, device=device)
     size = tuple(y.shape[-2:]) if X.ndim == 4 else None
-    for sl, pred in _argmax_batches(score_fn, X, device, n_outputs, size):
+    batches = _argmax_batches(score_fn, X, device, n_outputs, size, upsample)
+    for sl, pred in batches:
         yb = torch.as_tensor(y[sl]).to(device, torch.int64).reshape(-1)
         pred = pred.reshape(-1)
         valid = (yb >= 0) & (yb < n_classes) & (yb != ignore_index)
@@ -166,14 +236,16 @@ def score_maps(
     post: Callable[[torch.Tensor], torch.Tensor],
     out_features: int,
     size: tuple[int, int] | None = None,
+    upsample: str = "scores",
 ) -> np.ndarray | torch.Tensor:
     """``post(scores)`` per token: (n, out) for tokens, (N, out, h, w) for maps.
 
     ``post`` acts along dimension 1 (softmax, cluster -> class sums...) of
     (m, K) token scores or (B, K, H, W) map scores alike. ``size`` upsamples
-    map scores bilinearly to (H, W) before ``post``, as for predictions.
-    Output follows input type.
+    map scores (or the maps, ``upsample="codes"``) bilinearly to (H, W)
+    before ``post``, as for predictions. Output follows input type.
     """
+    check_upsample(upsample)
     if X.ndim == 2 or size is None:
         if size is not None:
             raise ValueError("size applies to 4-D feature maps only.")
@@ -185,8 +257,10 @@ def score_maps(
         raise ValueError(f"size must be (H, W), got {size!r}.")
     out = []
     with torch.no_grad():
-        for sl in iter_slices(X.shape[0], _image_batch(X, n_outputs, size)):
-            scores = _upsampled_scores(score_fn, as_tensor(X[sl], device), size)
+        batch = _image_batch(X, n_outputs, size, upsample)
+        for sl in iter_slices(X.shape[0], batch):
+            xb = as_tensor(X[sl], device)
+            scores = _upsampled_scores(score_fn, xb, size, upsample)
             res = post(scores)
             out.append(res if is_torch(X) else res.cpu())
     return to_output(torch.cat(out), X)

@@ -4,6 +4,11 @@
 their centroids; once fitted, both assign tokens to the nearest centroid
 (cosine or Euclidean), map clusters to classes by the Hungarian algorithm,
 and score, predict and give probabilities the same way: this mixin.
+
+The number of classes that scores count is fixed, as in the STEGO protocol
+(``UnsupervisedMetrics(n_classes, ...)`` of the reference's ``src/utils.py``):
+a class absent from the evaluated labels still has a row, so the Hungarian
+algorithm can match a cluster to it and its IoU of 0 counts.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ from sklearn.utils.validation import check_is_fitted
 from .._dask import map_method
 from .._device import check_features, is_dask, is_torch
 from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
-from ._base import check_targets, predict_labels, score_maps, scored_confusion
+from ._base import (
+    check_targets,
+    check_upsample,
+    predict_labels,
+    score_maps,
+    scored_confusion,
+)
 
 __all__ = ["CentroidProbeMixin"]
 
@@ -33,8 +44,8 @@ def _similarity(
     """Scores to maximise: ``x . c`` (cosine) or ``2 x . c - |c|^2`` (Euclidean).
 
     ``2 x . c - |c|^2 = |x|^2 - |x - c|^2``, so the argmax is the nearest centroid;
-    being affine in ``x``, bilinear upsampling of these scores equals scoring
-    upsampled features.
+    being affine in ``x``, bilinear upsampling of the Euclidean scores equals
+    scoring upsampled features (not so for cosine: ``x`` is normalised first).
     """
     if neg_c_sq is None:
         return X @ centers.T
@@ -48,18 +59,56 @@ def _n_valid_classes(y: Any) -> int:
     return m + 1 if m >= 0 else 0
 
 
+def _check_n_classes(n_classes: Any, name: str = "n_classes") -> int:
+    if isinstance(n_classes, bool | np.bool_) or not isinstance(
+        n_classes, int | np.integer
+    ):
+        raise ValueError(f"{name} must be an int >= 1 or None, got {n_classes!r}.")
+    if n_classes < 1:
+        raise ValueError(f"{name} must be an int >= 1 or None, got {n_classes!r}.")
+    return int(n_classes)
+
+
+def _fixed_n_classes(y: Any, n_classes: int, source: str) -> int:
+    """``n_classes``, after checking that every valid label of ``y`` is below it."""
+    top = _n_valid_classes(y)
+    if top > n_classes:
+        raise ValueError(
+            f"y holds class ids up to {top - 1}, but {source} n_classes="
+            f"{n_classes}: pass a larger n_classes, or map the labels to ignore "
+            "to -1."
+        )
+    return n_classes
+
+
 class CentroidProbeMixin:
     """Prediction, probabilities and scoring from ``cluster_centers_``.
 
     The host class provides ``cluster_centers_`` (n_clusters, n_features),
-    ``metric`` ("cosine" or "euclidean"), ``temperature``, ``labels_`` and,
-    when fitted with labels, ``mapping_`` and ``n_classes_``; and
-    TorchEstimatorMixin's ``_tensor`` / ``_resolved_device``.
+    ``metric`` ("cosine" or "euclidean"), ``temperature``, optionally an
+    ``n_classes`` parameter, ``labels_`` and, when fitted with labels,
+    ``mapping_`` and ``n_classes_``; and TorchEstimatorMixin's ``_tensor`` /
+    ``_resolved_device``.
     """
 
     @property
     def _n_outputs(self) -> int:
         return int(self.cluster_centers_.shape[0])
+
+    def _score_n_classes(self, y: Any, n_classes: int | None) -> int:
+        """The fixed number of classes a score counts (rows of the confusion).
+
+        ``n_classes`` (given to ``score``), else the ``n_classes`` parameter:
+        every label must be below it. Else ``n_classes_`` from ``fit(X, y)``,
+        grown to cover classes unseen in fit. Else the evaluated labels'
+        largest class + 1.
+        """
+        if n_classes is not None:
+            return _fixed_n_classes(y, _check_n_classes(n_classes), "score's")
+        param = getattr(self, "n_classes", None)
+        if param is not None:
+            return _fixed_n_classes(y, _check_n_classes(param), "the probe's")
+        return max(_n_valid_classes(y), getattr(self, "n_classes_", 0), 1)
 
     def _fit_mapping(self, X: Any, y: Any, labels: Any, device: torch.device) -> None:
         """``mapping_`` and ``n_classes_`` from the training labels ``y``.
@@ -67,13 +116,20 @@ class CentroidProbeMixin:
         The Hungarian assignment on the confusion of ``y`` with the training
         clusters ``labels`` (or, for label maps of another size than ``X``,
         with the argmax of the cluster scores upsampled to that size).
+        ``n_classes_`` is the ``n_classes`` parameter when set, else the
+        largest training label + 1.
         """
-        n_classes = _n_valid_classes(y)
-        if n_classes == 0:
+        n_valid = _n_valid_classes(y)
+        if n_valid == 0:
             raise ValueError(
                 "y holds no valid label (all labels are negative); fit without "
                 "y, or pass class ids >= 0."
             )
+        param = getattr(self, "n_classes", None)
+        if param is None:
+            n_classes = n_valid
+        else:
+            n_classes = _fixed_n_classes(y, _check_n_classes(param), "the probe's")
         if X.ndim == 2 or tuple(y.shape[-2:]) == tuple(X.shape[-2:]):
             conf = confusion_matrix(
                 y, labels, n_classes=n_classes, n_pred=self._n_outputs
@@ -102,7 +158,13 @@ class CentroidProbeMixin:
         check_is_fitted(self)
         return check_features(self, X, reset=False, lazy=True)
 
-    def predict(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
+    def predict(
+        self,
+        X: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        upsample: str = "scores",
+    ) -> Any:
         """Class (when fitted with ``y``) or cluster of every token.
 
         Parameters
@@ -111,8 +173,13 @@ class CentroidProbeMixin:
                 (n_samples, n_features) or (N, n_features, h, w)
             Tokens or feature maps.
         size : tuple of (int, int), default=None
-            For maps only: upsample the cluster scores bilinearly to (H, W)
-            before the argmax.
+            For maps only: upsample bilinearly to (H, W) before the argmax.
+        upsample : {"scores", "codes"}, default="scores"
+            With ``size``: upsample the cluster scores, or the feature maps
+            themselves before scoring them, as the STEGO reference does. The
+            two differ for ``metric="cosine"`` (each upsampled code is
+            normalised before the cosine) and agree up to float rounding for
+            ``"euclidean"``.
 
         Returns
         -------
@@ -123,6 +190,7 @@ class CentroidProbeMixin:
             the estimator's device for torch input, a lazy dask array mapped
             over the chunks for dask input.
         """
+        check_upsample(upsample)
         dask_input = is_dask(X)
         if dask_input:
             check_is_fitted(self)
@@ -131,7 +199,8 @@ class CentroidProbeMixin:
         if size is not None and X.ndim != 4:
             raise ValueError("size only applies to 4-D maps (N, C, h, w).")
         if dask_input:
-            return map_method(self, "predict", X, 0, dtype=np.int64, size=size)
+            kw = {"upsample": upsample} if upsample != "scores" else {}
+            return map_method(self, "predict", X, 0, dtype=np.int64, size=size, **kw)
         device = self._resolved_device()
         label_fn = None
         if hasattr(self, "mapping_"):
@@ -144,17 +213,75 @@ class CentroidProbeMixin:
             n_outputs=self._n_outputs,
             size=size,
             label_fn=label_fn,
+            upsample=upsample,
         )
 
-    def predict_proba(self, X: Any, *, size: tuple[int, int] | None = None) -> Any:
+    def _proba(
+        self, X: Any, size: Any, upsample: str, log: bool
+    ) -> np.ndarray | torch.Tensor:
+        """Probabilities (or their logarithm) for :meth:`predict_proba`."""
+        check_upsample(upsample)
+        X = self._check_X(X)
+        device = self._resolved_device()
+        scale = 1.0 / float(self.temperature)
+        width = self._n_outputs
+        if hasattr(self, "mapping_"):
+            mapping = self._tensor("mapping_", device, torch.int64)
+            n_classes = int(self.n_classes_)
+            columns = torch.where(mapping >= 0, mapping, n_classes)
+            width = n_classes + int(bool((mapping < 0).any()))
+            groups = [torch.nonzero(columns == c).flatten() for c in range(width)]
+
+            def post(scores: torch.Tensor) -> torch.Tensor:
+                if not log:
+                    p = torch.softmax(scores * scale, dim=1)
+                    shape = list(p.shape)
+                    shape[1] = width
+                    return p.new_zeros(shape).index_add_(1, columns, p)
+                # log of the summed probabilities, stable: logsumexp per class
+                lp = torch.log_softmax(scores * scale, dim=1)
+                parts = [
+                    torch.logsumexp(lp.index_select(1, g), dim=1)
+                    if g.numel()
+                    else torch.full_like(lp[:, 0], -torch.inf)
+                    for g in groups
+                ]
+                return torch.stack(parts, dim=1)
+
+        else:
+
+            def post(scores: torch.Tensor) -> torch.Tensor:
+                fn = torch.log_softmax if log else torch.softmax
+                return fn(scores * scale, dim=1)
+
+        return score_maps(
+            self._scorer(device),
+            X,
+            device=device,
+            n_outputs=self._n_outputs,
+            post=post,
+            out_features=width,
+            size=size,
+            upsample=upsample,
+        )
+
+    def predict_proba(
+        self,
+        X: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        upsample: str = "scores",
+    ) -> Any:
         """Soft assignment of every token to clusters, or to classes.
 
         A softmax over the centroids of the cosine similarity (or negative
-        squared Euclidean distance) divided by ``temperature``. When ``fit``
-        got ``y``, cluster probabilities are summed into the classes of
-        ``mapping_``: column ``c`` is the probability of class ``c``
-        (``n_classes_`` columns), plus one last column holding the mass of
-        unmatched clusters when there are any (their class is -1). Every
+        squared Euclidean distance) divided by ``temperature``; the default
+        ``temperature=0.5`` is the STEGO reference's ``alpha=2``
+        (``ClusterLookup.forward(x, alpha=2)``, ``softmax(inner * alpha)``).
+        When ``fit`` got ``y``, cluster probabilities are summed into the
+        classes of ``mapping_``: column ``c`` is the probability of class
+        ``c`` (``n_classes_`` columns), plus one last column holding the mass
+        of unmatched clusters when there are any (their class is -1). Every
         row sums to one; its argmax is the :meth:`predict` label whenever
         every cluster is matched (and always without ``y``).
 
@@ -164,8 +291,10 @@ class CentroidProbeMixin:
                 (N, n_features, h, w)
             Tokens or feature maps.
         size : tuple of (int, int), default=None
-            For maps only: upsample the scores bilinearly to (H, W) before
-            the softmax, as :meth:`predict` does.
+            For maps only: upsample bilinearly to (H, W) before the softmax,
+            as :meth:`predict` does.
+        upsample : {"scores", "codes"}, default="scores"
+            With ``size``: what is upsampled, as in :meth:`predict`.
 
         Returns
         -------
@@ -186,36 +315,39 @@ class CentroidProbeMixin:
         >>> (proba.argmax(axis=1) == probe.predict(X)).all()
         np.True_
         """
-        X = self._check_X(X)
-        device = self._resolved_device()
-        scale = 1.0 / float(self.temperature)
-        width = self._n_outputs
-        if hasattr(self, "mapping_"):
-            mapping = self._tensor("mapping_", device, torch.int64)
-            n_classes = int(self.n_classes_)
-            columns = torch.where(mapping >= 0, mapping, n_classes)
-            width = n_classes + int(bool((mapping < 0).any()))
+        return self._proba(X, size, upsample, log=False)
 
-            def post(scores: torch.Tensor) -> torch.Tensor:
-                p = torch.softmax(scores * scale, dim=1)
-                shape = list(p.shape)
-                shape[1] = width
-                return p.new_zeros(shape).index_add_(1, columns, p)
+    def predict_log_proba(
+        self,
+        X: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        upsample: str = "scores",
+    ) -> Any:
+        """Logarithm of :meth:`predict_proba`, computed stably.
 
-        else:
+        Without ``y`` in ``fit`` this is ``log_softmax(similarity /
+        temperature)``, the reference's ``ClusterLookup.forward(code, 2,
+        log_probs=True)`` at ``temperature=0.5`` (with ``size`` and
+        ``upsample="codes"`` for its upsampled codes). With ``y``, a
+        ``logsumexp`` over the clusters of each class.
 
-            def post(scores: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(scores * scale, dim=1)
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps.
+        size : tuple of (int, int), default=None
+            For maps only: upsample bilinearly to (H, W) first.
+        upsample : {"scores", "codes"}, default="scores"
+            With ``size``: what is upsampled, as in :meth:`predict`.
 
-        return score_maps(
-            self._scorer(device),
-            X,
-            device=device,
-            n_outputs=self._n_outputs,
-            post=post,
-            out_features=width,
-            size=size,
-        )
+        Returns
+        -------
+        log_proba : ndarray or torch.Tensor of float32
+            Shaped as :meth:`predict_proba`.
+        """
+        return self._proba(X, size, upsample, log=True)
 
     def fit_predict(self, X: Any, y: Any = None) -> Any:
         """Fit, then return :meth:`predict` on the training data.
@@ -242,11 +374,20 @@ class CentroidProbeMixin:
             return torch.from_numpy(labels).to(self._resolved_device())
         return labels
 
-    def score_report(self, X: Any, y: Any) -> dict[str, Any]:
+    def score_report(
+        self,
+        X: Any,
+        y: Any,
+        *,
+        n_classes: int | None = None,
+        extra_clusters: str = "errors",
+        upsample: str = "scores",
+    ) -> dict[str, Any]:
         """All scores of the unsupervised protocol on ``(X, y)``.
 
         Clusters are matched to classes by the Hungarian algorithm on the
-        confusion matrix of ``(X, y)`` itself; ``mapping_`` is not used.
+        confusion matrix of ``(X, y)`` itself, as the STEGO evaluation does;
+        ``mapping_`` is not used.
 
         Parameters
         ----------
@@ -254,8 +395,24 @@ class CentroidProbeMixin:
                 (N, n_features, h, w)
             Tokens or feature maps.
         y : array-like or torch.Tensor of int
-            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
-            ignored.
+            Labels (n_samples,) or label maps (N, H, W) of the feature maps'
+            aspect ratio, any size; negative labels are ignored.
+        n_classes : int, default=None
+            Number of classes scored (rows of the confusion matrix, 27 for
+            COCO-Stuff); every label must be below it. Default: the probe's
+            ``n_classes`` parameter, else ``n_classes_`` from ``fit(X, y)``
+            (grown to cover classes unseen in fit), else the largest label of
+            ``y`` + 1. A class absent from ``y`` still counts: the Hungarian
+            algorithm may match a cluster to it, whose pixels then score an
+            IoU of 0 there, as in the reference.
+        extra_clusters : {"errors", "reference"}, default="errors"
+            With more clusters than classes: the pixels of unmatched clusters
+            count as errors, or are treated exactly as the STEGO reference
+            code does (pixels of cluster ids ``>= n_classes`` dropped; see
+            :mod:`skstego.metrics`).
+        upsample : {"scores", "codes"}, default="scores"
+            For label maps of another size: upsample the cluster scores, or
+            the feature maps as the reference does (see :meth:`predict`).
 
         Returns
         -------
@@ -263,23 +420,39 @@ class CentroidProbeMixin:
             As :func:`skstego.metrics.segmentation_report`: ``miou``,
             ``accuracy``, per-class ``iou``, ``precision``, ``recall``,
             ``support``, the ``confusion`` (n_classes, k) and the ``mapping``.
-            Pixels of unmatched clusters count as errors.
+
+        Warns
+        -----
+        sklearn.exceptions.UndefinedMetricWarning
+            When every label is ignored: the scores are then NaN.
         """
+        check_upsample(upsample)
         X = self._check_X(X)
         y = check_targets(X, y)
         device = self._resolved_device()
-        n_classes = max(_n_valid_classes(y), getattr(self, "n_classes_", 0), 1)
         conf = scored_confusion(
             self._scorer(device),
             X,
             y,
             device=device,
             n_outputs=self._n_outputs,
-            n_classes=n_classes,
+            n_classes=self._score_n_classes(y, n_classes),
+            upsample=upsample,
         )
-        return report_from_confusion(conf, matching="hungarian")
+        return report_from_confusion(
+            conf, matching="hungarian", extra_clusters=extra_clusters
+        )
 
-    def score(self, X: Any, y: Any, *, metric: str = "miou") -> float:
+    def score(
+        self,
+        X: Any,
+        y: Any,
+        *,
+        metric: str = "miou",
+        n_classes: int | None = None,
+        extra_clusters: str = "errors",
+        upsample: str = "scores",
+    ) -> float:
         """Mean IoU (or pixel accuracy) under Hungarian matching on ``(X, y)``.
 
         Parameters
@@ -288,10 +461,12 @@ class CentroidProbeMixin:
                 (N, n_features, h, w)
             Tokens or feature maps.
         y : array-like or torch.Tensor of int
-            Labels (n_samples,) or label maps (N, H, W) of any size; -1 is
-            ignored.
+            Labels (n_samples,) or label maps (N, H, W) of the feature maps'
+            aspect ratio, any size; negative labels are ignored.
         metric : {"miou", "accuracy"}, default="miou"
             Score returned; both are fractions in [0, 1], greater is better.
+        n_classes, extra_clusters, upsample
+            As in :meth:`score_report`.
 
         Returns
         -------
@@ -300,4 +475,7 @@ class CentroidProbeMixin:
         """
         if metric not in ("miou", "accuracy"):
             raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
-        return float(self.score_report(X, y)[metric])
+        report = self.score_report(
+            X, y, n_classes=n_classes, extra_clusters=extra_clusters, upsample=upsample
+        )
+        return float(report[metric])

@@ -481,16 +481,32 @@ class KMeansProbe(
     Clusters are mapped to classes by the Hungarian algorithm, which maximises
     the number of matched pixels: on the training labels when ``fit`` is given
     ``y`` (then :meth:`predict` returns classes), and on the evaluation data
-    itself in :meth:`score` (the unsupervised segmentation protocol). With more
-    clusters than classes the extra clusters stay unmatched: they map to class
-    -1 and **their pixels count as errors** (the STEGO reference code drops
-    them, which inflates scores).
+    itself in :meth:`score` (the unsupervised segmentation protocol), over a
+    fixed number of classes (``n_classes``). With more clusters than classes
+    the extra clusters stay unmatched: they map to class -1 and by default
+    **their pixels count as errors**. The STEGO reference code instead drops
+    every pixel predicted as a cluster id ``>= n_classes`` before matching;
+    ``score(..., extra_clusters="reference")`` reproduces that exactly (see
+    :mod:`skstego.metrics`).
+
+    :meth:`from_centroids` wraps centroids trained elsewhere (a STEGO
+    checkpoint's ``cluster_probe.clusters``) as a fitted probe.
 
     Parameters
     ----------
     k : int, default=8
         Number of clusters. STEGO uses the number of classes (27 for
         COCO-Stuff) plus optional extra clusters.
+
+    n_classes : int or None, default=None
+        Number of classes the scores count (27 for COCO-Stuff), whatever
+        classes the evaluated labels happen to contain: a class absent from
+        them still takes part in the Hungarian matching and its IoU (0 when a
+        cluster is matched to it) in the mean, as in the STEGO protocol.
+        Labels must be below it. None: ``n_classes_`` when ``fit`` got ``y``,
+        else the largest evaluated label + 1 (which forgets absent trailing
+        classes). ``score(..., n_classes=...)`` overrides it. Does not affect
+        the clustering.
 
     metric : {"cosine", "euclidean"}, default="cosine"
         ``"cosine"``: spherical k-means; inertia is then the sum of squared
@@ -631,7 +647,8 @@ class KMeansProbe(
         assignment on the training confusion matrix; -1 for unmatched clusters.
 
     n_classes_ : int
-        Only when ``fit`` got ``y``: largest valid label + 1.
+        Only when ``fit`` got ``y``: the ``n_classes`` parameter, or without
+        it the largest valid label + 1.
 
     See Also
     --------
@@ -654,9 +671,12 @@ class KMeansProbe(
     matches clusters to classes on the data it is given.
 
     For 4-D maps, :meth:`predict` with ``size`` and :meth:`score` against label
-    maps of another size upsample the per-cluster scores bilinearly before the
-    argmax. For Euclidean k-means the score ``2 x.c - |c|^2`` is affine in
-    ``x``, so this equals upsampling the features.
+    maps of another size (but the same aspect ratio) upsample the per-cluster
+    scores bilinearly before the argmax; ``upsample="codes"`` upsamples the
+    feature maps instead, then scores every pixel, as the STEGO reference
+    does. For Euclidean k-means the score ``2 x.c - |c|^2`` is affine in
+    ``x``, so both agree up to float rounding; for cosine similarities they
+    differ near cluster boundaries (each upsampled code is normalised first).
 
     References
     ----------
@@ -686,6 +706,7 @@ class KMeansProbe(
 
     _parameter_constraints: ClassVar[dict] = {
         "k": [Interval(Integral, 1, None, closed="left")],
+        "n_classes": [Interval(Integral, 1, None, closed="left"), None],
         "metric": [StrOptions({"cosine", "euclidean"})],
         "n_init": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -706,6 +727,7 @@ class KMeansProbe(
         self,
         k: int = 8,
         *,
+        n_classes: int | None = None,
         metric: str = "cosine",
         n_init: int = 1,
         max_iter: int = 100,
@@ -722,6 +744,7 @@ class KMeansProbe(
         verbose: bool = False,
     ) -> None:
         self.k = k
+        self.n_classes = n_classes
         self.metric = metric
         self.n_init = n_init
         self.max_iter = max_iter
@@ -736,6 +759,95 @@ class KMeansProbe(
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+
+    # --------------------------------------------------------- constructors
+
+    @classmethod
+    def from_centroids(
+        cls,
+        centroids: Any,
+        *,
+        metric: str = "cosine",
+        n_classes: int | None = None,
+        temperature: float = 0.5,
+        device: str | torch.device | None = "auto",
+    ) -> KMeansProbe:
+        """A fitted probe from given centroids, without fitting.
+
+        For centroids trained elsewhere, e.g. the ``cluster_probe.clusters``
+        of a STEGO checkpoint (the reference's ``ClusterLookup``, k = 27 +
+        extra clusters): :meth:`predict` is then the argmax of the cosine
+        similarity between normalised codes and normalised centroids, as
+        ``ClusterLookup.forward`` computes, and :meth:`predict_log_proba` at
+        the default ``temperature=0.5`` is its ``log_softmax(inner * 2)``.
+        The probe has no ``mapping_``: :meth:`predict` returns cluster ids and
+        :meth:`score` matches clusters to classes on the evaluated data, as
+        the reference evaluation does (pass ``n_classes``).
+
+        Parameters
+        ----------
+        centroids : array-like or torch.Tensor of shape (k, n_features)
+            The centroids. For ``metric="cosine"`` they are L2-normalised
+            (``cluster_centers_`` holds unit vectors), as the reference
+            normalises its clusters at every call.
+        metric : {"cosine", "euclidean"}, default="cosine"
+            Assignment rule: highest cosine similarity, or nearest centroid.
+        n_classes : int or None, default=None
+            Number of classes the scores count, see the class parameters.
+        temperature : float, default=0.5
+            Softness of :meth:`predict_proba` (0.5 is the reference's alpha 2).
+        device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, \
+                default="auto"
+            Where to compute.
+
+        Returns
+        -------
+        probe : KMeansProbe
+            Fitted: ``cluster_centers_``, ``n_features_in_``, ``counts_``
+            (zeros: :meth:`partial_fit` starts from the centroids with a
+            learning rate of 1), ``n_iter_ = n_steps_ = 0`` and an empty
+            ``inertia_curve_``; no ``labels_`` nor ``inertia_``. ``k`` is the
+            number of centroids and ``init`` the (normalised) centroids, so
+            that a clone refits from them.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skstego import KMeansProbe
+        >>> probe = KMeansProbe.from_centroids([[2.0, 0.0], [0.0, 0.5]])
+        >>> probe.cluster_centers_
+        array([[1., 0.],
+               [0., 1.]], dtype=float32)
+        >>> probe.predict(np.array([[3.0, 1.0], [0.1, 1.0]]))
+        array([0, 1])
+        """
+        c = centroids.detach().cpu().numpy() if is_torch(centroids) else centroids
+        c = np.asarray(c, dtype=np.float32)
+        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+            raise ValueError(
+                f"centroids must be a non-empty 2-D array (k, n_features), got "
+                f"shape {c.shape}."
+            )
+        if not np.all(np.isfinite(c)):
+            raise ValueError("centroids contain NaN or infinity.")
+        if metric == "cosine":
+            c = _normalize_rows(torch.from_numpy(c)).numpy()
+        probe = cls(
+            k=c.shape[0],
+            n_classes=n_classes,
+            metric=metric,
+            init=c.copy(),
+            temperature=temperature,
+            device=device,
+        )
+        probe._validate_params()
+        probe.cluster_centers_ = c
+        probe.n_features_in_ = int(c.shape[1])
+        probe.counts_ = np.zeros(c.shape[0], dtype=np.float64)
+        probe.n_iter_ = 0
+        probe.n_steps_ = 0
+        probe.inertia_curve_ = np.empty(0, dtype=np.float64)
+        return probe
 
     # ---------------------------------------------------------------- fit
 
@@ -754,8 +866,9 @@ class KMeansProbe(
             ``device``, never a host copy of the whole input.
         y : array-like or torch.Tensor of int, default=None
             Optional labels, (n_samples,) for tokens or label maps (N, H, W)
-            for maps (any H, W; scores are upsampled bilinearly to it); -1 is
-            ignored. When given, ``mapping_`` and ``n_classes_`` are fitted.
+            for maps (any H, W of the maps' aspect ratio; scores are
+            upsampled bilinearly to it); -1 is ignored. When given,
+            ``mapping_`` and ``n_classes_`` are fitted.
 
         Returns
         -------

@@ -37,7 +37,13 @@ from .._device import (
     tokens_to_maps,
 )
 from ..metrics import report_from_confusion
-from ._base import check_targets, predict_labels, score_maps, scored_confusion
+from ._base import (
+    check_targets,
+    check_upsample,
+    predict_labels,
+    score_maps,
+    scored_confusion,
+)
 
 __all__ = ["LinearProbe"]
 
@@ -63,7 +69,8 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
     standardised parametrisation and folded back into ``coef_`` and
     ``intercept_`` for raw features), which makes the default learning rate work
     on features of any scale. The weights start at zero and the intercept at the
-    log class frequencies.
+    log class frequencies. :meth:`from_weights` wraps a trained 1x1 convolution
+    (a STEGO checkpoint's ``linear_probe``) as a fitted probe.
 
     Parameters
     ----------
@@ -261,6 +268,107 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         tags.classifier_tags.multi_class = True
         tags.input_tags.three_d_array = False
         return tags
+
+    # --------------------------------------------------------- constructors
+    @classmethod
+    def from_weights(
+        cls,
+        weight: Any,
+        bias: Any = None,
+        *,
+        classes: Any = None,
+        device: str | torch.device = "auto",
+    ) -> LinearProbe:
+        """A fitted probe from the weights of a 1x1 convolution, without fitting.
+
+        For a probe trained elsewhere, e.g. the ``linear_probe`` of a STEGO
+        checkpoint (``torch.nn.Conv2d(dim, n_classes, (1, 1))``):
+        :meth:`decision_function` on maps then equals
+        ``F.conv2d(codes, weight, bias)`` (up to float rounding), and
+        :meth:`predict_log_proba` the reference's
+        ``log_softmax(linear_probe(code), dim=1)``.
+
+        Parameters
+        ----------
+        weight : array-like or torch.Tensor of shape (n_classes, n_features) \
+                or (n_classes, n_features, 1, 1)
+            The kernel (``Conv2d.weight``) or a linear layer's weight.
+        bias : array-like or torch.Tensor of shape (n_classes,), default=None
+            The bias; None for zeros. Kept as given (``fit`` centres its
+            intercepts; the logits here stay those of the convolution).
+        classes : array-like of shape (n_classes,), default=None
+            Labels of the output channels, sorted; default
+            ``np.arange(n_classes)`` (class ids, as label maps hold).
+        device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, \
+                default="auto"
+            Where to compute.
+
+        Returns
+        -------
+        probe : LinearProbe
+            Fitted: ``coef_``, ``intercept_``, ``classes_``,
+            ``n_features_in_``, ``n_iter_ = 0`` and an empty
+            ``loss_curve_``. :meth:`partial_fit` continues training from these
+            weights (on unstandardised features).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skstego import LinearProbe
+        >>> probe = LinearProbe.from_weights(np.eye(3), [0.0, 1.0, 0.0])
+        >>> probe.decision_function(np.array([[2.0, 0.0, 0.0]]))
+        array([[2., 1., 0.]], dtype=float32)
+        >>> probe.predict(np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]]))
+        array([0, 2])
+        """
+
+        def as_numpy(a: Any) -> np.ndarray:
+            a = a.detach().cpu().numpy() if is_torch(a) else a
+            return np.asarray(a, dtype=np.float32)
+
+        w = as_numpy(weight)
+        if w.ndim == 4 and w.shape[2:] == (1, 1):
+            w = w[:, :, 0, 0]
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise ValueError(
+                "weight must have shape (n_classes, n_features) or (n_classes, "
+                f"n_features, 1, 1) (a 1x1 convolution), got {w.shape}."
+            )
+        n_classes, n_features = w.shape
+        b = np.zeros(n_classes, np.float32) if bias is None else as_numpy(bias)
+        if b.shape != (n_classes,):
+            raise ValueError(
+                f"bias must have shape ({n_classes},) to match weight, got {b.shape}."
+            )
+        if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
+            raise ValueError("weight or bias contains NaN or infinity.")
+        if classes is None:
+            classes = np.arange(n_classes)
+        else:
+            classes = np.asarray(_labels_to_numpy(classes))
+            if classes.shape != (n_classes,) or np.any(np.unique(classes) != classes):
+                raise ValueError(
+                    f"classes must be {n_classes} sorted distinct labels, one per "
+                    "output channel."
+                )
+        probe = cls(device=device)
+        probe._validate_params()
+        probe.coef_ = np.ascontiguousarray(w)
+        probe.intercept_ = np.ascontiguousarray(b)
+        probe.classes_ = classes
+        probe.n_features_in_ = int(n_features)
+        probe.n_iter_ = 0
+        probe.loss_curve_ = []
+        zeros = [np.zeros_like(w), np.zeros_like(b)]
+        probe._adam_state = {
+            "mean": np.zeros(n_features, np.float32),
+            "scale": np.ones(n_features, np.float32),
+            "params": [w.copy(), b.copy()],
+            "m": zeros,
+            "v": [z.copy() for z in zeros],
+            "t": 0,
+        }
+        return probe
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -725,7 +833,11 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         return apply_tokenwise(fn, X, device=device, out_features=len(self.classes_))
 
     def predict_proba(
-        self, X: Any, *, size: tuple[int, int] | None = None
+        self,
+        X: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        upsample: str = "scores",
     ) -> np.ndarray | torch.Tensor:
         """Class probabilities (softmax of the logits).
 
@@ -739,6 +851,10 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             For feature maps: upsample the logits bilinearly to (H, W) before
             the softmax, as :meth:`predict` does.
 
+        upsample : {"scores", "codes"}, default="scores"
+            With ``size``: upsample the logits, or the feature maps before
+            the linear map, as :meth:`predict`.
+
         Returns
         -------
         proba : ndarray or torch.Tensor of shape (n_samples, n_classes) or \
@@ -746,10 +862,16 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             Probabilities in the order of ``classes_``; (N, n_classes, H, W)
             with ``size``; a lazy dask array for dask input.
         """
+        check_upsample(upsample)
         if is_dask(X):
             check_is_fitted(self)
             kw = {} if size is None else {"size": size}
+            if upsample != "scores":
+                kw["upsample"] = upsample
             return map_method(self, "predict_proba", X, len(self.classes_), **kw)
+        return self._proba(X, size, upsample, torch.softmax)
+
+    def _proba(self, X: Any, size: Any, upsample: str, post: Callable) -> Any:
         X, device = self._checked(X)
         n_classes = len(self.classes_)
         return score_maps(
@@ -757,13 +879,24 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             X,
             device=device,
             n_outputs=n_classes,
-            post=lambda scores: torch.softmax(scores, dim=1),
+            post=lambda scores: post(scores, dim=1),
             out_features=n_classes,
             size=size,
+            upsample=upsample,
         )
 
-    def predict_log_proba(self, X: Any) -> np.ndarray | torch.Tensor:
-        """Logarithm of the class probabilities.
+    def predict_log_proba(
+        self,
+        X: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        upsample: str = "scores",
+    ) -> np.ndarray | torch.Tensor:
+        """Logarithm of the class probabilities (log-softmax of the logits).
+
+        With ``size`` and ``upsample="codes"`` on maps this is the STEGO
+        reference's ``log_softmax(linear_probe(code), dim=1)`` of codes
+        upsampled to the label size.
 
         Parameters
         ----------
@@ -771,23 +904,28 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 (N, C, h, w)
             Tokens or feature maps.
 
+        size : tuple of int (H, W), optional
+            For feature maps: upsample bilinearly to (H, W) first.
+
+        upsample : {"scores", "codes"}, default="scores"
+            With ``size``: what is upsampled, as in :meth:`predict`.
+
         Returns
         -------
         log_proba : ndarray or torch.Tensor of shape (n_samples, n_classes) or \
 (N, n_classes, h, w)
-            Log-probabilities in the order of ``classes_``.
+            Log-probabilities in the order of ``classes_``; (N, n_classes, H, W)
+            with ``size``.
         """
-        X, device = self._checked(X)
-        fn = self._score_fn(device)
-        return apply_tokenwise(
-            lambda t: torch.log_softmax(fn(t), dim=1),
-            X,
-            device=device,
-            out_features=len(self.classes_),
-        )
+        check_upsample(upsample)
+        return self._proba(X, size, upsample, torch.log_softmax)
 
     def predict(
-        self, X: Any, *, size: tuple[int, int] | None = None
+        self,
+        X: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        upsample: str = "scores",
     ) -> np.ndarray | torch.Tensor:
         """Predict the class of every token.
 
@@ -802,6 +940,12 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             before the argmax (the STEGO protocol for label maps larger than the
             feature maps).
 
+        upsample : {"scores", "codes"}, default="scores"
+            With ``size``: upsample the logits, or the feature maps themselves
+            before the linear map, as the STEGO reference does. The logits
+            being affine in the features, both agree up to float rounding
+            (argmax ties aside).
+
         Returns
         -------
         labels : ndarray or torch.Tensor of shape (n_samples,) or (N, h, w)
@@ -809,10 +953,13 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             a tensor on the probe's device, except for non-numeric classes,
             which come back as a NumPy array.
         """
+        check_upsample(upsample)
         if is_dask(X) and self.classes_.dtype.kind in "iub":
             # lazy: mapped over the chunks, on the workers
             check_is_fitted(self)
             kw = {} if size is None else {"size": size}
+            if upsample != "scores":
+                kw["upsample"] = upsample
             return map_method(self, "predict", X, 0, dtype=self.classes_.dtype, **kw)
         X, device = self._checked(X)
         if size is not None and X.ndim != 4:
@@ -823,6 +970,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             device=device,
             n_outputs=len(self.classes_),
             size=size,
+            upsample=upsample,
         )
         if X.ndim == 4 and np.array_equal(self.classes_, np.arange(len(self.classes_))):
             return ids  # label maps: classes are their indices
@@ -833,7 +981,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             return self._tensor("classes_", device, dtype)[ids]
         return self.classes_[ids.cpu().numpy()]
 
-    def score(self, X: Any, y: Any, *, metric: str = "auto") -> float:
+    def score(
+        self, X: Any, y: Any, *, metric: str = "auto", upsample: str = "scores"
+    ) -> float:
         """Accuracy (1-D labels) or mean IoU (label maps) of the predictions.
 
         Parameters
@@ -843,31 +993,41 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             Tokens or feature maps.
 
         y : array-like or torch.Tensor of shape (n_samples,) or (N, H, W)
-            True labels. For label maps of another size than the feature maps,
-            scores are upsampled bilinearly to the label size first; labels
-            outside ``[0, n_classes)`` and ``ignore_index`` are left out. For
-            1-D labels, labels equal to ``ignore_index`` are left out and labels
-            unseen in fit count as errors.
+            True labels. For label maps of another size than the feature maps
+            (but their aspect ratio), scores are upsampled bilinearly to the
+            label size first; negative labels and ``ignore_index`` are left
+            out, and classes unseen in fit count as errors. For 1-D labels,
+            labels equal to ``ignore_index`` are left out and labels unseen in
+            fit count as errors.
 
         metric : {"auto", "accuracy", "miou"}, default="auto"
             ``"auto"`` is accuracy for 1-D labels (scikit-learn's classifier
             contract) and mean IoU for label maps.
 
+        upsample : {"scores", "codes"}, default="scores"
+            For label maps of another size: upsample the logits, or the
+            feature maps, as in :meth:`predict`.
+
         Returns
         -------
         score : float
-            The metric, in [0, 1].
+            The metric, in [0, 1]; NaN, with an
+            :class:`~sklearn.exceptions.UndefinedMetricWarning`, when every
+            label is ignored.
         """
         if metric not in ("auto", "accuracy", "miou"):
             raise ValueError(
                 f"metric must be 'auto', 'accuracy' or 'miou', got {metric!r}."
             )
+        check_upsample(upsample)
         X, device = self._checked(X)
         if metric == "auto":
             metric = "accuracy" if X.ndim == 2 else "miou"
-        return float(self._report(X, y, device)[metric])
+        return float(self._report(X, y, device, upsample)[metric])
 
-    def score_report(self, X: Any, y: Any) -> dict[str, Any]:
+    def score_report(
+        self, X: Any, y: Any, *, upsample: str = "scores"
+    ) -> dict[str, Any]:
         """All segmentation scores of the predictions on ``(X, y)``.
 
         Parameters
@@ -878,6 +1038,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
         y : array-like or torch.Tensor of shape (n_samples,) or (N, H, W)
             True labels, as in :meth:`score`.
+
+        upsample : {"scores", "codes"}, default="scores"
+            As in :meth:`score`.
 
         Returns
         -------
@@ -899,10 +1062,13 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         >>> float(report["accuracy"]), float(report["miou"])
         (1.0, 1.0)
         """
+        check_upsample(upsample)
         X, device = self._checked(X)
-        return self._report(X, y, device)
+        return self._report(X, y, device, upsample)
 
-    def _report(self, X: Any, y: Any, device: torch.device) -> dict[str, Any]:
+    def _report(
+        self, X: Any, y: Any, device: torch.device, upsample: str = "scores"
+    ) -> dict[str, Any]:
         n_classes = len(self.classes_)
         fn = self._score_fn(device)
         if X.ndim == 2:
@@ -915,8 +1081,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             labels = check_targets(X, y)
             ignore = -1 if self.ignore_index is None else self.ignore_index
             # classes unseen in fit get rows of their own: they count as errors
-            seen = labels.reshape(-1).shape[0]
-            rows = max(n_classes, int(labels.max()) + 1 if seen else 0)
+            kept = labels[labels != ignore]
+            top = int(kept.max()) + 1 if kept.reshape(-1).shape[0] else 0
+            rows = max(n_classes, top)
             conf = scored_confusion(
                 fn,
                 X,
@@ -925,6 +1092,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 n_outputs=rows,
                 n_classes=rows,
                 ignore_index=ignore,
+                upsample=upsample,
             )
         return report_from_confusion(conf, matching="identity")
 
