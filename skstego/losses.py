@@ -380,9 +380,9 @@ def stego_loss(
     pos_intra_weight: float = 0.67,
     pos_inter_weight: float = 0.25,
     neg_weight: float = 0.63,
-    pos_intra_shift: float = 0.08,
-    pos_inter_shift: float = 0.02,
-    neg_shift: float = 0.66,
+    pos_intra_shift: float = 0.18,
+    pos_inter_shift: float = 0.12,
+    neg_shift: float = 0.46,
     neg_samples: int = 5,
     feature_samples: int = 11,
     pointwise: bool = True,
@@ -406,7 +406,14 @@ def stego_loss(
     and ``total = pos_intra_weight * pos_intra + pos_inter_weight * pos_inter
     + neg_weight * neg``.
 
-    The defaults are the reference code's for ViT-S/8 on COCO-Stuff.
+    The defaults are the active values of the reference code's
+    ``src/configs/train_config.yml`` (ViT-S/8), as in
+    :class:`~skstego.StegoProjector`.
+
+    ``feats`` and ``knn_feats`` are the correlation targets: the reference
+    passes them channel-dropped (``Dropout2d(0.1)``) when its ``dropout``
+    option is on; :class:`~skstego.StegoProjector` does so with
+    ``feature_dropout=True``. This function uses them as given.
 
     Parameters
     ----------
@@ -421,7 +428,7 @@ def stego_loss(
     pos_intra_weight, pos_inter_weight, neg_weight : float
         Weights of the three terms (0.67, 0.25, 0.63).
     pos_intra_shift, pos_inter_shift, neg_shift : float
-        Shifts of the three terms (0.08, 0.02, 0.66).
+        Shifts of the three terms (0.18, 0.12, 0.46).
     neg_samples : int, default=5
         Number of derangements averaged for the negative term; 0 drops it
         (its part is then 0). Needs ``B >= 2`` when positive.

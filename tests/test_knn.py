@@ -176,6 +176,50 @@ def test_descriptors_errors():
         image_descriptors(maps, device="cpu")
 
 
+def _dropped_reference(maps, dropped):
+    """Dropout2d on each map, then the spatial mean, L2-normalised: the
+    reference's descriptor with its featurizer's dropout active, for the
+    channels ``dropped`` (N, C) boolean."""
+    kept = np.asarray(maps, dtype=np.float64) * ~dropped[:, :, None, None]
+    return _reference_descriptors(kept)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_descriptors_with_channel_dropout(p):
+    rng = np.random.default_rng(12)
+    maps = np.abs(rng.standard_normal((300, 16, 3, 3))).astype(np.float32) + 0.1
+    g = torch.Generator().manual_seed(0)
+    got = image_descriptors(maps, device="cpu", dropout=p, generator=g).numpy()
+    dropped = got == 0  # positive maps: only a dropped channel averages to 0
+    assert abs(dropped.mean() - p) < 0.03, dropped.mean()
+    np.testing.assert_allclose(got, _dropped_reference(maps, dropped), atol=1e-6)
+    # seeded; other seeds drop other channels
+    again = image_descriptors(
+        maps, device="cpu", dropout=p, generator=torch.Generator().manual_seed(0)
+    )
+    np.testing.assert_array_equal(again.numpy(), got)
+    other = image_descriptors(
+        maps, device="cpu", dropout=p, generator=torch.Generator().manual_seed(1)
+    )
+    assert not np.array_equal(other.numpy() == 0, dropped)
+    # in batches, the masks still drop whole channels of each image
+    batched = image_descriptors(
+        maps, device="cpu", dropout=p, batch_size=7, generator=g
+    ).numpy()
+    np.testing.assert_allclose(
+        batched, _dropped_reference(maps, batched == 0), atol=1e-6
+    )
+
+
+def test_descriptors_dropout_zero_is_clean_and_bad_values_raise():
+    maps = np.random.default_rng(13).standard_normal((5, 4, 2, 2)).astype(np.float32)
+    got = image_descriptors(maps, device="cpu", dropout=0.0)
+    np.testing.assert_allclose(got.numpy(), _reference_descriptors(maps), atol=1e-6)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout must be in"):
+            image_descriptors(maps, device="cpu", dropout=bad)
+
+
 def test_descriptors_then_neighbors(backend):
     # two groups of images whose mean features point in opposite directions
     rng = np.random.default_rng(10)

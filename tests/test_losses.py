@@ -17,7 +17,8 @@ from skstego.losses import (
 
 
 def _reference_loss(f1, f2, c1, c2, shift, pointwise, zero_clamp, stabilize):
-    """STEGO.md section 3, written out in float64 NumPy."""
+    """The reference's ContrastiveCorrelationLoss.helper (src/modules.py),
+    written out in float64 NumPy."""
     f1, f2, c1, c2 = (
         np.asarray(x.detach(), dtype=np.float64) for x in (f1, f2, c1, c2)
     )
@@ -45,7 +46,7 @@ FLAGS = list(itertools.product([True, False], repeat=3))
 
 
 @pytest.mark.parametrize(("pointwise", "zero_clamp", "stabilize"), FLAGS)
-@pytest.mark.parametrize("shift", [0.0, 0.08, 0.66])
+@pytest.mark.parametrize("shift", [0.0, 0.08, 0.46, 0.66])
 def test_correlation_loss_matches_float64_reference(
     pointwise, zero_clamp, stabilize, shift
 ):

@@ -227,7 +227,7 @@ def test_load_head_refuses_bad_files(tmp_path):
         StegoProjector.load_head(pickled)
     partial = tmp_path / "partial.pt"
     torch.save({"cluster1.weight": torch.zeros(4, 8, 1, 1)}, partial)
-    with pytest.raises(ValueError, match=r"no weight for the head's 'linear\.bias'"):
+    with pytest.raises(ValueError, match=r"incomplete head.*\['cluster1\.bias'\]"):
         StegoProjector.load_head(partial)
     bad = tmp_path / "bad.pt"
     torch.save(
@@ -356,9 +356,11 @@ def test_stego_codes_beat_kmeans_on_raw_maps():
     # classes better than k-means on the raw maps. The shifts are thresholds
     # on feature cosine similarity; on these maps same-class tokens have mean
     # cosine 0.25 and different-class tokens 0.08 (measured), so the DINO
-    # defaults (neg 0.66) would push every pair apart. Shifts between the two
-    # levels (see StegoProjector's Notes) give codes at mIoU 0.84-0.93 on
-    # seeds 3-8 too, where raw k-means scores 0.44-1.0.
+    # defaults (neg 0.46) would push every pair apart. Shifts between the two
+    # levels (see StegoProjector's Notes) give codes at mIoU 0.74-0.94 on
+    # seeds 0-8 (mean 0.86) with the default feature_dropout=True, 0.82-0.96
+    # (mean 0.90) without it; raw k-means scores 0.44-1.0 (0.65-0.70 on
+    # seeds 0-2).
     from skstego.probes import KMeansProbe
 
     raw, stego = [], []
@@ -380,5 +382,214 @@ def test_stego_codes_beat_kmeans_on_raw_maps():
         probe = KMeansProbe(k=5, device="cpu", random_state=seed)
         raw.append(probe.fit(X).score(X, y))
         stego.append(clone(probe).fit(codes).score(codes, y))
-    assert min(stego) > 0.75, stego
+    assert min(stego) > 0.7, stego
     assert np.mean(stego) > np.mean(raw) + 0.1, (raw, stego)
+
+
+# The active (uncommented) values of the reference's
+# src/configs/train_config.yml, under the reference's names, with the
+# StegoProjector parameter each one sets.
+REFERENCE_TRAIN_CONFIG = {
+    ("dim", "dim"): 70,
+    ("max_steps", "n_steps"): 5000,
+    ("batch_size", "batch_size"): 16,
+    ("lr", "lr"): 5e-4,
+    ("projection_type", "projection_type"): "nonlinear",
+    ("dropout", "feature_dropout"): True,
+    ("feature_samples", "feature_samples"): 11,
+    ("neg_samples", "neg_samples"): 5,
+    ("num_neighbors", "n_neighbors"): 7,
+    ("neg_inter_weight", "neg_weight"): 0.63,
+    ("pos_inter_weight", "pos_inter_weight"): 0.25,
+    ("pos_intra_weight", "pos_intra_weight"): 0.67,
+    ("neg_inter_shift", "neg_shift"): 0.46,
+    ("pos_inter_shift", "pos_inter_shift"): 0.12,
+    ("pos_intra_shift", "pos_intra_shift"): 0.18,
+    ("pointwise", "pointwise"): True,
+    ("zero_clamp", "zero_clamp"): True,
+    ("stabalize", "stabilize"): False,
+}
+
+
+def test_defaults_are_the_active_train_config_values():
+    params = StegoProjector().get_params()
+    for (ref_name, name), value in REFERENCE_TRAIN_CONFIG.items():
+        assert params[name] == value, (ref_name, name, params[name], value)
+    # the reference's Dropout2d(p=.1) in DinoFeaturizer
+    assert params["dropout"] == 0.1
+
+
+def _conv(weight, bias):
+    """A 1x1 torch convolution holding a 2-D weight matrix."""
+    conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], (1, 1))
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight)[:, :, None, None])
+        conv.bias.copy_(torch.from_numpy(bias))
+    return conv
+
+
+def test_linear_head_matches_a_single_convolution(tmp_path):
+    X = _maps()
+    est = _stego(projection_type="linear").fit(X)
+    assert sorted(est.head_state_) == ["linear.bias", "linear.weight"]
+    assert np.isfinite(est.loss_curve_).all()
+    cluster1 = _conv(est.head_state_["linear.weight"], est.head_state_["linear.bias"])
+    with torch.no_grad():
+        expected = cluster1(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(est.transform(X), expected, rtol=1e-5, atol=1e-5)
+    # tokens give the same codes
+    tokens = X.transpose(0, 2, 3, 1).reshape(-1, 8)
+    np.testing.assert_allclose(
+        est.transform(tokens),
+        expected.transpose(0, 2, 3, 1).reshape(-1, 4),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # round trip through a head file keeps the projection type
+    path = tmp_path / "linear.safetensors"
+    est.save_head(path)
+    loaded = StegoProjector.load_head(path)
+    assert loaded.projection_type == "linear"
+    np.testing.assert_array_equal(loaded.transform(X), est.transform(X))
+    # training continues with the same structure only
+    est.partial_fit(X)
+    assert sorted(est.head_state_) == ["linear.bias", "linear.weight"]
+    with pytest.raises(ValueError, match="same projection_type"):
+        est.set_params(projection_type="nonlinear").partial_fit(X)
+
+
+def test_linear_and_nonlinear_fits_differ():
+    X = _maps()
+    lin = _stego(projection_type="linear").fit(X)
+    non = _stego().fit(X)
+    assert len(non.head_state_) == 6
+    assert not np.allclose(lin.transform(X), non.transform(X))
+
+
+def _spy_training(monkeypatch):
+    """Record the head's input and masks and the loss's feature arguments."""
+    import skstego.projection._stego as mod
+
+    calls = {"head": [], "loss": []}
+    head, loss = mod._head_maps, mod.stego_loss
+
+    def head_spy(params, x, drop1=None, drop2=None):
+        calls["head"].append((x.detach().clone(), drop1, drop2))
+        return head(params, x, drop1, drop2)
+
+    def loss_spy(feats, codes, knn_feats, knn_codes, **kw):
+        calls["loss"].append((feats.detach().clone(), knn_feats.detach().clone()))
+        return loss(feats, codes, knn_feats, knn_codes, **kw)
+
+    monkeypatch.setattr(mod, "_head_maps", head_spy)
+    monkeypatch.setattr(mod, "stego_loss", loss_spy)
+    return calls
+
+
+@pytest.mark.parametrize("projection_type", ["nonlinear", "linear"])
+def test_feature_dropout_drops_channels_of_the_correlation_target(
+    monkeypatch, projection_type
+):
+    # The reference's DinoFeaturizer returns Dropout2d(p)(features) as the
+    # correlation target when cfg.dropout: whole channels of each map are
+    # zeroed with probability p and the others scaled by 1 / (1 - p), with a
+    # mask of its own (not the branches' masks).
+    p = 0.25
+    calls = _spy_training(monkeypatch)
+    X = np.abs(_maps(n=8, c=32)) + 0.5  # no zero entries: ratios are defined
+    _stego(
+        n_steps=12, dropout=p, projection_type=projection_type, feature_dropout=True
+    ).fit(X)
+    assert len(calls["loss"]) == len(calls["head"]) == 12
+    dropped = []
+    for (x, drop1, drop2), (feats, knn_feats) in zip(
+        calls["head"], calls["loss"], strict=True
+    ):
+        target = torch.cat([feats, knn_feats])
+        ratio = target / x
+        mask = ratio[:, :, :1, :1]
+        # one factor per (image, channel), constant over the map
+        torch.testing.assert_close(ratio, mask.expand_as(ratio))
+        kept = mask != 0
+        torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / (1 - p)))
+        dropped.append((mask == 0).float().mean().item())
+        assert not torch.equal(mask, drop1)
+        if projection_type == "nonlinear":
+            assert not torch.equal(mask, drop2)
+        else:
+            assert drop2 is None
+    assert 0.18 < np.mean(dropped) < 0.32, np.mean(dropped)
+
+
+def test_without_feature_dropout_the_target_is_the_clean_features(monkeypatch):
+    calls = _spy_training(monkeypatch)
+    _stego(n_steps=3, dropout=0.3, feature_dropout=False).fit(_maps())
+    for (x, drop1, drop2), (feats, knn_feats) in zip(
+        calls["head"], calls["loss"], strict=True
+    ):
+        assert torch.equal(torch.cat([feats, knn_feats]), x)
+        assert drop1 is not None and drop2 is not None  # the branches still drop
+
+
+def test_feature_dropout_changes_training_reproducibly():
+    X = _maps()
+    on = _stego(feature_dropout=True).fit(X)
+    again = _stego(feature_dropout=True).fit(X)
+    off = _stego(feature_dropout=False).fit(X)
+    np.testing.assert_array_equal(on.loss_curve_, again.loss_curve_)
+    assert not np.array_equal(on.loss_curve_, off.loss_curve_)
+
+
+def _spy_descriptors(monkeypatch):
+    import skstego.projection._stego as mod
+
+    seen = []
+    search = mod.nearest_neighbors
+
+    def spy(descriptors, *args, **kw):
+        seen.append(descriptors.detach().clone())
+        return search(descriptors, *args, **kw)
+
+    monkeypatch.setattr(mod, "nearest_neighbors", spy)
+    return seen
+
+
+def test_knn_dropout(monkeypatch):
+    # Reference src/precompute_knns.py: descriptors are
+    # normalize(mean_hw(Dropout2d(p)(features))) with the dropout active.
+    X = _maps(n=40, c=32)
+    mean = X.astype(np.float64).mean(axis=(2, 3))
+    clean = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    seen = _spy_descriptors(monkeypatch)
+
+    _stego(n_steps=0, dropout=0.3).fit(X)  # knn_dropout off by default
+    np.testing.assert_allclose(seen[-1].numpy(), clean, rtol=1e-5, atol=1e-6)
+
+    _stego(n_steps=0, dropout=0.3, knn_dropout=True).fit(X)
+    got = seen[-1].numpy().astype(np.float64)
+    keep = got != 0
+    assert 0.2 < 1 - keep.mean() < 0.4
+    for row, kept, m in zip(got, keep, mean, strict=True):
+        want = np.where(kept, m, 0.0)
+        np.testing.assert_allclose(row, want / np.linalg.norm(want), atol=1e-5)
+
+    # seeded: the same neighbours at every fit
+    a = _stego(n_steps=0, knn_dropout=True).fit(X)
+    first = seen[-1]
+    _stego(n_steps=0, knn_dropout=True).fit(X)
+    assert torch.equal(first, seen[-1])
+    assert a.n_steps_ == 0
+
+
+def test_load_head_refuses_contradicting_params(tmp_path):
+    X = _maps()
+    est = _stego().fit(X)
+    path = tmp_path / "head.safetensors"
+    est.save_head(path)
+    with pytest.raises(ValueError, match=r"dim=4.*dim=5"):
+        StegoProjector.load_head(path, dim=5)
+    with pytest.raises(ValueError, match="projection_type='nonlinear'"):
+        StegoProjector.load_head(path, projection_type="linear")
+    assert StegoProjector.load_head(path, dim=4).dim == 4
+    with pytest.raises(TypeError, match="path to a weights file or a mapping"):
+        StegoProjector.load_head(3)

@@ -1,12 +1,15 @@
 """Nearest-neighbour positives of STEGO: image descriptors and a chunked k-NN.
 
 STEGO pairs each training image with one of its nearest neighbours in a
-global descriptor space (see ``STEGO.md`` section 4): the descriptor of an
-image is the spatial mean of its feature map, L2-normalised, and each image
-keeps its top ``n_neighbors`` cosine neighbours, itself excluded.
+global descriptor space (Hamilton et al., ICLR 2022; reference code
+``src/precompute_knns.py``): the descriptor of an image is the spatial
+mean of its feature map, L2-normalised, and each image keeps its top
+``n_neighbors`` cosine neighbours, itself excluded.
 
 * :func:`image_descriptors` computes the descriptors in batches, so a NumPy
-  memory map of a whole dataset never has to fit in memory at once;
+  memory map of a whole dataset never has to fit in memory at once; with
+  ``dropout`` it drops whole channels of each image first, as the reference
+  script does (its featurizer's ``Dropout2d(0.1)`` stays in training mode);
 * :func:`nearest_neighbors` searches them exactly, queries in chunks, with
   torch (``torch.topk`` per chunk) or faiss (``IndexFlatIP``). Memory is
   O(chunk x N), never N x N.
@@ -50,6 +53,8 @@ def image_descriptors(
     *,
     device: str | torch.device | None,
     batch_size: int | None = None,
+    dropout: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Global descriptor of each image: spatial mean of its map, L2-normalised.
 
@@ -65,6 +70,18 @@ def image_descriptors(
     batch_size : int, optional
         Images (or rows) per batch; by default as many as fit in about
         256 MiB of float32.
+    dropout : float in [0, 1), default=0.0
+        Channel dropout applied to each image before pooling: every channel
+        of an image is zeroed with this probability (and the others scaled
+        by ``1 / (1 - dropout)``), as :class:`torch.nn.Dropout2d` does to a
+        map. A channel constant over the map commutes with the spatial
+        mean, so this equals pooling the dropped map. The STEGO reference
+        computes its neighbour lists this way (``Dropout2d(0.1)`` left in
+        training mode in ``src/precompute_knns.py``). 0 gives the clean,
+        deterministic descriptors.
+    generator : torch.Generator, optional
+        Source of the dropout masks (one (rows, C) draw per batch, in row
+        order); must live on ``device``. Unused when ``dropout`` is 0.
 
     Returns
     -------
@@ -85,12 +102,25 @@ def image_descriptors(
     >>> image_descriptors(maps, device="cpu").numpy().round(3)
     array([[0.577, 0.577, 0.577],
            [0.962, 0.192, 0.192]], dtype=float32)
+
+    With channel dropout, each row keeps the clean direction on the
+    channels it keeps:
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> d = image_descriptors(maps, device="cpu", dropout=0.5, generator=g)
+    >>> d.shape
+    torch.Size([2, 3])
     """
     if maps.ndim not in (2, 4):
         raise ValueError(
             "Expected 4-D maps (N, C, h, w) or 2-D tokens (n, C), got shape "
             f"{tuple(maps.shape)}."
         )
+    dropout = float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    keep = 1.0 - dropout
     dev = resolve_device(device)
     n, c = maps.shape[0], maps.shape[1]
     if batch_size is None:
@@ -102,6 +132,9 @@ def image_descriptors(
             check_finite_tensor(xb, "maps")
             if xb.ndim == 4:
                 xb = xb.mean(dim=(2, 3))
+            if dropout > 0:
+                u = torch.rand(xb.shape, generator=generator, device=dev)
+                xb = xb * ((u < keep).to(xb.dtype) / keep)
             out[sl] = F.normalize(xb, dim=1)
     return out
 

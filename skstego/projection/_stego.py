@@ -1,9 +1,10 @@
 """The STEGO segmentation head as a scikit-learn transformer.
 
-``code = linear(drop(f)) + nonlinear(drop(f))`` (``STEGO.md`` section 2),
-trained with the correspondence-distillation loss of
-:func:`skstego.losses.stego_loss` and K-NN positives from
-:mod:`skstego.projection._knn` (sections 3-4).
+``code = linear(drop(f)) + nonlinear(drop(f))`` (Hamilton et al., ICLR 2022;
+``DinoFeaturizer`` in the reference code's ``src/modules.py``), trained with
+the correspondence-distillation loss of :func:`skstego.losses.stego_loss`
+and K-NN positives from :mod:`skstego.projection._knn`
+(``src/train_segmentation.py``, ``src/precompute_knns.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -23,7 +25,7 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
@@ -43,7 +45,8 @@ from ._knn import image_descriptors, nearest_neighbors
 
 __all__ = ["StegoProjector"]
 
-#: Neighbours kept per image by the K-NN step (STEGO.md section 4).
+#: Neighbours kept per image by the K-NN step (top 30 in the reference's
+#: ``src/precompute_knns.py``).
 _KNN_POOL = 30
 
 #: Steps between progress-bar updates (each update waits for the device).
@@ -51,29 +54,60 @@ _REPORT_EVERY = 20
 
 #: Names of the head's parameters, in ``head_state_``; conv weights are
 #: stored as 2-D (out, in) matrices (a 1x1 convolution is a matrix product).
-_PARAM_NAMES = (
-    "linear.weight",
-    "linear.bias",
+#: A ``projection_type="linear"`` head has only the first two.
+_LINEAR_NAMES = ("linear.weight", "linear.bias")
+_NONLINEAR_NAMES = (
     "nonlinear.0.weight",
     "nonlinear.0.bias",
     "nonlinear.2.weight",
     "nonlinear.2.bias",
 )
+_PARAM_NAMES = _LINEAR_NAMES + _NONLINEAR_NAMES
 
-#: The same weights in the STEGO reference code's state dicts.
-_REFERENCE_NAMES = {
-    "linear.weight": "cluster1.weight",
-    "linear.bias": "cluster1.bias",
-    "nonlinear.0.weight": "cluster2.0.weight",
-    "nonlinear.0.bias": "cluster2.0.bias",
-    "nonlinear.2.weight": "cluster2.2.weight",
-    "nonlinear.2.bias": "cluster2.2.bias",
-}
+#: The layouts :meth:`StegoProjector.load_head` reads: a name, the key suffix
+#: of each head weight, and whether the keys may carry a prefix (``net.``...).
+#: The reference's ``DinoFeaturizer`` builds ``cluster1`` as
+#: ``Sequential(Conv2d)`` and ``cluster2`` as ``Sequential(Conv2d, ReLU,
+#: Conv2d)`` (``src/modules.py``); the second layout is a bare ``Conv2d``
+#: ``cluster1`` as older exports name it; the last is skstego's own file
+#: (exact keys only, so that no ``*.linear.weight`` of another module of a
+#: large state dict is taken for the head).
+_LAYOUTS: tuple[tuple[str, dict[str, str], bool], ...] = (
+    (
+        "STEGO reference",
+        {
+            "linear.weight": "cluster1.0.weight",
+            "linear.bias": "cluster1.0.bias",
+            "nonlinear.0.weight": "cluster2.0.weight",
+            "nonlinear.0.bias": "cluster2.0.bias",
+            "nonlinear.2.weight": "cluster2.2.weight",
+            "nonlinear.2.bias": "cluster2.2.bias",
+        },
+        True,
+    ),
+    (
+        "bare cluster1",
+        {
+            "linear.weight": "cluster1.weight",
+            "linear.bias": "cluster1.bias",
+            "nonlinear.0.weight": "cluster2.0.weight",
+            "nonlinear.0.bias": "cluster2.0.bias",
+            "nonlinear.2.weight": "cluster2.2.weight",
+            "nonlinear.2.bias": "cluster2.2.bias",
+        },
+        True,
+    ),
+    ("skstego", {name: name for name in _PARAM_NAMES}, False),
+)
 
 #: Metadata tag of files written by StegoProjector.save_head.
 _HEAD_FORMAT = "skstego.StegoProjector.head/1"
 
-#: Settings that reproduce the released checkpoints (STEGO.md section 3).
+#: Settings that reproduce the released checkpoints (the paper's
+#: hyper-parameter table; the cocostuff27 and cityscapes values are also
+#: commented-out blocks of the reference's ``src/configs/train_config.yml``).
+#: Every reference run trains with ``dropout: True``, hence the two dropout
+#: flags.
 PRESETS: dict[str, dict[str, Any]] = {
     "cocostuff27": {
         "dim": 90,
@@ -86,6 +120,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "neg_shift": 1.0,
         "pos_inter_shift": 0.2,
         "pos_intra_shift": 0.12,
+        "feature_dropout": True,
+        "knn_dropout": True,
     },
     "cityscapes": {
         "dim": 100,
@@ -98,6 +134,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "neg_shift": 0.3136,
         "pos_inter_shift": 0.1754,
         "pos_intra_shift": 0.4583,
+        "feature_dropout": True,
+        "knn_dropout": True,
     },
     "potsdam": {
         "dim": 70,
@@ -110,12 +148,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "neg_shift": 0.76,
         "pos_inter_shift": 0.02,
         "pos_intra_shift": 0.08,
+        "feature_dropout": True,
+        "knn_dropout": True,
     },
 }
 
 
 def _init_params(
-    n_features: int, dim: int, generator: torch.Generator, device: torch.device
+    n_features: int,
+    dim: int,
+    projection_type: str,
+    generator: torch.Generator,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """torch's default Conv2d initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
     drawn from ``generator`` so that a seed fixes the whole fit."""
@@ -128,11 +172,17 @@ def _init_params(
         "nonlinear.2.weight": (dim, n_features),
         "nonlinear.2.bias": (dim,),
     }
+    names = _PARAM_NAMES if projection_type == "nonlinear" else _LINEAR_NAMES
     params = {}
-    for name in _PARAM_NAMES:
+    for name in names:
         u = torch.rand(shapes[name], generator=generator, device=device)
         params[name] = ((u * 2 - 1) * bound).requires_grad_(True)
     return params
+
+
+def _head_type(state: Mapping[str, Any]) -> str:
+    """``"nonlinear"`` when the head has its nonlinear branch, else ``"linear"``."""
+    return "nonlinear" if "nonlinear.0.weight" in state else "linear"
 
 
 def _head_maps(
@@ -145,11 +195,14 @@ def _head_maps(
 
     ``drop1``/``drop2`` are channel-dropout masks (B, C, 1, 1), already scaled
     by ``1 / (1 - p)``, for the linear and nonlinear branch; None in eval mode.
+    A linear-only head (no ``nonlinear.*`` entries) ignores ``drop2``.
     """
     x1 = x if drop1 is None else x * drop1
-    x2 = x if drop2 is None else x * drop2
     lin = torch.einsum("dc,bchw->bdhw", params["linear.weight"], x1)
     lin = lin + params["linear.bias"][None, :, None, None]
+    if "nonlinear.0.weight" not in params:
+        return lin
+    x2 = x if drop2 is None else x * drop2
     hid = torch.einsum("ec,bchw->behw", params["nonlinear.0.weight"], x2)
     hid = F.relu(hid + params["nonlinear.0.bias"][None, :, None, None])
     non = torch.einsum("de,behw->bdhw", params["nonlinear.2.weight"], hid)
@@ -160,6 +213,8 @@ def _head_maps(
 def _head_tokens(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The head (eval mode) on tokens (n, C) -> (n, dim)."""
     lin = torch.addmm(params["linear.bias"], x, params["linear.weight"].T)
+    if "nonlinear.0.weight" not in params:
+        return lin
     hid = F.relu(
         torch.addmm(params["nonlinear.0.bias"], x, params["nonlinear.0.weight"].T)
     )
@@ -203,53 +258,160 @@ def _load_adam(
         }
 
 
-def _read_head_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Head weights (skstego names, 2-D) and stored parameters of a file."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _open_head_source(
+    source: Any,
+) -> tuple[Iterable[str], Callable[[str], Any], dict[str, Any], str]:
+    """Keys, a getter and stored parameters of a head file or state dict.
+
+    Only the head's tensors are ever read from a safetensors file or turned
+    into NumPy, so a whole Lightning state dict (backbone included) costs
+    nothing beyond what torch.load already read.
+    """
+    if isinstance(source, Mapping):
+        inner = source.get("state_dict")
+        mapping = inner if isinstance(inner, Mapping) else source
+        return list(mapping.keys()), mapping.__getitem__, {}, "the given state dict"
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            "load_head takes a path to a weights file or a mapping of tensors "
+            f"(a state dict), got {type(source).__name__}."
+        )
+    path = os.fspath(source)
+    where = repr(path)
     if not os.path.isfile(path):
-        raise ValueError(f"No head weights file at {path!r}.")
-    stored: dict[str, Any] = {}
-    try:
-        if path.endswith(".safetensors"):
+        raise ValueError(f"No head weights file at {where}.")
+    if path.endswith(".safetensors"):
+        try:
             from safetensors import safe_open
 
-            with safe_open(path, framework="np") as f:
-                meta = f.metadata() or {}
-                raw = {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get("format") == _HEAD_FORMAT:
-                stored = json.loads(meta.get("params", "{}"))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-                obj = obj["state_dict"]
-            if not isinstance(obj, dict):
-                raise ValueError("it holds no state dict")
-            raw = {
-                k: v.detach().float().numpy()
-                for k, v in obj.items()
-                if isinstance(v, torch.Tensor)
-            }
-    except ValueError as exc:
-        raise ValueError(f"Could not read head weights from {path!r}: {exc}") from exc
-    except Exception as exc:  # safetensors / unpickler errors of many kinds
-        raise ValueError(
-            f"Could not read head weights from {path!r} ({type(exc).__name__}: "
-            f"{exc}). Expected a safetensors file or a plain torch state dict; "
-            "checkpoints that pickle other objects are refused for safety: "
-            "extract their state_dict first."
-        ) from exc
-    state = {}
-    for name in _PARAM_NAMES:
-        aliases = (name, _REFERENCE_NAMES[name])
-        hits = [k for k in raw for a in aliases if k == a or k.endswith("." + a)]
-        if len(hits) != 1:
+            handle = safe_open(path, framework="pt")
+            meta = handle.metadata() or {}
+            keys = list(handle.keys())
+        except Exception as exc:  # safetensors raises several types
             raise ValueError(
-                f"{path!r} has {'no' if not hits else 'several'} weight for the "
-                f"head's {name!r} (or the reference's {_REFERENCE_NAMES[name]!r}); "
-                f"keys found: {sorted(raw)[:12]}."
+                f"Could not read head weights from {where} "
+                f"({type(exc).__name__}: {_first_line(exc)}): not a safetensors "
+                "file."
+            ) from exc
+        stored: dict[str, Any] = {}
+        if meta.get("format") == _HEAD_FORMAT:
+            stored = json.loads(meta.get("params", "{}"))
+        return keys, handle.get_tensor, stored, where
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickler and zip errors of many kinds
+        raise ValueError(
+            f"Could not read head weights from {where} ({type(exc).__name__}: "
+            f"{_first_line(exc)}). Expected a safetensors file or a "
+            "torch.save'd state dict of tensors, which torch.load reads with "
+            "weights_only=True. Files that pickle other Python objects are "
+            "refused for safety: a full PyTorch Lightning checkpoint of the "
+            "STEGO reference (its hyper-parameters are OmegaConf objects) is "
+            "read by skstego.io.load_stego_checkpoint, which unpickles only an "
+            "allow-list of types."
+        ) from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"Could not read head weights from {where}: it holds a "
+            f"{type(obj).__name__}, not a state dict."
+        )
+    inner = obj.get("state_dict")
+    mapping = inner if isinstance(inner, Mapping) else obj
+    return list(mapping.keys()), mapping.__getitem__, {}, where
+
+
+def _as_matrix(value: Any, name: str, where: str) -> np.ndarray:
+    """A head weight as float32 NumPy; 1x1 conv kernels become 2-D matrices."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float32).numpy()
+    try:
+        value = np.array(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {name} is not an array of numbers.") from exc
+    if value.ndim == 4:
+        if value.shape[2:] != (1, 1):
+            raise ValueError(
+                f"{where}: {name} has shape {value.shape}, not that of a 1x1 "
+                "convolution."
             )
-        value = np.asarray(raw[hits[0]], dtype=np.float32)
-        state[name] = value.reshape(value.shape[:2]) if value.ndim == 4 else value
-    dim, c = state["linear.weight"].shape
+        value = value.reshape(value.shape[:2])
+    return value
+
+
+def _find_head(
+    keys: Iterable[str], get: Callable[[str], Any], where: str
+) -> tuple[dict[str, np.ndarray], str]:
+    """Head weights (skstego names, 2-D) and projection type in a state dict.
+
+    The keys are matched on whole path components (``cluster1.0.weight``
+    matches ``net.cluster1.0.weight``, never ``train_cluster_probe.*`` or
+    ``linear_probe.*``) and every weight must sit under one common prefix.
+    """
+    keys = [k for k in keys if isinstance(k, str)]
+    present = set(keys)
+    for layout, names, prefixed in _LAYOUTS:
+        anchor = names["linear.weight"]
+        if prefixed:
+            prefixes = sorted(
+                {
+                    k[: len(k) - len(anchor)]
+                    for k in keys
+                    if k == anchor or k.endswith("." + anchor)
+                }
+            )
+        else:
+            prefixes = [""] if anchor in present else []
+        if not prefixes:
+            continue
+        if len(prefixes) > 1:
+            raise ValueError(
+                f"{where} holds several heads ({layout} layout, key "
+                f"{anchor!r}) under the prefixes {prefixes}; pass the state "
+                "dict of one model."
+            )
+        prefix = prefixes[0]
+        found = [n for n in _PARAM_NAMES if prefix + names[n] in present]
+        missing_linear = [prefix + names[n] for n in _LINEAR_NAMES if n not in found]
+        nonlinear = [n for n in _NONLINEAR_NAMES if n in found]
+        missing_nonlinear = [
+            prefix + names[n] for n in _NONLINEAR_NAMES if n not in found
+        ]
+        missing = missing_linear + (missing_nonlinear if nonlinear else [])
+        if missing:
+            raise ValueError(
+                f"{where} has an incomplete head ({layout} layout under the "
+                f"prefix {prefix!r}): missing {missing}."
+            )
+        state = {
+            n: _as_matrix(get(prefix + names[n]), prefix + names[n], where)
+            for n in found
+        }
+        projection_type = _head_type(state)
+        _check_head_shapes(state, where)
+        return state, projection_type
+    shown = sorted(keys)[:12]
+    raise ValueError(
+        f"{where} has no head weights: expected keys ending in "
+        "'cluster1.0.weight', 'cluster1.0.bias' (and, for a nonlinear head, "
+        "'cluster2.0.*' and 'cluster2.2.*') as in the STEGO reference, or "
+        f"skstego's {list(_PARAM_NAMES)}; keys found: {shown}"
+        f"{' ...' if len(keys) > len(shown) else ''}."
+    )
+
+
+def _check_head_shapes(state: dict[str, np.ndarray], where: str) -> None:
+    weight = state["linear.weight"]
+    if weight.ndim != 2:
+        raise ValueError(
+            f"{where}: linear.weight has shape {weight.shape}, expected "
+            "(dim, channels) or (dim, channels, 1, 1)."
+        )
+    dim, c = weight.shape
     expected = {
         "linear.bias": (dim,),
         "nonlinear.0.weight": (c, c),
@@ -257,13 +419,12 @@ def _read_head_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         "nonlinear.2.weight": (dim, c),
         "nonlinear.2.bias": (dim,),
     }
-    for name, shape in expected.items():
-        if state[name].shape != shape:
+    for name, value in state.items():
+        if name in expected and value.shape != expected[name]:
             raise ValueError(
-                f"{path!r}: {name} has shape {state[name].shape}, expected {shape} "
-                f"for a head with dim={dim} on {c} channels."
+                f"{where}: {name} has shape {value.shape}, expected "
+                f"{expected[name]} for a head with dim={dim} on {c} channels."
             )
-    return state, stored
 
 
 class StegoProjector(
@@ -282,17 +443,27 @@ class StegoProjector(
     where ``linear`` is a 1x1 convolution C -> dim, ``nonlinear`` is a 1x1
     convolution C -> C, ReLU, 1x1 convolution C -> dim, and ``drop`` is channel
     dropout (Dropout2d), drawn separately for each branch and used only in
-    training. ``fit`` trains the head with Adam on
-    :func:`skstego.losses.stego_loss`: each step draws ``batch_size`` distinct
-    images, pairs each with one of its ``n_neighbors`` nearest images (cosine
-    similarity of spatially pooled features, top 30 kept) and with other
-    images of the batch (negatives). 2-D tokens (n, C) are treated as 1x1
-    maps: neighbours are then searched over tokens, and the output is (n, dim).
+    training (the reference's ``cluster1`` and ``cluster2``;
+    ``projection_type="linear"`` keeps ``linear`` only). ``fit`` trains the
+    head with Adam on :func:`skstego.losses.stego_loss`: each step draws
+    ``batch_size`` distinct images, pairs each with one of its
+    ``n_neighbors`` nearest images (cosine similarity of spatially pooled
+    features, top 30 kept) and with other images of the batch (negatives).
+    2-D tokens (n, C) are treated as 1x1 maps: neighbours are then searched
+    over tokens, and the output is (n, dim).
+
+    The defaults are the active values of the reference's
+    ``src/configs/train_config.yml`` (ViT-S/8); :meth:`from_preset` gives
+    the settings of the released checkpoints.
 
     Parameters
     ----------
     dim : int, default=70
         Dimension of the codes.
+    projection_type : {"nonlinear", "linear"}, default="nonlinear"
+        ``"nonlinear"``: ``code = linear(drop(f)) + nonlinear(drop(f))``.
+        ``"linear"``: ``code = linear(drop(f))``, the reference's
+        ``projection_type: linear``.
     n_steps : int, default=5000
         Optimisation steps (mini-batches) per ``fit``.
     batch_size : int, default=16
@@ -302,7 +473,29 @@ class StegoProjector(
     lr : float, default=5e-4
         Adam learning rate.
     dropout : float in [0, 1), default=0.1
-        Channel dropout probability of each branch during training.
+        Channel dropout probability used in training: on the head's input,
+        drawn separately for each branch, and (see below) on the
+        correlation target and the K-NN descriptors.
+    feature_dropout : bool, default=True
+        Channel-drop (probability ``dropout``) the feature maps that the
+        loss correlates (the ``F`` of
+        :func:`skstego.losses.correlation_loss`), with a mask drawn
+        independently of the branches' masks, for the images and their
+        partners alike. The reference does this with ``dropout: True`` (the
+        default of its ``train_config.yml``): its featurizer returns
+        ``Dropout2d(0.1)(features)`` as the correlation target.
+        ``False`` correlates the clean features.
+    knn_dropout : bool, default=False
+        Channel-drop each image's features (probability ``dropout``, one
+        draw per fit) before pooling them into the K-NN descriptors, as the
+        reference's ``src/precompute_knns.py`` does (its featurizer's
+        dropout is never switched to eval mode there). Off by default: the
+        clean neighbours are deterministic (independent of
+        ``random_state``) and the dropout is a side effect in the reference
+        rather than a design choice of the paper. On
+        :func:`skstego.datasets.make_feature_maps` (500 maps) the top-7
+        lists with and without dropout share 64 % (64 channels) and 49 %
+        (384 channels) of their members; the presets turn it on.
     feature_samples : int, default=11
         Points per side sampled from each map by the loss (S x S points);
         1 for 2-D tokens, whose maps are 1x1.
@@ -311,12 +504,27 @@ class StegoProjector(
     n_neighbors : int, default=7
         The positive partner is drawn among this many nearest images
         (capped at the number of other images).
-    pos_intra_weight, pos_inter_weight, neg_weight : float
-        Weights of the intra, K-NN and negative terms (0.67, 0.25, 0.63).
-    pos_intra_shift, pos_inter_shift, neg_shift : float
-        Shifts of the three terms (0.08, 0.02, 0.66).
-    pointwise, zero_clamp, stabilize : bool
-        Flags of :func:`skstego.losses.correlation_loss`.
+    pos_intra_weight : float, default=0.67
+        Weight of the intra term (image with itself).
+    pos_inter_weight : float, default=0.25
+        Weight of the K-NN term (image with its partner).
+    neg_weight : float, default=0.63
+        Weight of the negative term (image with other images of the batch);
+        the reference's ``neg_inter_weight``.
+    pos_intra_shift : float, default=0.18
+        Shift of the intra term.
+    pos_inter_shift : float, default=0.12
+        Shift of the K-NN term.
+    neg_shift : float, default=0.46
+        Shift of the negative term; the reference's ``neg_inter_shift``.
+    pointwise : bool, default=True
+        Centre the feature correlation per query point
+        (:func:`skstego.losses.correlation_loss`).
+    zero_clamp : bool, default=True
+        Clamp the code correlation at 0 from below.
+    stabilize : bool, default=False
+        Clamp the code correlation at 0.8 from above (the reference's
+        ``stabalize``).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the head trains and runs; resolved at each call. On CUDA the
         forward pass and loss run under bf16 autocast.
@@ -336,8 +544,10 @@ class StegoProjector(
     head_state_ : dict of str to ndarray (float32)
         Trained weights: ``"linear.weight"`` (dim, C), ``"linear.bias"``
         (dim,), ``"nonlinear.0.weight"`` (C, C), ``"nonlinear.0.bias"`` (C,),
-        ``"nonlinear.2.weight"`` (dim, C), ``"nonlinear.2.bias"`` (dim,).
-        NumPy only, so the fitted estimator pickles without device state.
+        ``"nonlinear.2.weight"`` (dim, C), ``"nonlinear.2.bias"`` (dim,);
+        the first two only for a linear head. :meth:`transform` applies the
+        branches present here. NumPy only, so the fitted estimator pickles
+        without device state.
     optimizer_state_ : dict of str to ndarray
         Adam's moments (``"exp_avg.<name>"``, ``"exp_avg_sq.<name>"``) and
         step count (``"step"``), so that :meth:`partial_fit` and
@@ -368,7 +578,7 @@ class StegoProjector(
     shift between the typical same-object and different-object values.
     On :func:`skstego.datasets.make_feature_maps`, for instance, same-class
     tokens have mean cosine 0.25 and different-class tokens 0.08, so the
-    DINO negative shift (0.66) pushes every pair apart; shifts of 0.3 (neg)
+    DINO negative shift (0.46) pushes every pair apart; shifts of 0.3 (neg)
     and 0.1 (intra, inter) train codes on which k-means finds the classes.
 
     NumPy arrays and memory maps are streamed: only the images of the current
@@ -398,10 +608,13 @@ class StegoProjector(
 
     _parameter_constraints: ClassVar[dict] = {
         "dim": [Interval(Integral, 1, None, closed="left")],
+        "projection_type": [StrOptions({"nonlinear", "linear"})],
         "n_steps": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "dropout": [Interval(Real, 0, 1, closed="left")],
+        "feature_dropout": ["boolean"],
+        "knn_dropout": ["boolean"],
         "feature_samples": [Interval(Integral, 1, None, closed="left")],
         "neg_samples": [Interval(Integral, 0, None, closed="left")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
@@ -424,19 +637,22 @@ class StegoProjector(
         self,
         dim: int = 70,
         *,
+        projection_type: str = "nonlinear",
         n_steps: int = 5000,
         batch_size: int = 16,
         lr: float = 5e-4,
         dropout: float = 0.1,
+        feature_dropout: bool = True,
+        knn_dropout: bool = False,
         feature_samples: int = 11,
         neg_samples: int = 5,
         n_neighbors: int = 7,
         pos_intra_weight: float = 0.67,
         pos_inter_weight: float = 0.25,
         neg_weight: float = 0.63,
-        pos_intra_shift: float = 0.08,
-        pos_inter_shift: float = 0.02,
-        neg_shift: float = 0.66,
+        pos_intra_shift: float = 0.18,
+        pos_inter_shift: float = 0.12,
+        neg_shift: float = 0.46,
         pointwise: bool = True,
         zero_clamp: bool = True,
         stabilize: bool = False,
@@ -446,10 +662,13 @@ class StegoProjector(
         warm_start: bool = False,
     ) -> None:
         self.dim = dim
+        self.projection_type = projection_type
         self.n_steps = n_steps
         self.batch_size = batch_size
         self.lr = lr
         self.dropout = dropout
+        self.feature_dropout = feature_dropout
+        self.knn_dropout = knn_dropout
         self.feature_samples = feature_samples
         self.neg_samples = neg_samples
         self.n_neighbors = n_neighbors
@@ -474,8 +693,10 @@ class StegoProjector(
         Parameters
         ----------
         name : {"cocostuff27", "cityscapes", "potsdam"}
-            Preset of STEGO.md's table (dim, steps, batch, pointwise,
-            weights and shifts).
+            Dataset of the released checkpoint: the hyper-parameter table of
+            the STEGO paper (dim, steps, batch, pointwise, weights and
+            shifts), with ``feature_dropout`` and ``knn_dropout`` on as in
+            every reference run.
         **params
             Further parameters (``device``, ``random_state``...), which
             override the preset.
@@ -500,8 +721,9 @@ class StegoProjector(
     def save_head(self, path: str | os.PathLike) -> None:
         """Write the trained head to a safetensors file.
 
-        The file holds the six weight matrices of ``head_state_`` under
-        their names (1x1 convolution weights as 2-D matrices) and, as
+        The file holds the weight matrices of ``head_state_`` (six, or two
+        for a linear head) under their names (1x1 convolution weights as 2-D
+        matrices) and, as
         metadata, the estimator's parameters. It contains no code and no
         pickle: :meth:`load_head` (or any safetensors reader) can open it
         on any machine. Adam's state is not saved; pickle the estimator
@@ -542,26 +764,49 @@ class StegoProjector(
         arrays = {
             k: np.ascontiguousarray(self.head_state_[k], dtype=np.float32)
             for k in _PARAM_NAMES
+            if k in self.head_state_
         }
         save_file(arrays, os.fspath(path), metadata=metadata)
 
     @classmethod
-    def load_head(cls, path: str | os.PathLike, **params: Any) -> StegoProjector:
+    def load_head(
+        cls, source: str | os.PathLike | Mapping[str, Any], **params: Any
+    ) -> StegoProjector:
         """A fitted StegoProjector from a saved or a reference head.
 
-        Reads safetensors files written by :meth:`save_head` (their stored
-        parameters are restored) and plain weight files of the STEGO
-        reference code: a safetensors file or a ``torch.save``'d state dict
-        (read with ``weights_only=True``, so no pickled code runs) whose keys
-        end in ``cluster1.weight``, ``cluster1.bias``, ``cluster2.0.*`` and
-        ``cluster2.2.*`` (any prefix such as ``net.``), or in skstego's names.
+        Reads
+
+        * safetensors files written by :meth:`save_head` (their stored
+          parameters are restored);
+        * state dicts of the STEGO reference code, bare or inside a PyTorch
+          Lightning checkpoint (``{"state_dict": {...}, ...}``): the keys
+          ``cluster1.0.weight``, ``cluster1.0.bias`` and, for a nonlinear
+          head, ``cluster2.0.*`` and ``cluster2.2.*`` of its
+          ``DinoFeaturizer`` (``src/modules.py``), under any prefix such as
+          ``net.`` (``LitUnsupervisedSegmenter.net`` in
+          ``src/train_segmentation.py``); a bare ``Conv2d`` ``cluster1``
+          (``cluster1.weight``) is read too. A state dict without
+          ``cluster2`` is a ``projection_type: linear`` head. Other entries
+          (the backbone ``net.model.*``, ``cluster_probe``, ``linear_probe``,
+          ``decoder``...) are ignored; keys match on whole path components
+          and the head must sit under a single prefix.
+
+        A path is read with safetensors or ``torch.load(weights_only=True)``,
+        so no pickled code runs. Full Lightning checkpoints pickle their
+        OmegaConf hyper-parameters and are refused: read them with
+        ``skstego.io.load_stego_checkpoint``, or pass their ``state_dict``
+        here as a mapping.
 
         Parameters
         ----------
-        path : str or path-like
-            Weights file.
+        source : str, path-like or mapping of str to tensor
+            Weights file (``*.safetensors`` or a ``torch.save``'d state
+            dict), or a state dict in memory (values torch tensors or NumPy
+            arrays; a mapping with a ``"state_dict"`` mapping is unwrapped).
         **params
             Estimator parameters (``device``...), overriding stored ones.
+            ``dim`` and ``projection_type`` follow from the weights; giving
+            other values raises.
 
         Returns
         -------
@@ -572,13 +817,44 @@ class StegoProjector(
         Raises
         ------
         ValueError
-            If the file cannot be read or lacks head weights (the message
-            names the file and the keys found).
+            If the file cannot be read, holds no head, an incomplete head or
+            several heads, or the weights contradict ``dim`` or
+            ``projection_type`` (the message names the source and the keys).
+        TypeError
+            If ``source`` is neither a path nor a mapping.
+
+        Examples
+        --------
+        A head built as the reference builds it, loaded from its state dict:
+
+        >>> import numpy as np, torch
+        >>> from skstego.projection._stego import StegoProjector
+        >>> net = torch.nn.Module()
+        >>> net.cluster1 = torch.nn.Sequential(torch.nn.Conv2d(8, 3, (1, 1)))
+        >>> net.cluster2 = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(8, 8, (1, 1)), torch.nn.ReLU(),
+        ...     torch.nn.Conv2d(8, 3, (1, 1)))
+        >>> state = {"net." + k: v for k, v in net.state_dict().items()}
+        >>> head = StegoProjector.load_head(state, device="cpu")
+        >>> head.dim, head.projection_type, head.n_features_in_
+        (3, 'nonlinear', 8)
+        >>> f = torch.randn(2, 8, 4, 4)
+        >>> with torch.no_grad():
+        ...     expected = net.cluster1(f) + net.cluster2(f)
+        >>> torch.allclose(head.transform(f), expected, atol=1e-5)
+        True
         """
-        path = os.fspath(path)
-        state, stored = _read_head_file(path)
+        keys, get, stored, where = _open_head_source(source)
+        state, projection_type = _find_head(keys, get, where)
         dim, n_features = state["linear.weight"].shape
-        est = cls(**{**stored, "dim": int(dim), **params})
+        implied = {"dim": int(dim), "projection_type": projection_type}
+        for name, value in implied.items():
+            if name in params and params[name] != value:
+                raise ValueError(
+                    f"{where} holds a head with {name}={value!r}, but "
+                    f"{name}={params[name]!r} was given."
+                )
+        est = cls(**{**stored, **params, **implied})
         est.head_state_ = state
         est.optimizer_state_ = {"step": np.asarray(0, dtype=np.int64)}
         est.loss_curve_ = np.empty(0, dtype=np.float64)
@@ -697,9 +973,23 @@ class StegoProjector(
                 f"{self.head_state_['linear.bias'].shape[0]}; continuing training "
                 "(partial_fit, warm_start) needs the same dim."
             )
+        projection_type = str(self.projection_type)
+        if continue_ and projection_type != _head_type(self.head_state_):
+            raise ValueError(
+                f"projection_type={projection_type!r} differs from the fitted "
+                f"head's {_head_type(self.head_state_)!r}; continuing training "
+                "(partial_fit, warm_start) needs the same projection_type."
+            )
+        p_drop = float(self.dropout)
 
-        # K-NN positives (STEGO.md section 4): pooled, normalised descriptors.
-        descriptors = image_descriptors(X, device=device)
+        # K-NN positives: pooled, normalised descriptors (the reference's
+        # src/precompute_knns.py), optionally channel-dropped as there.
+        descriptors = image_descriptors(
+            X,
+            device=device,
+            dropout=p_drop if self.knn_dropout else 0.0,
+            generator=generator,
+        )
         neighbors = nearest_neighbors(descriptors, _KNN_POOL, device=device)
         del descriptors
         n_pool = min(int(self.n_neighbors), neighbors.shape[1])
@@ -708,17 +998,18 @@ class StegoProjector(
         batch = min(int(self.batch_size), n)
         neg_samples = int(self.neg_samples) if batch >= 2 else 0
         samples = int(self.feature_samples) if X.ndim == 4 else 1
-        keep = 1.0 - float(self.dropout)
+        keep = 1.0 - p_drop
+        # masks drawn per step: one per branch, one for the correlation target
+        n_branches = 2 if projection_type == "nonlinear" else 1
+        n_masks = n_branches + int(bool(self.feature_dropout))
 
         if continue_:
             params = {
-                k: torch.as_tensor(self.head_state_[k])
-                .to(device, torch.float32)
-                .requires_grad_(True)
-                for k in _PARAM_NAMES
+                k: torch.as_tensor(v).to(device, torch.float32).requires_grad_(True)
+                for k, v in self.head_state_.items()
             }
         else:
-            params = _init_params(c, int(self.dim), generator, device)
+            params = _init_params(c, int(self.dim), projection_type, generator, device)
         optimizer = torch.optim.Adam(list(params.values()), lr=float(self.lr))
         if continue_:
             _load_adam(optimizer, params, self.optimizer_state_, device)
@@ -733,12 +1024,16 @@ class StegoProjector(
             xb = as_tensor(xb, device)
             return xb if xb.ndim == 4 else xb[:, :, None, None]
 
-        def masks(b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            if self.dropout == 0:
-                return None, None
-            u = torch.rand((2, b, c, 1, 1), generator=generator, device=device)
-            m = (u < keep).to(torch.float32) / keep
-            return m[0], m[1]
+        def masks(b: int) -> list[torch.Tensor | None]:
+            """Dropout2d masks (b, C, 1, 1), scaled by 1 / keep: linear
+            branch, nonlinear branch, correlation target (None when off)."""
+            if p_drop == 0:
+                return [None, None, None]
+            u = torch.rand((n_masks, b, c, 1, 1), generator=generator, device=device)
+            m = list((u < keep).to(torch.float32) / keep)
+            if n_branches == 1:
+                m.insert(1, None)
+            return m + [None] * (3 - len(m))
 
         # the loss stays on the device: reading it each step would wait for the
         # GPU; the progress bar reads it only every _REPORT_EVERY steps
@@ -751,13 +1046,16 @@ class StegoProjector(
             pick = torch.randint(n_pool, (batch,), generator=generator, device=device)
             partner = neighbors_t[idx, pick]
             both = load(torch.cat([idx, partner]))
-            d1, d2 = masks(2 * batch)
+            d1, d2, d_target = masks(2 * batch)
+            # the correlation target: the features, channel-dropped with their
+            # own mask when feature_dropout (the reference's cfg.dropout)
+            target = both if d_target is None else both * d_target
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 codes = _head_maps(params, both, d1, d2)
                 total, _ = stego_loss(
-                    both[:batch],
+                    target[:batch],
                     codes[:batch],
-                    both[batch:],
+                    target[batch:],
                     codes[batch:],
                     pos_intra_weight=float(self.pos_intra_weight),
                     pos_inter_weight=float(self.pos_inter_weight),
