@@ -281,6 +281,14 @@ def _parser() -> argparse.ArgumentParser:
         "reference evaluation (default skstego)",
     )
     ev.add_argument(
+        "--extra-clusters",
+        choices=("errors", "reference"),
+        default=None,
+        help="pixels of clusters beyond the classes: counted as errors, or "
+        "dropped as the reference's UnsupervisedMetrics does (default: "
+        "reference with --protocol stego, else errors)",
+    )
+    ev.add_argument(
         "--crf",
         action="store_true",
         help="refine the probabilities with a dense CRF before scoring",
@@ -1345,8 +1353,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         conf += confusion_matrix(y, pred, n_classes=n_classes, n_pred=conf.shape[1])
         valid = y[(y >= 0) & (y < n_classes)]
         support += np.bincount(valid, minlength=n_classes)
+    extra = args.extra_clusters or ("reference" if stego else "errors")
     report = report_from_confusion(
-        conf, matching="hungarian" if clusters else "identity", support=support
+        conf,
+        matching="hungarian" if clusters else "identity",
+        support=support,
+        extra_clusters=extra if clusters else "errors",
     )
     names = coll.classes or [str(c) for c in range(n_classes)]
     _print_report(report, names, sum(len(y) for y, _ in chunks))

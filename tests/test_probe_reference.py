@@ -545,3 +545,16 @@ def test_bad_upsample_raises(fitted_probes):
             probe.predict(codes, size=(8, 12), upsample="labels")
         with pytest.raises(ValueError, match="upsample"):
             probe.score(codes, labels, upsample="features")
+
+
+def test_hnne_cluster_probe_counts_a_fixed_n_classes():
+    from skstego import HNNEClusterProbe
+
+    X, _, y_eval, _ = _absent_last_class()
+    probe = HNNEClusterProbe(k=4, n_classes=4, random_state=0, device="cpu").fit(X)
+    pred = probe.predict(X)
+    k = probe.cluster_centers_.shape[0]
+    expected = _reference_score(pred, y_eval, 4, max(k, 4))
+    assert probe.score(X, y_eval) == pytest.approx(expected)
+    free = HNNEClusterProbe(k=4, random_state=0, device="cpu").fit(X)
+    assert free.score(X, y_eval, n_classes=4) == pytest.approx(expected)

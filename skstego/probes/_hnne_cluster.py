@@ -67,6 +67,12 @@ class HNNEClusterProbe(
         neighbours (an n x n distance matrix) up to hnne's ``ann_threshold``
         of 20 000 tokens, approximate ones (pynndescent) above.
 
+    n_classes : int or None, default=None
+        Number of classes the scores count, as in :class:`KMeansProbe`: a
+        class absent from the evaluated labels still takes part in the
+        Hungarian matching. None: the classes seen by ``fit(X, y)``, else the
+        largest evaluated label + 1. Does not affect the clustering.
+
     temperature : float, default=0.5
         Softness of :meth:`predict_proba`, as in :class:`KMeansProbe`: a
         softmax of the cosine similarities (or negative squared distances)
@@ -170,6 +176,7 @@ class HNNEClusterProbe(
         "level": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "metric": [StrOptions({"cosine", "euclidean"})],
         "max_fit_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "n_classes": [Interval(Integral, 1, None, closed="left"), None],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
@@ -183,6 +190,7 @@ class HNNEClusterProbe(
         level: str | int = "auto",
         metric: str = "cosine",
         max_fit_samples: int | None = 1_000_000,
+        n_classes: int | None = None,
         temperature: float = 0.5,
         device: str | torch.device | None = "auto",
         random_state: Any = None,
@@ -192,6 +200,7 @@ class HNNEClusterProbe(
         self.level = level
         self.metric = metric
         self.max_fit_samples = max_fit_samples
+        self.n_classes = n_classes
         self.temperature = temperature
         self.device = device
         self.random_state = random_state
