@@ -148,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Segment image files and folders (searched recursively). "
         "Without --pipeline, fit DINO features -> reducer -> k-means on the "
         "images themselves (unsupervised) and predict them; the fitted model "
-        "is saved as OUT/pipeline.skstego. With --pipeline, only predict. "
+        "is saved as OUT/pipeline.skstego. With --pipeline (a model file) or "
+        "--checkpoint (a released STEGO .ckpt), only predict. "
         "Writes OUT/<name>_label.png (palette PNG of class ids, 255 = none), "
         "OUT/<name>_overlay.png and OUT/summary.csv / summary.json (with "
         "--confidence also OUT/<name>_confidence.png and OUT/<name>_margin.png). "
@@ -165,6 +166,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a model from `skstego fit` (then --k and --projector are not "
         "used; --weights replaces the model's checkpoint path)",
+    )
+    seg.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a released STEGO checkpoint (.ckpt): its backbone, head and "
+        "probe segment the images (read without running code from the file)",
+    )
+    seg.add_argument(
+        "--probe",
+        choices=("cluster", "linear"),
+        default="cluster",
+        help="with --checkpoint: its cluster probe (cluster ids) or its linear "
+        "probe (classes) (default cluster)",
     )
     seg.add_argument(
         "--k", type=_positive_int, default=27, help="clusters (default 27)"
@@ -925,6 +939,13 @@ def _featurize(
 def _segment(args: argparse.Namespace) -> int:
     from sklearn.base import clone
 
+    if args.pipeline and args.checkpoint:
+        raise UsageError("--pipeline and --checkpoint exclude each other.")
+    if args.checkpoint and (args.model or args.weights or args.random_weights):
+        raise UsageError(
+            "--model, --weights and --random-weights do not apply with "
+            "--checkpoint (the checkpoint holds its backbone)."
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a folder.")
@@ -954,7 +975,7 @@ def _segment(args: argparse.Namespace) -> int:
             pending.append(item)
 
     if pending:
-        if args.pipeline:
+        if args.pipeline or args.checkpoint:
             if args.model:
                 raise UsageError(
                     "--model does not apply with --pipeline (the model file holds "
@@ -962,10 +983,21 @@ def _segment(args: argparse.Namespace) -> int:
                 )
             if args.random_weights and args.weights:
                 raise UsageError("--random-weights and --weights exclude each other.")
-            from .io import load
+            if args.checkpoint:
+                from .io import load_stego_checkpoint
 
+                try:
+                    model = load_stego_checkpoint(
+                        args.checkpoint, probe=args.probe, device=args.device
+                    )
+                except (OSError, ValueError) as exc:
+                    raise UsageError(str(exc)) from None
+            else:
+                from .io import load
+
+                model = load(args.pipeline, device=args.device)
             featurizer, reducer, probe = _split_pipeline(
-                load(args.pipeline, device=args.device), args.pipeline
+                model, args.checkpoint or args.pipeline
             )
             featurizer = clone(featurizer).set_params(device=args.device)
             if args.batch_size:
@@ -974,7 +1006,9 @@ def _segment(args: argparse.Namespace) -> int:
                 featurizer.set_params(weights=args.weights)
             if args.random_weights:
                 featurizer.set_params(pretrained=False, weights=None)
-            resolution = args.resolution or featurizer.resolution
+            # a checkpoint stores its training resolution; STEGO evaluates at 320
+            default = 320 if args.checkpoint else featurizer.resolution
+            resolution = args.resolution or default
         else:
             resolution = args.resolution or 320
             featurizer = _featurizer(args, resolution)

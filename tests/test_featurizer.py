@@ -338,6 +338,76 @@ def test_weights_dino_pth(saved_vit, tmp_path, prefix):
     np.testing.assert_allclose(feat.transform(images), ref, atol=ATOL)
 
 
+@pytest.mark.parametrize("teacher_prefix", ["module.backbone.", "backbone."])
+def test_weights_dino_training_checkpoint(saved_vit, tmp_path, teacher_prefix):
+    # DINO's main_dino.py saves teacher, student, optimizer, epoch, args (an
+    # argparse.Namespace) and the loss state in checkpoint.pth
+    import argparse
+
+    net, images, ref = saved_vit
+    state = net.state_dict()
+    teacher = {teacher_prefix + k: v for k, v in state.items()}
+    # the projection head, beside the backbone in DINO's wrapper
+    head_prefix = teacher_prefix.removesuffix("backbone.") + "head."
+    teacher[head_prefix + "mlp.0.weight"] = torch.zeros(4, 384)
+    teacher[head_prefix + "last_layer.weight_g"] = torch.ones(4, 1)
+    student = {"module.backbone." + k: v + 1.0 for k, v in state.items()}
+    checkpoint = {
+        "student": student,
+        "teacher": teacher,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_small", patch_size=8, out_dim=65536),
+        "dino_loss": {"center": torch.zeros(1, 4)},
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    feat = DinoFeaturizer(
+        "vit_small_patch8_224", weights=path, resolution=RES, device="cpu"
+    )
+    np.testing.assert_allclose(feat.transform(images), ref, atol=ATOL)  # teacher
+    assert feat.fit(images).normalization_.startswith("imagenet")
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_weights_with_code_are_refused(saved_vit, tmp_path):
+    import argparse
+
+    net, images, _ = saved_vit
+    teacher = {"backbone." + k: v for k, v in net.state_dict().items()}
+
+    def save(target, path):
+        checkpoint = {"teacher": teacher, "args": argparse.Namespace(arch="vit_small")}
+        checkpoint["extra"] = _Payload(target)
+        torch.save(checkpoint, path)
+
+    # the payload is live: an unrestricted torch.load runs it
+    live, live_target = tmp_path / "live.pth", tmp_path / "created-by-live"
+    save(live_target, live)
+    torch.load(live, weights_only=False)
+    assert live_target.exists()
+
+    target, path = tmp_path / "created-by-pickle", tmp_path / "evil.pth"
+    save(target, path)
+    for name in ("vit_small_patch8_224", "vit_tiny_patch16_224"):
+        feat = DinoFeaturizer(name, weights=path, resolution=RES, device="cpu")
+        with pytest.raises(ValueError, match=r"Refusing to read .*evil\.pth.*open"):
+            feat.transform(images)
+        if name == "vit_tiny_patch16_224":  # fit reads the file's layout
+            with pytest.raises(ValueError, match="Refusing to read"):
+                feat.fit(images)
+    assert not target.exists()
+
+
 def test_weights_errors(tmp_path, images):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
@@ -445,15 +515,23 @@ def test_sklearn_contract(vit, images):
     feat = DinoFeaturizer(vit, resolution=RES, layer=-2, device="cpu")
     params = feat.get_params()
     assert params["model"] is vit and params["layer"] == -2
+    assert set(vars(feat)) == set(params)  # __init__ stores parameters only
     assert feat.fit(images) is feat
     assert feat.get_params() == params  # fit changes no parameter
-    assert set(vars(feat)) == set(params)  # __init__ stores parameters only
+    # fit records only the resolved normalisation
+    fitted = {"mean_", "std_", "normalization_"}
+    assert set(vars(feat)) == set(params) | fitted
     other = clone(feat).set_params(resolution=32, crop="none")
     assert other.get_params()["resolution"] == 32 and feat.resolution == RES
     assert clone(feat).get_params() == params
-    # stateless: transform works unfitted, and fit sets no attribute
-    assert set(vars(DinoFeaturizer(vit).fit(images))) == set(params)
+    assert not fitted & set(vars(clone(feat)))
+    # stateless: transform works unfitted
     assert feat.__sklearn_tags__().requires_fit is False
+    unfitted = DinoFeaturizer(vit, resolution=RES, device="cpu")
+    np.testing.assert_allclose(
+        unfitted.transform(images[:1]), _reference(vit, images[:1]), atol=ATOL
+    )
+    assert set(vars(unfitted)) == set(params)
 
 
 def test_pickle_is_small_and_reusable(images):

@@ -332,3 +332,27 @@ def test_evaluate_protocol_stego_with_a_checkpoint(tmp_path, capsys):
     assert "76.1" in capsys.readouterr().out
     # a model file and a checkpoint at once, or neither, is a usage error
     assert main(["evaluate", "--dataset", "cocostuff27", "--root", str(root)]) == 2
+
+
+def test_segment_a_folder_with_a_checkpoint(tmp_path):
+    from PIL import Image
+
+    from skstego.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(40, 56), (48, 32)]
+    for i, size in enumerate(sizes):
+        rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(folder / f"p{i}.png")
+    path, _, marker = _make_checkpoint(tmp_path, n_classes=3, extra=2)
+    out = tmp_path / "out"
+    argv = ["segment", str(folder), "--out", str(out), "--checkpoint", str(path)]
+    assert main([*argv, "--resolution", "32", "--device", "cpu", "--quiet"]) == 0
+    assert not marker.exists()
+    for i, size in enumerate(sizes):
+        label = np.asarray(Image.open(out / "photos" / f"p{i}_label.png"))
+        assert label.shape == size
+        assert label.max() < 5  # cluster ids of the checkpoint's 3 + 2 clusters
+    assert main([*argv, "--model", "vit_small_patch8_224.dino"]) == 2

@@ -141,6 +141,15 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(vit, images, tmp_
             _featurizer(vit).transform_to_store(images, path, **kwargs)
     with pytest.raises(ValueError, match="layer"):
         _featurizer(vit, layer=0).transform_to_store(images, path, chunk_images=4)
+    # the preprocessing changes the features too
+    with pytest.raises(ValueError, match="interpolation"):
+        _featurizer(vit, interpolation="nearest").transform_to_store(
+            images, path, chunk_images=4
+        )
+    with pytest.raises(ValueError, match="mean"):
+        _featurizer(vit, mean=(0.5,) * 3, std=(0.5,) * 3).transform_to_store(
+            images, path, chunk_images=4
+        )
     with pytest.raises(ValueError, match="n_images"):
         _featurizer(vit).transform_to_store(images[:5], path, chunk_images=4)
     other = _featurizer(vit, layer=0)

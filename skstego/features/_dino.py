@@ -5,17 +5,22 @@ The backbone is a timm Vision Transformer, frozen and in eval mode. It is built
 so that the clones scikit-learn makes (``clone``, ``GridSearchCV``) share it and
 pickles of the estimator never contain it.
 
-Images go through the reference preprocessing (short side to ``resolution``,
-center crop, normalisation from the model's own data config) on the device,
-batch by batch, under :func:`torch.inference_mode` (bf16 autocast on CUDA).
+Images are preprocessed as in the STEGO reference (short side resized to
+``resolution``, antialiased bilinear or the reference's exact nearest; center
+crop; ImageNet normalisation for DINO weights) on the device, batch by batch,
+under :func:`torch.inference_mode` (bf16 autocast on CUDA).
 File paths, PIL images and lazy collections are decoded by a small pool of
 background threads with a bounded prefetch, overlapping with the forward pass.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import os
+import pickle
+import re
 import socket
 import threading
 import warnings
@@ -25,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +53,11 @@ CUDA_BATCH_SIZE_224 = 256
 MAX_LOAD_VALUES = 256 * 1024 * 1024
 #: Seconds allowed to find out whether the Hugging Face hub is reachable.
 HUB_PROBE_TIMEOUT = 3.0
+#: Normalisation of every DINO backbone: the ImageNet channel statistics, as
+#: in the STEGO reference's ``get_transform`` (``src/utils.py``) and DINO's
+#: own training and evaluation transforms.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (model name, pretrained, weights path, weights mtime, device) -> module
 _BACKBONES: dict[tuple, torch.nn.Module] = {}
@@ -57,6 +67,8 @@ _MODULE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CUDA_BATCH: dict[tuple, int] = {}
 _LOCK = threading.RLock()
 _HUB_REACHABLE: list[bool] = []
+# (weights path, mtime) -> whether the file is laid out as a DINO checkpoint
+_DINO_LAYOUT: dict[tuple[str, int], bool] = {}
 
 
 class DinoFeaturizer(TransformerMixin, BaseEstimator):
@@ -75,10 +87,14 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         A timm ViT name (``"vit_small_patch8_224.dino"``,
         ``"vit_base_patch8_224.dino"``, ``"vit_small_patch16_224.dino"``,
         ``"vit_base_patch16_224.dino"``; DINOv2 names with patch 14 work too)
-        or a timm ``VisionTransformer`` instance. A module is used as given
-        (never copied by :func:`~sklearn.base.clone`, moved to another device
-        only through a cached copy, put in eval mode during the call); it
-        must support ``forward_intermediates``.
+        or a timm ``VisionTransformer`` instance. A name without a tag stands
+        for its DINO weights where timm has them: ``"vit_base_patch8_224"``
+        is ``"vit_base_patch8_224.dino"`` (timm's own default tag for it is
+        another training run, with other statistics); name a tag to get
+        other weights, e.g. ``"vit_base_patch16_224.augreg_in21k"``. A module
+        is used as given (never copied by :func:`~sklearn.base.clone`, moved
+        to another device only through a cached copy, put in eval mode during
+        the call); it must support ``forward_intermediates``.
 
     pretrained : bool, default=True
         Load timm's pretrained weights from the Hugging Face hub (or its local
@@ -89,10 +105,14 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
 
     weights : str or path-like, default=None
         A local checkpoint for a model name: a ``.safetensors`` file or a
-        torch file loaded with ``weights_only=True``. timm state dicts and the
-        original DINO checkpoints (backbone weights, or a training checkpoint
-        whose ``teacher`` is used; ``module.`` / ``backbone.`` prefixes are
-        stripped and timm's conversion applied) are accepted.
+        torch file loaded with ``weights_only=True`` (tensors and plain
+        containers only; ``argparse.Namespace`` is allowed too, for the
+        ``args`` of DINO training checkpoints, and nothing else). timm state
+        dicts and the original DINO checkpoints (backbone weights, or a
+        training checkpoint whose ``teacher`` is used; ``module.`` /
+        ``backbone.`` prefixes are stripped and timm's conversion applied) are
+        accepted. Not allowed with a module as ``model``: load the weights
+        into the module instead.
 
     resolution : int, default=224
         Length the short side of each image is resized to (the reference
@@ -106,6 +126,27 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         rounded to the nearest multiple of the patch size (slightly changing
         the aspect ratio). Images whose maps differ in size then cannot be
         stacked and raise a ValueError.
+
+    interpolation : {"bilinear", "nearest"}, default="bilinear"
+        How images are resized. ``"bilinear"``: antialiased bilinear
+        interpolation (smooth when shrinking large photos). ``"nearest"``:
+        exactly the reference preprocessing, torchvision's
+        ``Resize(resolution, NEAREST)`` of PIL images followed by
+        ``CenterCrop``: each output pixel copies the input pixel PIL picks
+        (the same pixels, bit for bit, for images of any size).
+
+    mean : sequence of 3 floats, default=None
+        Per-channel means the [0, 1] RGB images are normalised with,
+        ``(x - mean) / std``, each in [0, 1]; give ``std`` too. Overrides the
+        model's statistics. ``None``: ImageNet's ``(0.485, 0.456, 0.406)``
+        for DINO weights (the reference's normalisation), else the model's
+        timm data config; see Notes for which weights count as DINO.
+
+    std : sequence of 3 floats, default=None
+        Per-channel standard deviations (finite, positive) to divide by;
+        given together with ``mean``. ``None``: ImageNet's
+        ``(0.229, 0.224, 0.225)`` for DINO weights, else the model's timm
+        data config.
 
     layer : int, default=-1
         Block whose tokens are returned, Python-style (-1 is the last block,
@@ -125,6 +166,19 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
 
     verbose : bool or int, default=False
         Show a tqdm progress bar over images.
+
+    Attributes
+    ----------
+    mean_ : tuple of 3 floats
+        The channel means images are normalised with (see ``mean``).
+
+    std_ : tuple of 3 floats
+        The channel standard deviations images are normalised with.
+
+    normalization_ : str
+        Where ``mean_`` and ``std_`` come from: ``"user"`` (the ``mean`` and
+        ``std`` parameters), ``"imagenet (...)"`` (DINO weights; the reason in
+        parentheses) or ``"timm data config (...)"`` (the model's own).
 
     See Also
     --------
@@ -149,14 +203,47 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
     device for anything else (tensors, PIL images, paths), as in the rest of
     skstego. Always float32.
 
+    **Normalisation.** Unless ``mean`` and ``std`` are given, DINO weights
+    are normalised with the ImageNet statistics (as the reference does for
+    every backbone) and any other weights with their timm data config.
+    Weights count as DINO when
+
+    * ``model`` is a name whose timm tag is ``dino`` (``fb_dino``), given or
+      resolved from an untagged name (see ``model``);
+    * ``weights`` is a DINO checkpoint: a training checkpoint with ``teacher``
+      / ``student`` entries, or a state dict whose keys carry DINO's
+      ``backbone.`` (``module.backbone.``) prefix. DINO's released
+      backbone-only files look like timm state dicts: name the architecture
+      without a tag or with ``.dino`` for them;
+    * ``model`` is a module whose timm ``pretrained_cfg`` has a DINO tag (as
+      ``timm.create_model("vit_small_patch8_224.dino")`` sets). Other modules
+      use :func:`timm.data.resolve_model_data_config` (ImageNet statistics for
+      a bare ``VisionTransformer(...)``).
+
+    DINOv2 names keep their timm data config, which is ImageNet's too.
+
     **Fitting.** Images have no feature count, so ``fit`` sets no
-    ``n_features_in_`` and nothing else: the featurizer does not need fitting
-    (its ``requires_fit`` tag is False) and a pickle holds only parameters.
+    ``n_features_in_``; it only resolves and records the normalisation
+    (``mean_``, ``std_``, ``normalization_``) without building the backbone.
+    The featurizer does not need fitting (its ``requires_fit`` tag is False:
+    ``transform`` resolves the same statistics from the current parameters)
+    and a pickle holds only parameters.
 
     **Sizes other than the model's.** A backbone loaded by name is created
     with ``dynamic_img_size=True`` (position embeddings resampled bicubically
     to the image's grid, as DINO does). A module passed without that option
     is switched to it only for the calls that need it.
+
+    References
+    ----------
+    .. [1] M. Hamilton, Z. Zhang, B. Hariharan, N. Snavely and W. T. Freeman,
+       "Unsupervised Semantic Segmentation by Distilling Feature
+       Correspondences", ICLR 2022; preprocessing in ``get_transform`` of
+       ``src/utils.py``, features in ``DinoFeaturizer`` of ``src/modules.py``
+       of https://github.com/mhamilton723/STEGO.
+    .. [2] M. Caron, H. Touvron, I. Misra, H. Jegou, J. Mairal, P. Bojanowski
+       and A. Joulin, "Emerging Properties in Self-Supervised Vision
+       Transformers", ICCV 2021 (DINO).
 
     Examples
     --------
@@ -174,6 +261,23 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
     ...     images
     ... ).shape
     (2, 32, 8, 10)
+
+    The reference's exact preprocessing (nearest resize), and the statistics
+    an untagged DINO name is normalised with (``fit`` builds no backbone):
+
+    >>> DinoFeaturizer(
+    ...     vit, resolution=64, interpolation="nearest", device="cpu"
+    ... ).transform(images).shape
+    (2, 32, 8, 8)
+    >>> named = DinoFeaturizer("vit_base_patch8_224").fit(images)
+    >>> named.mean_, named.std_
+    ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    >>> named.normalization_
+    'imagenet (DINO weights of vit_base_patch8_224.dino)'
+    >>> DinoFeaturizer(vit, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).fit(
+    ...     images
+    ... ).normalization_
+    'user'
     """
 
     _parameter_constraints: ClassVar[dict] = {
@@ -182,6 +286,9 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         "weights": [str, os.PathLike, None],
         "resolution": [Interval(Integral, 1, None, closed="left")],
         "crop": [StrOptions({"center", "none"})],
+        "interpolation": [StrOptions({"bilinear", "nearest"})],
+        "mean": ["array-like", None],
+        "std": ["array-like", None],
         "layer": [Integral],
         "batch_size": [
             Interval(Integral, 1, None, closed="left"),
@@ -200,6 +307,9 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         weights: str | os.PathLike | None = None,
         resolution: int = 224,
         crop: str = "center",
+        interpolation: str = "bilinear",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         layer: int = -1,
         batch_size: int | str = "auto",
         precision: str = "auto",
@@ -211,6 +321,9 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         self.weights = weights
         self.resolution = resolution
         self.crop = crop
+        self.interpolation = interpolation
+        self.mean = mean
+        self.std = std
         self.layer = layer
         self.batch_size = batch_size
         self.precision = precision
@@ -231,7 +344,11 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> DinoFeaturizer:
-        """Validate the parameters; nothing is learnt.
+        """Validate the parameters and resolve the normalisation statistics.
+
+        Nothing is learnt and no backbone is built: ``fit`` records the
+        statistics :meth:`transform` normalises images with in ``mean_``,
+        ``std_`` and ``normalization_``.
 
         Parameters
         ----------
@@ -246,6 +363,8 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         self : DinoFeaturizer
             The featurizer itself.
         """
+        stats = _normalization(self)
+        self.mean_, self.std_, self.normalization_ = stats
         return self
 
     def transform(self, X: Any) -> np.ndarray | torch.Tensor:
@@ -264,9 +383,10 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
             NumPy for NumPy input, torch on the featurizer's device otherwise.
         """
         self._validate_params()
+        stats = _normalization(self)
         device = resolve_device(self.device)
         backbone = get_backbone(self.model, self.pretrained, self.weights, device)
-        return _featurize(self, backbone, X, device)
+        return _featurize(self, backbone, X, device, stats)
 
     def transform_to_store(
         self,
@@ -377,6 +497,8 @@ def get_backbone(
 ) -> torch.nn.Module:
     """Return the frozen backbone for these parameters, built once per process."""
     if isinstance(model, torch.nn.Module):
+        if weights is not None:
+            raise ValueError(_MODULE_WEIGHTS)
         _check_vit(model, type(model).__name__)
         current = next(model.parameters(), torch.empty(0)).device
         if _same_device(current, device):
@@ -386,12 +508,9 @@ def get_backbone(
             if str(device) not in copies:
                 copies[str(device)] = _frozen(_deepcopy(model).to(device))
             return copies[str(device)]
+    model = resolve_model_name(model)
     if weights is not None:
-        path = Path(weights).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"weights file {str(weights)!r} does not exist (resolved to {path})."
-            )
+        path = _weights_path(weights)
         key = (model, False, str(path), path.stat().st_mtime_ns, str(device))
     else:
         key = (model, bool(pretrained), None, None, str(device))
@@ -402,6 +521,23 @@ def get_backbone(
                 load_weights(net, path)
             _BACKBONES[key] = _frozen(net.to(device))
         return _BACKBONES[key]
+
+
+_MODULE_WEIGHTS = (
+    "weights= applies to a model name; a module passed as model is used as "
+    "given. Load the checkpoint into the module yourself (e.g. "
+    "module.load_state_dict(...)), or pass the timm name of its architecture "
+    "as model together with weights=."
+)
+
+
+def _weights_path(weights: str | os.PathLike) -> Path:
+    path = Path(weights).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {str(weights)!r} does not exist (resolved to {path})."
+        )
+    return path
 
 
 def _deepcopy(module: torch.nn.Module) -> torch.nn.Module:
@@ -441,13 +577,7 @@ def _check_vit(net: Any, what: str) -> None:
 def _create(name: str, *, pretrained: bool) -> torch.nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(
-            f"model={name!r} is not a timm model name; DINO backbones are "
-            "'vit_small_patch8_224.dino', 'vit_base_patch8_224.dino', "
-            "'vit_small_patch16_224.dino' and 'vit_base_patch16_224.dino' "
-            "(see timm.list_models('*dino*'))."
-        )
+    name = resolve_model_name(name)
     kwargs = {"num_classes": 0, "dynamic_img_size": True}
     if not pretrained:
         net = _create_model(timm, name, False, kwargs)
@@ -533,20 +663,245 @@ def _forced_offline(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
-def load_weights(net: torch.nn.Module, path: Path) -> None:
-    """Load a local timm or DINO checkpoint into ``net`` (safely, strictly)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+# --------------------------------------------------------------------------
+# model names and normalisation statistics
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def resolve_model_name(name: str) -> str:
+    """The timm name a model name stands for: an untagged name -> its DINO tag.
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    ``"vit_base_patch8_224"`` -> ``"vit_base_patch8_224.dino"``: timm's default
+    tag of an untagged name is often another training run (augreg, with
+    mean = std = 0.5), while a DINO featurizer means DINO's weights. Names
+    without a DINO tag, and tagged names, are returned unchanged. Unknown
+    names and unknown tags raise a ValueError.
+    """
+    import timm
+    from timm.models import split_model_name_tag
+
+    if not timm.is_model(name):
+        raise ValueError(
+            f"model={name!r} is not a timm model name; DINO backbones are "
+            "'vit_small_patch8_224.dino', 'vit_base_patch8_224.dino', "
+            "'vit_small_patch16_224.dino' and 'vit_base_patch16_224.dino' "
+            "(see timm.list_models('*dino*'))."
+        )
+    arch, tag = split_model_name_tag(name)
+    if tag:
+        if timm.models.get_pretrained_cfg(arch) is not None and not (
+            timm.list_pretrained(name)
+        ):
+            tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+            raise ValueError(
+                f"model={name!r}: timm has no pretrained tag {tag!r} for {arch} "
+                f"(its tags: {', '.join(tags) or 'none'})."
+            )
+        return name
+    for dino_tag in ("dino", "fb_dino"):
+        if timm.list_pretrained(f"{arch}.{dino_tag}"):
+            return f"{arch}.{dino_tag}"
+    return name
+
+
+def _is_dino_tag(tag: str | None) -> bool:
+    return tag in ("dino", "fb_dino")
+
+
+class _Statistics(NamedTuple):
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+
+def _normalization(est: DinoFeaturizer) -> _Statistics:
+    """The statistics ``est`` normalises images with, and where they come from.
+
+    Cheap: reads model names' timm configs (and, for a weights file given
+    with a name that is not DINO's, the file's keys), never builds a model.
+    """
+    model, weights = est.model, est.weights
+    if isinstance(model, torch.nn.Module) and weights is not None:
+        raise ValueError(_MODULE_WEIGHTS)
+    user = _user_statistics(est.mean, est.std)
+    path = None if weights is None else _weights_path(weights)
+    name = None if isinstance(model, torch.nn.Module) else resolve_model_name(model)
+    if user is not None:
+        return _Statistics(*user, "user")
+    if name is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if not isinstance(cfg, dict):  # a timm PretrainedCfg
+            cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+        if _is_dino_tag(cfg.get("tag")):
+            what = f"{cfg.get('architecture')}.{cfg.get('tag')}"
+            source = f"imagenet (DINO weights of the {what} module)"
+            return _Statistics(IMAGENET_MEAN, IMAGENET_STD, source)
+        import timm.data
+
+        config = timm.data.resolve_model_data_config(model)
+        return _Statistics(
+            _triple(config["mean"]),
+            _triple(config["std"]),
+            f"timm data config (module {type(model).__name__})",
+        )
+    import timm
+
+    tag = name.split(".", 1)[1] if "." in name else None
+    if _is_dino_tag(tag):
+        return _Statistics(
+            IMAGENET_MEAN, IMAGENET_STD, f"imagenet (DINO weights of {name})"
+        )
+    if path is not None and _is_dino_checkpoint(path):
+        return _Statistics(
+            IMAGENET_MEAN, IMAGENET_STD, f"imagenet (DINO checkpoint {path.name})"
+        )
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:  # an architecture without pretrained weights: timm's default
+        mean, std = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+        shown = name
+    else:
+        mean, std = cfg.mean, cfg.std
+        shown = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    return _Statistics(_triple(mean), _triple(std), f"timm data config ({shown})")
+
+
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
+def _user_statistics(
+    mean: Any, std: Any
+) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """Validate the ``mean`` / ``std`` parameters; None when neither is set."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise ValueError(
+            f"{given} is set but {missing} is not: pass both mean and std (3 "
+            "values each, for [0, 1] RGB images), or neither to use the model's "
+            "statistics."
+        )
+    checked = []
+    for what, value in (("mean", mean), ("std", std)):
+        try:
+            array = np.asarray(
+                value.detach().cpu() if is_torch(value) else value, dtype=np.float64
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{what} must be 3 numbers (one per RGB channel), got {value!r}."
+            ) from exc
+        if array.shape != (3,):
+            raise ValueError(
+                f"{what} must be 3 numbers (one per RGB channel), got {value!r} "
+                f"(shape {array.shape})."
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what} must be finite, got {value!r}.")
+        checked.append(_triple(array.tolist()))
+    mean_t, std_t = checked
+    if min(std_t) <= 0:
+        raise ValueError(f"std must be positive, got {std!r}.")
+    if not all(0.0 <= m <= 1.0 for m in mean_t):
+        raise ValueError(
+            f"mean must lie in [0, 1] (images are scaled to [0, 1] before they "
+            f"are normalised), got {mean!r}; divide 0-255 statistics by 255."
+        )
+    return mean_t, std_t
+
+
+def _is_dino_checkpoint(path: Path) -> bool:
+    """Whether a weights file is laid out as a DINO checkpoint (cached).
+
+    A DINO training checkpoint holds ``teacher`` / ``student`` state dicts;
+    DINO's wrapped models name their backbone ``backbone.`` (``module.backbone.``
+    under DistributedDataParallel). Backbone-only files look like timm's and
+    are not recognised here.
+    """
+    key = (str(path), path.stat().st_mtime_ns)
+    with _LOCK:
+        if key not in _DINO_LAYOUT:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(path), framework="pt") as file:
+                        keys = list(file.keys())
+                except Exception as exc:
+                    raise ValueError(
+                        f"Could not read the weights file {str(path)!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                _DINO_LAYOUT[key] = _dino_layout({k: None for k in keys})
+            else:
+                _DINO_LAYOUT[key] = _dino_layout(_read_checkpoint(path, mmap=True))
+        return _DINO_LAYOUT[key]
+
+
+def _dino_layout(state: Any) -> bool:
+    if not isinstance(state, dict):
+        return False
+    if isinstance(state.get("teacher"), dict) or isinstance(state.get("student"), dict):
+        return True
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    return any(
+        isinstance(k, str) and k.startswith(("backbone.", "module.backbone."))
+        for k in state
+    )
+
+
+def _read_checkpoint(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` a file safely: tensors, containers and argparse.Namespace."""
+    try:
+        # DINO training checkpoints pickle their command line as
+        # argparse.Namespace under "args": the one class allowed besides
+        # torch's weights-only set.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(
+                    str(path), map_location="cpu", weights_only=True, mmap=mmap
+                )
+            except RuntimeError:
+                if not mmap:
+                    raise
+                # files in the legacy (non-zip) format cannot be memory-mapped
+                return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise ValueError(
+            f"Refusing to read the weights file {str(path)!r}: it holds objects "
+            f"other than tensors, plain containers and argparse.Namespace{what}, "
+            "and unpickling them could run code. Save the state dict alone "
+            "(torch.save(model.state_dict(), path)) or as .safetensors; skstego "
+            "never loads checkpoints with weights_only=False."
+        ) from exc
     except Exception as exc:
         raise ValueError(
             f"Could not read the weights file {str(path)!r}: {type(exc).__name__}: "
             f"{exc}"
         ) from exc
+
+
+def load_weights(net: torch.nn.Module, path: Path) -> None:
+    """Load a local timm or DINO checkpoint into ``net`` (safely, strictly)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise ValueError(
+                f"Could not read the weights file {str(path)!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    else:
+        state = _read_checkpoint(path)
+    with _LOCK:
+        _DINO_LAYOUT[(str(path), path.stat().st_mtime_ns)] = _dino_layout(state)
     state = _unwrap_state_dict(state, path)
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -698,7 +1053,13 @@ def _rgb(chw: torch.Tensor) -> torch.Tensor:
 def _target_size(
     h: int, w: int, resolution: int, crop: str, patch: tuple[int, int]
 ) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(resized size, crop box (top, left) or None) for one image."""
+    """(resized size, crop box (top, left) or None) for one image.
+
+    With ``crop="center"``, the sizes of torchvision's ``Resize(resolution)``
+    (short side to ``resolution``, long side truncated) and the box of its
+    ``CenterCrop(resolution)`` (offsets rounded half to even), as in the
+    reference preprocessing.
+    """
     short = min(h, w)
     if crop == "center":
         if h <= w:
@@ -715,20 +1076,63 @@ def _target_size(
     return size, None
 
 
+@functools.lru_cache(maxsize=1024)
+def _nearest_index(n_in: int, n_out: int) -> tuple[int, ...]:
+    """Input pixel copied to each output pixel by PIL's nearest resize.
+
+    PIL (``ImagingScaleAffine``, used by ``Image.resize(..., NEAREST)`` and so
+    by the reference's torchvision ``Resize``) starts at half a step and adds
+    the step ``n_in / n_out`` once per output pixel in double precision,
+    truncating each position. The accumulated rounding makes it differ from
+    ``floor((i + 0.5) * n_in / n_out)`` (torch's ``"nearest-exact"``) at some
+    sizes, so it is replayed here step by step.
+    """
+    step = n_in / n_out
+    position = step * 0.5
+    index = []
+    for _ in range(n_out):
+        index.append(min(int(position), n_in - 1))
+        position += step
+    return tuple(index)
+
+
+@functools.lru_cache(maxsize=1024)
+def _nearest_take(
+    n_in: int, n_out: int, start: int, stop: int, device: str
+) -> torch.Tensor | None:
+    """Index tensor of output pixels ``start:stop`` (None: the identity)."""
+    index = _nearest_index(n_in, n_out)[start:stop]
+    if index == tuple(range(n_in)):
+        return None
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
 def _resize_crop(x: torch.Tensor, runner: _Runner) -> torch.Tensor:
     """(B, 3, H, W) uint8 or [0, 1] float on the device -> [0, 1] float32 at
-    the target size: short side resized (bilinear, antialiased), then center
-    cropped or rounded to multiples of the patch size."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    the target size: short side resized (bilinear antialiased, or PIL's
+    nearest), then center cropped or rounded to multiples of the patch size."""
     h, w = x.shape[-2:]
     size, box = _target_size(h, w, runner.resolution, runner.crop, runner.patch)
+    r = runner.resolution
+    if runner.interpolation == "nearest":
+        # a gather of the pixels PIL copies, of the cropped part only
+        top, left = box if box is not None else (0, 0)
+        rows = size[0] if box is None else r
+        cols = size[1] if box is None else r
+        take_rows = _nearest_take(h, size[0], top, top + rows, str(x.device))
+        take_cols = _nearest_take(w, size[1], left, left + cols, str(x.device))
+        if take_rows is not None:
+            x = x.index_select(-2, take_rows)
+        if take_cols is not None:
+            x = x.index_select(-1, take_cols)
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if size != (h, w):
         x = F.interpolate(
             x, size=size, mode="bilinear", align_corners=False, antialias=True
         )
     if box is not None:
         top, left = box
-        r = runner.resolution
         x = x[..., top : top + r, left : left + r]
     return x
 
@@ -762,12 +1166,15 @@ class _Runner:
     """Forward passes of one backbone with the featurizer's settings."""
 
     def __init__(
-        self, est: DinoFeaturizer, net: torch.nn.Module, device: torch.device
+        self,
+        est: DinoFeaturizer,
+        net: torch.nn.Module,
+        device: torch.device,
+        stats: _Statistics | None = None,
     ) -> None:
-        import timm.data
-
         self.net, self.device = net, device
         self.resolution, self.crop = int(est.resolution), est.crop
+        self.interpolation = est.interpolation
         patch = net.patch_embed.patch_size
         self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
         if self.crop == "center" and any(self.resolution % q for q in self.patch):
@@ -786,9 +1193,10 @@ class _Runner:
                 f"(use -{n_blocks} to {n_blocks - 1})."
             )
         self.layer = layer % n_blocks
-        config = timm.data.resolve_model_data_config(net)
-        self.mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1)
+        if stats is None:
+            stats = _normalization(est)
+        self.mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
         bf16 = est.precision == "bfloat16" or (
             est.precision == "auto" and device.type == "cuda"
         )
@@ -854,9 +1262,13 @@ class _Runner:
 
 
 def _featurize(
-    est: DinoFeaturizer, net: torch.nn.Module, X: Any, device: torch.device
+    est: DinoFeaturizer,
+    net: torch.nn.Module,
+    X: Any,
+    device: torch.device,
+    stats: _Statistics | None = None,
 ) -> np.ndarray | torch.Tensor:
-    runner = _Runner(est, net, device)
+    runner = _Runner(est, net, device, stats)
     # Output type: NumPy for NumPy data (a batch array, or a sequence whose
     # first image is an array, known once it is read), else torch.
     info = {"numpy": isinstance(X, np.ndarray)}

@@ -42,7 +42,13 @@ _IDENTITY_PARAMS = (
     "crop",
     "layer",
     "precision",
+    "interpolation",
+    "mean",
+    "std",
 )
+
+#: Values of identity parameters that stores written before them mean.
+_IDENTITY_DEFAULTS = {"interpolation": "bilinear", "mean": None, "std": None}
 
 
 def _zarr() -> Any:
@@ -253,6 +259,8 @@ def featurizer_record(featurizer: Any) -> dict:
             value = f"<module {type(value).__module__}.{type(value).__qualname__}>"
         elif isinstance(value, os.PathLike):
             value = os.fspath(value)
+        elif isinstance(value, (tuple, list)):
+            value = [float(v) for v in value]  # mean / std
         elif not isinstance(value, (str, int, float, bool, type(None))):
             value = str(value)  # e.g. a torch.device
         record[name] = value
@@ -295,9 +303,10 @@ def _check_matches(group: Any, expected: dict, path: Path) -> None:
     problems = []
     old = attrs.get("featurizer", {})
     for name in _IDENTITY_PARAMS:
-        if old.get(name) != expected["featurizer"].get(name):
+        there = old.get(name, _IDENTITY_DEFAULTS.get(name))
+        if there != expected["featurizer"].get(name):
             problems.append(
-                f"featurizer {name}={old.get(name)!r} there, "
+                f"featurizer {name}={there!r} there, "
                 f"{expected['featurizer'].get(name)!r} now"
             )
     for name in ("n_images", "images", "chunk_images", "dtype"):
