@@ -32,6 +32,7 @@ DOC_PAGES = [
     "guide/devices.md",
     "guide/evaluation.md",
     "guide/stego.md",
+    "guide/reproducing.md",
     "guide/study.md",
     "guide/sklearn.md",
     "guide/scaling.md",
@@ -57,6 +58,8 @@ def test_readme_shell_commands_are_the_ones_ci_runs():
         "python examples/quickstart.py --images path/to/folder",
         # run below, on a tiny folder with a locally saved ViT-S/8
         SEGMENT_COMMAND,
+        # run below, with a checkpoint in the reference's format
+        *CHECKPOINT_COMMANDS,
     }
     for block in commands:
         for line in block.strip().splitlines():
@@ -103,3 +106,45 @@ def test_readme_segment_command_runs_offline(tmp_path, monkeypatch):
         assert label.shape == (40, 48)
         assert (tmp_path / "segmented" / "folder" / f"img{i}_overlay.png").exists()
     assert (tmp_path / "segmented" / "summary.csv").exists()
+
+
+CHECKPOINT_COMMANDS = (
+    "skstego segment path/to/folder --out segmented --checkpoint "
+    "cocostuff27_vit_base_5.ckpt",
+    "skstego evaluate --protocol stego --checkpoint cocostuff27_vit_base_5.ckpt "
+    "--dataset cocostuff27 --root data/cocostuff",
+)
+
+
+def test_readme_checkpoint_commands_run(tmp_path, monkeypatch, capsys):
+    """README's checkpoint commands, as written, on a synthetic checkpoint in the
+    reference's format (tests/test_stego_checkpoint.py builds it) and a
+    COCO-Stuff tree; evaluate runs the full protocol at 320 px."""
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+    from test_stego_checkpoint import _coco_tree, _make_checkpoint
+
+    from skstego.cli import main
+    from skstego.datasets import make_scenes
+
+    readme = (ROOT / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    path, _, _ = _make_checkpoint(tmp_path, n_classes=27, extra=0)
+    path.rename(tmp_path / "cocostuff27_vit_base_5.ckpt")
+    folder = tmp_path / "path" / "to" / "folder"
+    folder.mkdir(parents=True)
+    images, _ = make_scenes(1, size=(40, 48), random_state=0)
+    Image.fromarray(images[0]).save(folder / "img0.png")
+    _coco_tree(tmp_path / "data" / "cocostuff", n_images=3)
+    for command in CHECKPOINT_COMMANDS:
+        assert command in readme
+        argv = shlex.split(command)
+        assert argv[0] == "skstego"
+        assert main([*argv[1:], "--device", "cpu", "--quiet"]) == 0
+    label = np.asarray(Image.open(tmp_path / "segmented" / "folder" / "img0_label.png"))
+    assert label.shape == (40, 48) and label.max() < 27
+    out = capsys.readouterr().out
+    assert "images: 2" in out  # the _7 list: two of the three images
+    assert "STEGO published" in out
