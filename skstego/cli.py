@@ -153,8 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         "Writes OUT/<name>_label.png (palette PNG of class ids, 255 = none), "
         "OUT/<name>_overlay.png and OUT/summary.csv / summary.json (with "
         "--confidence also OUT/<name>_confidence.png and OUT/<name>_margin.png). "
-        "Images whose PNGs exist are skipped (--overwrite redoes them). "
-        "Outputs have the size of the input images.",
+        "Outputs go to OUT/<folder name>/ for each folder given (OUT/ for "
+        "files), with the size of the input images. OUT/run.json records the "
+        "settings and the input files: a rerun skips images whose outputs "
+        "exist and whose file is unchanged, predicts added or changed images "
+        "with the saved model (no refit unless --refit), and refuses settings "
+        "other than those OUT was made with (exit 2) unless --overwrite.",
         epilog=EPILOG,
         formatter_class=fmt,
     )
@@ -210,7 +214,16 @@ def _parser() -> argparse.ArgumentParser:
         help="opacity of the colours in the overlay (default 0.5)",
     )
     seg.add_argument(
-        "--overwrite", action="store_true", help="redo images already segmented"
+        "--overwrite",
+        action="store_true",
+        help="start clean: redo every output (and refit), even under settings "
+        "other than those OUT was made with",
+    )
+    seg.add_argument(
+        "--refit",
+        action="store_true",
+        help="refit the model on all images and redo every output (a rerun "
+        "otherwise predicts added images with the saved OUT/pipeline.skstego)",
     )
     _add_run_args(seg)
     seg.set_defaults(run=_segment)
@@ -959,6 +972,18 @@ def _segment(args: argparse.Namespace) -> int:
     _assign_outputs(items, out)
     _check_device(args.device)
     crf = _load_crf(args.device) if args.crf else None
+    settings = _segment_settings(args)
+    inputs = {item.name: _file_stat(item.path) for item in items}
+    previous = _previous_run(out, items, settings, args)
+    redo = args.overwrite or args.refit
+    known = {} if previous is None else previous.get("inputs", {})
+    saved_model = out / "pipeline.skstego"
+    reuse = (
+        not (args.pipeline or args.checkpoint)
+        and previous is not None
+        and not redo
+        and saved_model.is_file()
+    )
 
     pending = []
     for item in items:
@@ -966,7 +991,8 @@ def _segment(args: argparse.Namespace) -> int:
         if args.confidence:
             outputs += [item.confidence_path, item.margin_path]
         done = all(os.path.isfile(path) for path in outputs)
-        if done and not args.overwrite:
+        unchanged = known.get(item.name) == inputs[item.name]
+        if done and unchanged and not redo:
             item.status = "skipped"
             item.classes = _classes_in(item.label_path)
             if args.confidence:
@@ -975,8 +1001,10 @@ def _segment(args: argparse.Namespace) -> int:
             pending.append(item)
 
     if pending:
+        if reuse:  # the model these outputs came from, not a refit
+            args.pipeline = str(saved_model)
         if args.pipeline or args.checkpoint:
-            if args.model:
+            if args.model and not reuse:
                 raise UsageError(
                     "--model does not apply with --pipeline (the model file holds "
                     "its featurizer)."
@@ -1028,15 +1056,15 @@ def _segment(args: argparse.Namespace) -> int:
         chunk = args.batch_size or 16
         if probe is None:
             reducer, probe = _fit_on(featurizer, reducer, items, args, chunk)
-            model_path = out / "pipeline.skstego"
-            _save_pipeline(featurizer, reducer, probe, resolution, model_path)
+            _save_pipeline(featurizer, reducer, probe, resolution, saved_model)
             if not args.quiet:
-                print(f"saved the fitted model as {model_path}", file=sys.stderr)
+                print(f"saved the fitted model as {saved_model}", file=sys.stderr)
         if args.confidence and not hasattr(probe, "predict_proba"):
             raise UsageError(
                 f"--confidence needs a probe with predict_proba; the model's probe "
                 f"is a {type(probe).__name__}. Leave out --confidence."
             )
+        _write_run(out, settings, {**known, **inputs})
         _predict_items(featurizer, reducer, probe, pending, args, chunk, crf)
 
     everything = items + missing
@@ -1053,6 +1081,91 @@ def _segment(args: argparse.Namespace) -> int:
     for item in failed:
         print(f"skstego: failed: {item.path}: {item.error}", file=sys.stderr)
     return EXIT_FAILURES if failed else EXIT_OK
+
+
+_RUN_FILE = "run.json"
+
+
+def _file_stat(path: str | os.PathLike) -> list[int]:
+    """(size, mtime in ns) of a file: what tells a changed input."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _segment_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every `segment` setting that changes its outputs."""
+    settings: dict[str, Any] = {
+        "resolution": args.resolution,
+        "crf": bool(args.crf),
+        "alpha": float(args.alpha),
+    }
+    if args.checkpoint:
+        path = os.path.abspath(args.checkpoint)
+        settings.update(checkpoint=[path, *_file_stat(path)], probe=args.probe)
+    elif args.pipeline:
+        path = os.path.abspath(args.pipeline)
+        settings.update(pipeline=[path, *_file_stat(path)])
+    else:
+        settings.update(
+            model=args.model or DEFAULT_MODEL,
+            k=args.k,
+            projector=args.projector,
+            seed=args.seed,
+        )
+    if args.weights:
+        path = os.path.abspath(args.weights)
+        settings["weights"] = [path, *_file_stat(path)]
+    if args.random_weights:
+        settings["random_weights"] = True
+    return settings
+
+
+def _previous_run(
+    out: Path, items: list, settings: dict, args: argparse.Namespace
+) -> dict | None:
+    """The run record of OUT; refuse (exit 2) a run under other settings."""
+    path = out / _RUN_FILE
+    if args.overwrite:
+        return None
+    if not path.is_file():
+        if any(os.path.isfile(item.label_path) for item in items):
+            raise UsageError(
+                f"{str(out)!r} holds outputs without a run record ({_RUN_FILE}), "
+                "so they cannot be checked against these settings: use another "
+                "--out, or --overwrite to redo them."
+            )
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        before = record["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"cannot read the run record {str(path)!r} ({exc}); use --overwrite "
+            "to redo the outputs."
+        ) from None
+    changed = [
+        f"{key}: {before.get(key)!r} then, {settings.get(key)!r} now"
+        for key in sorted(set(before) | set(settings))
+        if before.get(key) != settings.get(key)
+    ]
+    if changed:
+        raise UsageError(
+            f"{str(out)!r} was made with other settings ("
+            + "; ".join(changed)
+            + "). Rerun with the same settings, use another --out, or --overwrite "
+            "to start clean."
+        )
+    return record
+
+
+def _write_run(out: Path, settings: dict, inputs: dict) -> None:
+    """Record the run's settings and inputs before any output is written."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (_RUN_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"settings": settings, "inputs": inputs}, f, indent=1)
+    os.replace(tmp, out / _RUN_FILE)
 
 
 def _fit_on(

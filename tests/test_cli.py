@@ -519,3 +519,90 @@ def test_python_m_skstego_help():
     assert result.returncode == 0, result.stderr
     for word in ("segment", "fit", "evaluate", "exit codes", "2  usage"):
         assert word in result.stdout
+
+
+# --------------------------------------------------------------------------
+# run identity: one output folder never mixes models or settings
+# --------------------------------------------------------------------------
+def _model_labels(model_path, image_path):
+    """What the saved model predicts for one image file, at its full size."""
+    from skstego.cli import _predict, _reduce, _split_pipeline
+    from skstego.io import load
+
+    featurizer, reducer, probe = _split_pipeline(load(model_path, device="cpu"), "m")
+    featurizer.set_params(crop="none", device="cpu")
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    codes = _reduce(reducer, featurizer.transform(image[None]))
+    return _predict(probe, codes, image.shape[:2])[0]
+
+
+def _stored_labels(path):
+    labels = np.asarray(Image.open(path)).astype(np.int64)
+    return np.where(labels == 255, -1, labels)
+
+
+def test_segment_rerun_never_mixes_models(scenes, tmp_path, capsys):
+    _, images, _ = scenes
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(images[i]).save(folder / f"scene{i}.png")
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "--out", str(out), *BACKBONE, *RUN]
+    assert main([*args, "--k", "3", "--projector", "pca:4"]) == 0
+    model = out / "pipeline.skstego"
+    model_bytes = model.read_bytes()
+
+    # another --k on the same folder: refused, naming the setting; nothing moves
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert main([*args, "--k", "2", "--projector", "pca:4"]) == 2
+    assert "k: 3 then, 2 now" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+
+    # an added image is predicted with the saved model, without a refit
+    Image.fromarray(images[3]).save(folder / "scene3.png")
+    assert main([*args, "--k", "3", "--projector", "pca:4"]) == 0
+    assert model.read_bytes() == model_bytes
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    for i in range(4):
+        np.testing.assert_array_equal(
+            _stored_labels(out / "imgs" / f"scene{i}_label.png"),
+            _model_labels(model, folder / f"scene{i}.png"),
+        )
+
+    # a changed input file is redone, with the same saved model
+    Image.fromarray(images[0][:, ::-1].copy()).save(folder / "scene1.png")
+    assert main([*args, "--k", "3", "--projector", "pca:4"]) == 0
+    rows = _summary(out)
+    assert rows["scene1.png"]["status"] == "ok"
+    assert rows["scene0.png"]["status"] == "skipped"
+    np.testing.assert_array_equal(
+        _stored_labels(out / "imgs" / "scene1_label.png"),
+        _model_labels(model, folder / "scene1.png"),
+    )
+
+    # --overwrite starts clean under the new settings: every output from it
+    assert main([*args, "--k", "2", "--projector", "pca:4", "--overwrite"]) == 0
+    assert model.read_bytes() != model_bytes
+    for i in range(4):
+        labels = _stored_labels(out / "imgs" / f"scene{i}_label.png")
+        assert labels.max() < 2
+        np.testing.assert_array_equal(
+            labels, _model_labels(model, folder / f"scene{i}.png")
+        )
+
+    # --refit redoes every output with a model fitted on all images
+    assert main([*args, "--k", "2", "--projector", "pca:4", "--refit"]) == 0
+    assert {r["status"] for r in _summary(out).values()} == {"ok"}
+
+
+def test_segment_outputs_without_a_run_record_are_not_trusted(scenes, tmp_path, capsys):
+    root, _, _ = scenes
+    out = tmp_path / "out"
+    args = ["segment", str(root / "imgs"), "--out", str(out), *BACKBONE, *RUN]
+    assert main([*args, "--k", "3", "--projector", "pca:4"]) == 0
+    (out / "run.json").unlink()  # e.g. outputs of an older skstego
+    assert main([*args, "--k", "3", "--projector", "pca:4"]) == 2
+    assert "run record" in capsys.readouterr().err
+    assert main([*args, "--k", "3", "--projector", "pca:4", "--overwrite"]) == 0
+    assert (out / "run.json").is_file()
