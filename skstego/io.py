@@ -465,12 +465,115 @@ def _decode_estimator(node: Any, arrays: dict, device: Any) -> Any:
         raise _FormatError(
             f"its parameters do not fit {cls.__name__} of this skstego ({exc})."
         ) from exc
+    try:
+        estimator._validate_params()
+    except (ValueError, TypeError) as exc:  # InvalidParameterError is both
+        raise _FormatError(f"a parameter of {cls.__name__} is invalid: {exc}") from None
     state = _decode_value(node.get("state", {}), arrays)
     if not isinstance(state, dict):
         raise _FormatError(f"the state of {node['class']} is not a mapping.")
     for name, value in state.items():
+        if (
+            not isinstance(name, str)
+            or not name.isidentifier()
+            or name.startswith("__")
+        ):
+            raise _FormatError(
+                f"the state of {cls.__name__} names {name!r}, which is not a "
+                "fitted attribute."
+            )
         setattr(estimator, name, value)
+    _check_state(estimator, state)
     return estimator
+
+
+#: Shapes fitted arrays must have, by class: attribute (``a.b`` for an entry
+#: of a dict attribute) -> sizes, each an int, a parameter name, a state
+#: name, or ``len:NAME`` (the length of a state array).
+_SHAPES: dict[str, dict[str, tuple]] = {
+    "TorchPCA": {
+        "components_": ("n_components_", "n_features_in_"),
+        "mean_": ("n_features_in_",),
+        "explained_variance_": ("n_components_",),
+    },
+    "RandomProjection": {"components_": ("n_components_", "n_features_in_")},
+    "KMeansProbe": {
+        "cluster_centers_": ("k", "n_features_in_"),
+        "counts_": ("k",),
+        "mapping_": ("k",),
+    },
+    "LinearProbe": {
+        "coef_": ("len:classes_", "n_features_in_"),
+        "intercept_": ("len:classes_",),
+    },
+    "StegoProjector": {
+        "head_state_.linear.weight": ("dim", "n_features_in_"),
+        "head_state_.linear.bias": ("dim",),
+        "head_state_.nonlinear.0.weight": ("n_features_in_", "n_features_in_"),
+        "head_state_.nonlinear.2.weight": ("dim", "n_features_in_"),
+    },
+}
+
+
+def _lookup(estimator: Any, name: str) -> Any:
+    attr, _, key = name.partition(".")
+    value = getattr(estimator, attr, None)
+    if key:
+        return value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _check_state(estimator: Any, state: dict) -> None:
+    """Fitted arrays finite and of the shapes the parameters imply."""
+    cls = type(estimator).__name__
+
+    def arrays(value: Any, label: str):
+        if isinstance(value, np.ndarray):
+            yield label, value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from arrays(v, f"{label}[{k!r}]")
+
+    for name, value in state.items():
+        for label, arr in arrays(value, name):
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise _FormatError(f"{cls}.{label} holds NaN or infinite values.")
+    n_features = state.get("n_features_in_")
+    if n_features is not None and (
+        isinstance(n_features, bool)
+        or not isinstance(n_features, int)
+        or n_features < 1
+    ):
+        raise _FormatError(f"{cls}.n_features_in_={n_features!r} is not a count.")
+    params = estimator.get_params(deep=False)
+    for attr, sizes in _SHAPES.get(cls, {}).items():
+        arr = _lookup(estimator, attr)
+        if arr is None:
+            continue
+        expected = []
+        for size in sizes:
+            if isinstance(size, int):
+                expected.append(size)
+            elif size.startswith("len:"):
+                other = state.get(size[4:])
+                expected.append(None if other is None else len(other))
+            else:
+                value = state.get(size, params.get(size))
+                expected.append(value if isinstance(value, int) else None)
+        shape = getattr(arr, "shape", None)
+        if (
+            shape is None
+            or len(shape) != len(expected)
+            or any(
+                e is not None and e != got
+                for e, got in zip(expected, shape, strict=False)
+            )
+        ):
+            want = tuple("?" if e is None else e for e in expected)
+            raise _FormatError(
+                f"{cls}.{attr} has shape {shape}, but its parameters and "
+                f"state imply {want}."
+            )
 
 
 def _decode_value(value: Any, arrays: dict) -> Any:

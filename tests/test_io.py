@@ -346,3 +346,79 @@ def test_foreign_files_are_refused(kind, message, tmp_path):
     with pytest.raises(ValueError, match=message) as info:
         load(path)
     assert str(path) in str(info.value)
+
+
+def _edited(tmp_path, estimator, edit):
+    """Save ``estimator``, then rewrite its manifest / arrays with ``edit``."""
+    from safetensors.numpy import load as load_arrays
+    from safetensors.numpy import save as save_arrays
+
+    path = save(estimator, tmp_path / "model.skstego")
+    with zipfile.ZipFile(path) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+        arrays = dict(load_arrays(zf.read("arrays.safetensors")))
+    edit(manifest["root"], arrays)
+    out = tmp_path / "edited.skstego"
+    _write_zip(
+        out,
+        {
+            "manifest.json": json.dumps(manifest),
+            "arrays.safetensors": save_arrays(arrays),
+        },
+    )
+    return out
+
+
+def _array_key(node, name):
+    return node["state"][name]["__array__"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda n, a: n["params"].update(k="abc"), "parameter of KMeansProbe"),
+        (lambda n, a: n["params"].update(k=99), r"cluster_centers_ has shape \(3, 5\)"),
+        (lambda n, a: n["params"].update(metric="hamming"), "metric"),
+        (
+            lambda n, a: a.__setitem__(
+                _array_key(n, "cluster_centers_"), np.full((3, 5), np.nan, np.float32)
+            ),
+            "NaN or infinite",
+        ),
+        (
+            lambda n, a: a.__setitem__(
+                _array_key(n, "cluster_centers_"), np.zeros((3, 4), np.float32)
+            ),
+            r"cluster_centers_ has shape \(3, 4\)",
+        ),
+        (lambda n, a: n["state"].update(n_features_in_=-2), "n_features_in_"),
+        (lambda n, a: n["state"].update(__class__="x"), "__class__"),
+    ],
+    ids=["k-string", "k-99", "metric", "nan", "features", "n-features", "dunder"],
+)
+def test_edited_model_files_are_refused_at_load(tmp_path, edit, message):
+    X = RNG.normal(size=(40, 5)).astype(np.float32)
+    probe = KMeansProbe(k=3, random_state=0, device="cpu").fit(X)
+    path = _edited(tmp_path, probe, edit)
+    with pytest.raises(ValueError, match=message) as info:
+        load(path)
+    assert "edited.skstego" in str(info.value)
+
+
+def test_edited_head_and_linear_probe_shapes_are_refused(tmp_path):
+    maps = RNG.normal(size=(6, 4, 3, 3)).astype(np.float32)
+    stego = StegoProjector(dim=2, n_steps=2, batch_size=4, device="cpu").fit(maps)
+    path = _edited(tmp_path, stego, lambda n, a: n["params"].update(dim=3))
+    with pytest.raises(ValueError, match=r"linear\.weight has shape"):
+        load(path)
+    X, y = RNG.normal(size=(30, 4)).astype(np.float32), np.arange(30) % 3
+    linear = LinearProbe(device="cpu").fit(X, y)
+    path = _edited(
+        tmp_path,
+        linear,
+        lambda n, a: a.__setitem__(
+            _array_key(n, "coef_"), np.zeros((2, 4), np.float32)
+        ),
+    )
+    with pytest.raises(ValueError, match="coef_ has shape"):
+        load(path)
