@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_USAGE
     try:
-        return int(args.run(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.run(args))
     except KeyboardInterrupt:
         print("skstego: interrupted", file=sys.stderr)
         return 130
@@ -117,6 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(exc)
         return EXIT_USAGE
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one line on stderr, without the source line behind them."""
+    print(f"skstego: warning: {_one_line(str(message))}", file=sys.stderr)
 
 
 def _error(exc: BaseException | str) -> None:
@@ -299,6 +314,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("cluster", "linear"),
         default="cluster",
         help="with --checkpoint: which of its probes to score (default cluster)",
+    )
+    ev.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="the backbone's weights file, replacing the path stored in "
+        "MODEL.skstego (which moved, or was relative to another folder)",
     )
     ev.add_argument(
         "--protocol",
@@ -616,14 +637,25 @@ def _featurizer(args: argparse.Namespace, resolution: int) -> Any:
 
     if args.random_weights and args.weights:
         raise UsageError("--random-weights and --weights exclude each other.")
+    _warn_random_weights(args)
     return DinoFeaturizer(
         args.model or DEFAULT_MODEL,
         pretrained=not args.random_weights,
-        weights=args.weights,
+        weights=None if args.weights is None else os.path.abspath(args.weights),
         resolution=resolution,
         batch_size=args.batch_size or "auto",
         device=args.device,
     )
+
+
+def _warn_random_weights(args: argparse.Namespace) -> None:
+    if getattr(args, "random_weights", False):
+        warnings.warn(
+            "--random-weights: the backbone is randomly initialised, so the "
+            "outputs are meaningless (a smoke test of the plumbing).",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _check_device(device: str) -> None:
@@ -1031,8 +1063,9 @@ def _segment(args: argparse.Namespace) -> int:
             if args.batch_size:
                 featurizer.set_params(batch_size=args.batch_size)
             if args.weights:  # the checkpoint moved, or another copy of it
-                featurizer.set_params(weights=args.weights)
+                featurizer.set_params(weights=os.path.abspath(args.weights))
             if args.random_weights:
+                _warn_random_weights(args)
                 featurizer.set_params(pretrained=False, weights=None)
             # a checkpoint stores its training resolution; STEGO evaluates at 320
             default = 320 if args.checkpoint else featurizer.resolution
@@ -1192,6 +1225,14 @@ def _fit_on(
         raise UsageError("none of the images could be read; nothing to fit.")
     X = np.concatenate(tokens)
     if not isinstance(reducer, str) and not _is_fitted(reducer):
+        dim = getattr(reducer, "dim", None)
+        if isinstance(dim, int) and dim > min(X.shape):
+            raise UsageError(
+                f"--projector {args.projector} reduces to {dim} dimensions, but "
+                f"the images give {X.shape[0]} tokens of {X.shape[1]} features: "
+                f"use --projector pca:N (or rp:N) with N <= {min(X.shape)}, or "
+                "more or larger images."
+            )
         reducer.fit(X)
     codes = _reduce(reducer, X)
     k = int(args.k)
@@ -1426,6 +1467,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     featurizer = clone(featurizer).set_params(device=args.device, crop="center")
     if args.batch_size:
         featurizer.set_params(batch_size=args.batch_size)
+    if args.weights:
+        if args.checkpoint:
+            raise UsageError("--weights does not apply with --checkpoint.")
+        featurizer.set_params(weights=os.path.abspath(args.weights))
     resolution = args.resolution or (320 if stego else featurizer.resolution)
     featurizer.set_params(resolution=resolution)
     if stego:
@@ -1670,6 +1715,15 @@ def _sweep(args: argparse.Namespace) -> int:
     resolution = args.resolution or 224
     featurizer = _featurizer(args, resolution)
     _check_backbone(featurizer)
+    if not isinstance(dims, str):
+        n_features = featurizer.transform(np.zeros((1, 8, 8, 3), np.uint8)).shape[1]
+        too_big = [d for d in dims if d > n_features]
+        if too_big:
+            raise UsageError(
+                f"--dims {','.join(map(str, too_big))}: the backbone gives "
+                f"{n_features} features, so no reducer can produce more; use "
+                f"dims <= {n_features}."
+            )
     train_split = args.train_split or _TRAIN_SPLITS[args.dataset]
     X_train, y_train = _split_data(args, train_split, resolution)
     X_val, y_val = _split_data(args, args.val_split, resolution)

@@ -606,3 +606,40 @@ def test_segment_outputs_without_a_run_record_are_not_trusted(scenes, tmp_path, 
     assert "run record" in capsys.readouterr().err
     assert main([*args, "--k", "3", "--projector", "pca:4", "--overwrite"]) == 0
     assert (out / "run.json").is_file()
+
+
+def test_cli_messages_for_settings_the_user_can_fix(scenes, tmp_path, capsys):
+    root, _, _ = scenes
+    out = tmp_path / "out"
+    seg = ["segment", str(root / "imgs"), "--out", str(out), *BACKBONE, *RUN]
+    # the default --projector pca:64 on images too small for 64 dimensions
+    small = [*seg[:-3], "--resolution", "16", *RUN]
+    assert main([*small, "--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--projector pca:64" in err and "pca:N" in err
+    # --random-weights warns at run time, as one line without source lines
+    assert main([*seg, "--k", "2", "--projector", "pca:4"]) == 0
+    err = capsys.readouterr().err
+    assert "skstego: warning: --random-weights" in err
+    assert "warnings.warn" not in err and ".py:" not in err
+
+
+def test_evaluate_weights_override_the_stored_path(scenes, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    root, _, _ = scenes
+    weights = tmp_path / "w.safetensors"
+    vit = timm.create_model(MODEL, pretrained=False)
+    save_file(vit.state_dict(), str(weights))
+    model = tmp_path / "m.skstego"
+    fit = ["fit", str(root / "imgs"), "--out", str(model), "--model", MODEL]
+    fit += ["--weights", str(weights), "--resolution", str(RES), *RUN]
+    assert main([*fit, "--projector", "pca:4", "--k", "3"]) == 0
+    moved = tmp_path / "moved.safetensors"
+    weights.rename(moved)
+    ev = ["evaluate", str(model), "--dataset", "folder"]
+    ev += ["--root", str(root / "dataset"), *RUN]
+    assert main(ev) == 2
+    assert "w.safetensors" in capsys.readouterr().err
+    assert main([*ev, "--weights", str(moved)]) == 0

@@ -114,3 +114,14 @@ def test_sweep_reproduction_flags_reach_run_sweep(dataset, tmp_path, monkeypatch
     # the preset's settings with the requested steps (the reference's potsdam run)
     assert stego.n_steps == 3 and stego.neg_shift == 0.76 and stego.batch_size == 16
     assert main([*argv[:-4], "--batch-images", "0"]) == 2
+
+
+def test_sweep_dims_beyond_the_features_are_a_usage_error(dataset, tmp_path, capsys):
+    argv = [
+        *("sweep", "--dataset", "folder", "--root", str(dataset)),
+        *("--out", str(tmp_path / "o"), *BACKBONE, "--device", "cpu", "--quiet"),
+        *("--dims", "3,1000", "--reducers", "pca", "--probes", "kmeans"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--dims 1000" in err and "192 features" in err
