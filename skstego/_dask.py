@@ -40,6 +40,7 @@ from ._device import (
     maps_to_tokens,
     resolve_device,
     rows_per_batch,
+    to_host,
 )
 
 __all__ = [
@@ -566,6 +567,10 @@ def map_method(
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(estimator)
+    # tensors in the arguments travel on the CPU (the estimator's own
+    # pickling moves its tensors and modules there too): a worker without
+    # this process's device can load them
+    kwargs = to_host(kwargs)
     X = _by_rows(X)
     spatial = tuple((s,) for s in kwargs.get("size") or X.shape[2:])
     dtype = np.dtype(dtype)

@@ -43,7 +43,10 @@ __all__ = [
     "iter_slices",
     "make_generator",
     "maps_to_tokens",
+    "module_to_host",
     "resolve_device",
+    "to_device",
+    "to_host",
     "to_output",
     "tokens_to_maps",
 ]
@@ -450,17 +453,92 @@ def as_tensor(
     """Return ``X`` as a tensor on ``device`` without modifying the original.
 
     A NumPy array is wrapped without a copy when possible and copied to the
-    device (pinned for CUDA); a tensor already of the right device and dtype
-    is returned as is. Callers must treat the result as read-only.
+    device; a tensor already of the right device and dtype is returned as is.
+    Callers must treat the result as read-only.
+
+    Every copy is synchronous: the result can be read at once (a
+    device-to-host copy with ``non_blocking=True`` may be read before it has
+    landed, and a host-to-device one from the caller's memory would race
+    with the caller writing it). Nothing is pinned: pinning a whole array
+    costs a host copy of it and page-locked memory that the process keeps.
     """
     if not is_torch(X):
         with warnings.catch_warnings():
             # read-only arrays (memory maps) are fine: the result is never written
             warnings.filterwarnings("ignore", message="The given NumPy array is not")
             X = torch.from_numpy(np.ascontiguousarray(X))
-        if device.type == "cuda":
-            X = X.pin_memory()
-    return X.to(device=device, dtype=dtype, non_blocking=True)
+    return X.to(device=device, dtype=dtype)
+
+
+def to_device(
+    x: torch.Tensor, device: torch.device, *, staged: bool = False
+) -> torch.Tensor:
+    """Move ``x`` to ``device``; asynchronously only from a pinned staging buffer.
+
+    The one rule for ``non_blocking`` in skstego: a copy is asynchronous
+    only host-to-device (CUDA), from pinned host memory that the caller
+    owns and never writes again (``staged=True``: e.g. an image decoded and
+    pinned by skstego itself; PyTorch's pinned allocator keeps such memory
+    alive until the copy is done). Any other copy, device-to-host above all,
+    is synchronous, so the result is valid when this returns.
+    """
+    non_blocking = (
+        staged
+        and device.type == "cuda"
+        and x.device.type == "cpu"
+        and bool(x.is_pinned())
+    )
+    return x.to(device, non_blocking=non_blocking)
+
+
+def to_host(obj: Any) -> Any:
+    """``obj`` with its tensors and modules on the CPU, for pickling.
+
+    Tensors on another device are copied to the CPU (synchronously);
+    modules with parameters or buffers on another device are replaced by a
+    CPU copy (the original is never moved: see :func:`module_to_host`).
+    Lists, tuples and dicts are walked; anything else is returned as is
+    (the same object when nothing had to move).
+    """
+    if isinstance(obj, torch.nn.Module):
+        return module_to_host(obj)
+    if is_torch(obj):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        items = [to_host(v) for v in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return type(obj)(items)
+    if type(obj) is dict:
+        moved = {k: to_host(v) for k, v in obj.items()}
+        if all(moved[k] is v for k, v in obj.items()):
+            return obj
+        return moved
+    return obj
+
+
+def module_to_host(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself when all its tensors are on the CPU, else a CPU copy.
+
+    The copy is made without a second device copy (each parameter and buffer
+    is copied straight to the host) and shares nothing with ``module``. A
+    module pickled this way unpickles on any machine; whoever uses it moves
+    it to the device it resolves there.
+    """
+    import copy
+
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return module
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        if id(t) in memo or t.device.type == "cpu":
+            continue
+        host = t.detach().cpu()
+        if isinstance(t, torch.nn.Parameter):
+            host = torch.nn.Parameter(host, requires_grad=t.requires_grad)
+        memo[id(t)] = host
+    return copy.deepcopy(module, memo)
 
 
 def to_output(Y: torch.Tensor, like: Any) -> np.ndarray | torch.Tensor:
@@ -590,6 +668,16 @@ class TorchEstimatorMixin:
     model fitted on a GPU pickles without device state, reloads on a machine
     without CUDA and moves to the device resolved at its next call.
     """
+
+    def __getstate__(self) -> dict:
+        # Parameters may hold tensors or modules (``init=``, ``model=``) on a
+        # GPU: they travel on the CPU, so that the pickle (a joblib cache, a
+        # dask task) loads on any machine, and are moved to the device
+        # resolved where the estimator next computes.
+        state = super().__getstate__()
+        if not isinstance(state, dict):
+            return state
+        return {name: to_host(value) for name, value in state.items()}
 
     def _resolved_device(self) -> torch.device:
         return resolve_device(getattr(self, "device", "auto"))

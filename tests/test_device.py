@@ -16,6 +16,7 @@ from skstego._device import (
     make_generator,
     maps_to_tokens,
     resolve_device,
+    to_device,
     tokens_to_maps,
 )
 
@@ -152,3 +153,53 @@ def test_device_copies_stay_out_of_state_and_pickles():
     # a new attribute value invalidates the cache
     est.components_ = 2 * np.eye(3, dtype=np.float32)
     assert torch.equal(est._tensor("components_", torch.device("cpu")), 2 * t)
+
+
+def test_as_tensor_copies_synchronously_and_pins_nothing(monkeypatch):
+    # issue 21: the old as_tensor ran ``X.to(cpu, non_blocking=True)`` (an
+    # asynchronous device-to-host copy read at once) and pinned whole arrays
+    calls = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking", False))
+        return real_to(self, *args, **kwargs)
+
+    def pin_memory(self, *args, **kwargs):  # pragma: no cover - the old code
+        raise AssertionError("as_tensor pinned its input")
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    as_tensor(torch.ones(3), torch.device("cpu"))
+    as_tensor(np.ones(3), torch.device("cpu"))
+    assert calls == [False, False]
+
+
+def test_to_device_is_asynchronous_only_from_staged_pinned_memory():
+    x = torch.ones(3)
+    assert to_device(x, torch.device("cpu")) is x
+    assert to_device(x, torch.device("cpu"), staged=True) is x
+
+
+@pytest.mark.gpu
+def test_as_tensor_device_to_host_is_complete_when_it_returns():
+    # a copy of work still queued on the GPU, read at once: an asynchronous
+    # copy into pinned memory would show zeros or stale values here
+    x = torch.randn(4096, 4096, device="cuda")
+    for _ in range(3):
+        y = x @ x
+        host = as_tensor(y, torch.device("cpu"))
+        snapshot = host.numpy().copy()  # read before any synchronisation
+        np.testing.assert_array_equal(snapshot, y.cpu().numpy())
+        assert not host.is_pinned()
+
+
+@pytest.mark.gpu
+def test_pickled_estimator_with_a_cuda_parameter_loads_on_the_cpu():
+    from skstego import KMeansProbe
+
+    init = torch.eye(3, 4, device="cuda")
+    blob = pickle.dumps(KMeansProbe(k=3, init=init, device="cuda"))
+    assert b"cuda:0" not in blob  # no CUDA storage location
+    loaded = pickle.loads(blob)
+    assert loaded.init.device.type == "cpu" and init.is_cuda

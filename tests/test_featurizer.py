@@ -574,3 +574,35 @@ def test_bfloat16_on_cuda_close_to_float32(vit, images):
     np.testing.assert_allclose(as_numpy, bf16.cpu().numpy(), atol=1e-5)
     err = (bf16 - fp32).abs().max() / fp32.abs().max()
     assert float(err) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("as_list", [False, True], ids=["array", "list"])
+def test_cuda_numpy_output_equals_torch_output_and_cpu(vit, as_list):
+    # NumPy output is copied to the host synchronously, batch by batch, into
+    # one preallocated array (issue 21): its values are those of the torch
+    # output, for more batches than the old per-batch pinned buffers
+    imgs = np.random.RandomState(1).randint(0, 256, (40, RES, RES, 3), dtype=np.uint8)
+    kwargs = dict(resolution=RES, device="cuda", precision="float32", batch_size=4)
+    X = list(imgs) if as_list else imgs
+    out = DinoFeaturizer(vit, **kwargs).transform(X)
+    assert isinstance(out, np.ndarray) and out.shape[0] == 40
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).cuda()
+    on_device = DinoFeaturizer(vit, **kwargs).transform(x)
+    assert on_device.is_cuda
+    np.testing.assert_allclose(out, on_device.cpu().numpy(), atol=1e-5)
+    # cuDNN runs the float32 patch embedding in TF32 by default
+    np.testing.assert_allclose(out, _reference(vit, imgs), atol=3e-2)
+    # CUDA tensors featurized on the CPU: a synchronous device-to-host copy
+    on_cpu = _feat(vit).transform(x)
+    np.testing.assert_allclose(on_cpu.numpy(), _reference(vit, imgs), atol=ATOL)
+
+
+@pytest.mark.gpu
+def test_featurizer_with_a_cuda_module_pickles_on_the_cpu(vit, images):
+    gpu_vit = _tiny().cuda()
+    loaded = pickle.loads(pickle.dumps(_feat(gpu_vit, device="cuda")))
+    assert next(gpu_vit.parameters()).is_cuda
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    out = loaded.set_params(precision="float32").transform(images)
+    np.testing.assert_allclose(out, _reference(vit, images), atol=3e-2)

@@ -26,7 +26,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral
 from pathlib import Path
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._device import as_tensor, is_torch, resolve_device
+from .._device import as_tensor, is_torch, module_to_host, resolve_device, to_device
 from ..datasets._collection import _read_image
 from ._store import FeatureStore, write_store
 
@@ -342,6 +342,16 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         }
         return type(self)(**new_params)
 
+    def __getstate__(self) -> dict:
+        # A module passed as ``model`` travels on the CPU (a copy when it is
+        # on a GPU; the user's module is never moved), so that the pickle
+        # (a dask worker's copy, a joblib cache) loads on machines without
+        # that device; transform moves it to the device resolved there.
+        state = super().__getstate__()
+        if isinstance(state.get("model"), torch.nn.Module):
+            state = {**state, "model": module_to_host(state["model"])}
+        return state
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None) -> DinoFeaturizer:
         """Validate the parameters and resolve the normalisation statistics.
@@ -467,6 +477,10 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         >>> TorchPCA(dim=3, device="cpu").fit(store).components_.shape
         (3, 16)
         """
+        if client is not None and is_torch(images) and images.device.type != "cpu":
+            # chunks of images are pickled to the workers: on the CPU (one
+            # synchronous copy), never with the device index of this process
+            images = images.detach().cpu()
         return write_store(
             self,
             images,
@@ -1211,15 +1225,27 @@ class _Runner:
         else:
             self.batch_size = CPU_BATCH_SIZE
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Resized [0, 1] images (B, 3, H, W) on the device -> (B, C, h, w)."""
-        outputs = []
+    def run(
+        self,
+        n: int,
+        prepare: Callable[[int, int], torch.Tensor],
+        emit: Callable[[int, int, torch.Tensor], None],
+    ) -> None:
+        """Feature maps of items ``0:n`` in batches, with the OOM back-off.
+
+        For each batch ``start:stop``, ``prepare(start, stop)`` puts its
+        images on the device (upload, resize, crop), the backbone runs, and
+        ``emit(start, stop, maps)`` stores the maps. With
+        ``batch_size="auto"`` on CUDA an out-of-memory error in any of the
+        three halves the batch and retries it, so every allocation of a
+        batch (resize and output included) is covered.
+        """
         start = 0
-        while start < x.shape[0]:
-            stop = min(start + self.batch_size, x.shape[0])
+        while start < n:
+            stop = min(start + self.batch_size, n)
             out_of_memory = False
             try:
-                outputs.append(self._forward(x[start:stop]))
+                emit(start, stop, self._forward(prepare(start, stop)))
             except torch.cuda.OutOfMemoryError:
                 auto = self.auto_batch and self.device.type == "cuda"
                 if not auto or self.batch_size == 1:
@@ -1231,6 +1257,15 @@ class _Runner:
                 _CUDA_BATCH[self.batch_key] = self.batch_size
                 continue
             start = stop
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Resized [0, 1] images (B, 3, H, W) on the device -> (B, C, h, w)."""
+        outputs: list[torch.Tensor] = []
+        self.run(
+            x.shape[0],
+            lambda start, stop: x[start:stop],
+            lambda start, stop, maps: outputs.append(maps),
+        )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1261,6 +1296,59 @@ class _Runner:
         return maps.float()
 
 
+class _Load(NamedTuple):
+    """Images read but not yet on the device, and where their maps go.
+
+    ``prepare(start, stop)`` uploads images ``start:stop`` of the load to the
+    device and resizes them: device work, run inside the OOM back-off.
+    """
+
+    positions: list[int]
+    prepare: Callable[[int, int], torch.Tensor]
+
+
+class _Output:
+    """The (N, C, h, w) result, allocated once and filled batch by batch.
+
+    NumPy output is a pageable host array: each batch is copied into it
+    synchronously (no pinned memory, nothing to wait for later, no final
+    concatenation holding the maps twice). Torch output is allocated on the
+    device of the first batch and filled in place.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.numpy: np.ndarray | None = None
+        self.tensor: torch.Tensor | None = None
+
+    def write(self, positions: list[int], maps: torch.Tensor, numpy: bool) -> None:
+        if self.tensor is None:
+            shape = (self.n, *maps.shape[1:])
+            if numpy:
+                self.numpy = np.empty(shape, dtype=np.float32)
+                self.tensor = torch.from_numpy(self.numpy)
+            else:
+                self.tensor = torch.empty(shape, dtype=maps.dtype, device=maps.device)
+        elif tuple(maps.shape[1:]) != tuple(self.tensor.shape[1:]):
+            raise ValueError(
+                f"Images give feature maps of different sizes "
+                f"({tuple(self.tensor.shape[-2:])} and {tuple(maps.shape[-2:])}) "
+                "with crop='none', which cannot be stacked into one (N, C, h, w) "
+                "array; use crop='center', or transform images of one aspect "
+                "ratio at a time."
+            )
+        first = positions[0]
+        if positions == list(range(first, first + len(positions))):
+            # a synchronous copy (device-to-host for NumPy output)
+            self.tensor[first : first + len(positions)].copy_(maps)
+        else:
+            index = torch.tensor(positions, device=self.tensor.device)
+            self.tensor.index_copy_(0, index, maps.to(self.tensor.device))
+
+    def result(self) -> np.ndarray | torch.Tensor:
+        return self.numpy if self.numpy is not None else self.tensor
+
+
 def _featurize(
     est: DinoFeaturizer,
     net: torch.nn.Module,
@@ -1275,7 +1363,7 @@ def _featurize(
     if isinstance(X, np.ndarray) or is_torch(X):
         X = _check_batch(X)
         n = X.shape[0]
-        batches = _array_batches(X, runner, device)
+        loads = _array_batches(X, runner, device)
     else:
         if isinstance(X, (str, Path, dict)) or not (
             isinstance(X, Sequence)
@@ -1289,69 +1377,66 @@ def _featurize(
         n = len(X)
         if n == 0:
             raise ValueError("Found no images (an empty sequence).")
-        batches = _sequence_batches(X, runner, device, info)
+        loads = _sequence_batches(X, runner, device, info)
 
     progress = None
     if est.verbose:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=n, desc="DinoFeaturizer", unit="img")
-    outputs: list[torch.Tensor] = []
-    grid: tuple[int, int] | None = None
+    output = _Output(n)
     try:
-        for x in batches:
+        for load in loads:
             numpy_out = info["numpy"]
-            maps = runner.features(x)
-            if grid is None:
-                grid = tuple(maps.shape[-2:])
-            elif tuple(maps.shape[-2:]) != grid:
-                raise ValueError(
-                    f"Images give feature maps of different sizes ({grid} and "
-                    f"{tuple(maps.shape[-2:])}) with crop='none', which cannot be "
-                    "stacked into one (N, C, h, w) array; use crop='center', or "
-                    "transform images of one aspect ratio at a time."
-                )
-            if numpy_out and maps.is_cuda:
-                # asynchronous copy to pinned memory: the next batch's upload
-                # and forward pass are queued without waiting for it
-                host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
-                maps = host.copy_(maps, non_blocking=True)
-            outputs.append(maps.cpu() if numpy_out else maps)
+
+            def emit(
+                start: int,
+                stop: int,
+                maps: torch.Tensor,
+                load: _Load = load,
+                numpy_out: bool = numpy_out,
+            ) -> None:
+                output.write(load.positions[start:stop], maps, numpy_out)
+
+            runner.run(len(load.positions), load.prepare, emit)
             if progress is not None:
-                progress.update(x.shape[0])
+                progress.update(len(load.positions))
     finally:
         if progress is not None:
             progress.close()
-    numpy_out = info["numpy"]
-    if numpy_out and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    Y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return Y.numpy() if numpy_out else Y
+    return output.result()
 
 
 def _array_batches(
     X: np.ndarray | torch.Tensor, runner: _Runner, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Batches (B, 3, H, W) on the device from an image batch array/tensor.
+) -> Iterator[_Load]:
+    """Loads of an image batch array/tensor, not yet on the device.
 
     At most about 256 Mi values (1 GiB as float32) are loaded at a time, so
-    large native images do not exhaust memory before they are resized.
+    large native images do not exhaust memory before they are resized. Each
+    batch of a load is copied to the device synchronously (from pageable
+    memory: nothing is pinned) when the runner prepares it.
     """
     pixels = int(np.prod(X.shape[1:]))
     load = max(1, min(runner.batch_size, MAX_LOAD_VALUES // pixels))
     for start in range(0, X.shape[0], load):
         xb = X[start : start + load]
-        if isinstance(xb, np.ndarray):  # pinned on CUDA, copied asynchronously
-            xb = as_tensor(xb, device, dtype=None).permute(0, 3, 1, 2)
-        else:
-            xb = xb.to(device, non_blocking=True)
-        if xb.shape[1] == 1:
-            xb = xb.expand(-1, 3, -1, -1)
-        elif xb.shape[1] == 4:
-            xb = xb[:, :3]
-        if xb.is_floating_point():
-            _check_unit_range(xb)
-        yield _resize_crop(xb, runner)
+
+        def prepare(a: int, b: int, xb=xb) -> torch.Tensor:
+            part = xb[a:b]
+            if isinstance(part, np.ndarray):
+                part = as_tensor(part, device, dtype=None).permute(0, 3, 1, 2)
+            else:
+                part = to_device(part, device)
+            if part.shape[1] == 1:
+                part = part.expand(-1, 3, -1, -1)
+            elif part.shape[1] == 4:
+                part = part[:, :3]
+            if part.is_floating_point():
+                _check_unit_range(part)
+            return _resize_crop(part, runner)
+
+        yield _Load(list(range(start, start + xb.shape[0])), prepare)
 
 
 def _check_unit_range(x: torch.Tensor) -> None:
@@ -1363,44 +1448,66 @@ def _check_unit_range(x: torch.Tensor) -> None:
         )
 
 
+def _prepared_size(h: int, w: int, runner: _Runner) -> tuple[int, int]:
+    """Size of an (h, w) image after :func:`_resize_crop`."""
+    size, box = _target_size(h, w, runner.resolution, runner.crop, runner.patch)
+    return size if box is None else (runner.resolution, runner.resolution)
+
+
 def _sequence_batches(
     X: Any, runner: _Runner, device: torch.device, info: dict
-) -> Iterator[torch.Tensor]:
-    """Batches on the device from a sequence of images, decoded in threads.
+) -> Iterator[_Load]:
+    """Loads of a sequence of images, decoded in threads.
 
-    Images are read by a thread pool with at most two batches in flight.
-    Within a batch, each image is preprocessed to its target size on the
-    device; images ending at one size are stacked (one forward pass per size).
+    Images are read by a thread pool with at most two loads in flight (on
+    CUDA each decoded image is pinned, so that its upload is asynchronous;
+    the pinned memory is that of the images in flight, freed as they are
+    used). Within a load, images ending at one size form one group (one
+    forward pass per size); each is uploaded and preprocessed on the device
+    when the runner prepares its batch.
     """
     n = len(X)
     load = max(1, min(runner.batch_size, 64))
     workers = max(1, min(8, os.cpu_count() or 1))
     pin = device.type == "cuda"
 
-    def read(i: int) -> torch.Tensor:
+    def read(i: int) -> tuple[torch.Tensor, bool]:
         item = X[i]
         if i == 0:
             info["numpy"] = isinstance(item, np.ndarray)
         image = _to_chw(item, f"image {i}")
-        if pin and not image.is_cuda:
+        staged = pin and image.device.type == "cpu"
+        if staged:
             image = image.contiguous().pin_memory()
-        return image
+        return image, staged
+
+    def group_prepare(images: list[tuple[torch.Tensor, bool]]) -> Any:
+        def prepare(a: int, b: int) -> torch.Tensor:
+            prepared = []
+            for image, staged in images[a:b]:
+                image = to_device(image, device, staged=staged)
+                if image.is_floating_point():
+                    _check_unit_range(image)
+                prepared.append(_resize_crop(image[None], runner))
+            return prepared[0] if len(prepared) == 1 else torch.cat(prepared)
+
+        return prepare
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         next_index = 0
         for start in range(0, n, load):
             stop = min(start + load, n)
-            while next_index < min(n, stop + load):  # prefetch one batch ahead
+            while next_index < min(n, stop + load):  # prefetch one load ahead
                 pending.append(pool.submit(read, next_index))
                 next_index += 1
             images = [pending.popleft().result() for _ in range(start, stop)]
-            groups: dict[tuple, list[torch.Tensor]] = {}
-            for image in images:
-                image = image.to(device, non_blocking=True)
-                if image.is_floating_point():
-                    _check_unit_range(image)
-                prepared = _resize_crop(image[None], runner)
-                groups.setdefault(tuple(prepared.shape[-2:]), []).append(prepared)
-            for group in groups.values():
-                yield torch.cat(group)
+            groups: dict[tuple, list[int]] = {}
+            for offset, (image, _) in enumerate(images):
+                size = _prepared_size(*image.shape[-2:], runner)
+                groups.setdefault(size, []).append(offset)
+            for offsets in groups.values():
+                members = [images[k] for k in offsets]
+                positions = [start + k for k in offsets]
+                yield _Load(positions, group_prepare(members))
+            del images
