@@ -643,3 +643,17 @@ def test_evaluate_weights_override_the_stored_path(scenes, tmp_path, capsys):
     assert main(ev) == 2
     assert "w.safetensors" in capsys.readouterr().err
     assert main([*ev, "--weights", str(moved)]) == 0
+
+
+def test_segment_reports_a_huge_strip_instead_of_hanging(scenes, tmp_path, capsys):
+    _, images, _ = scenes
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(images[0]).save(folder / "photo.png")
+    Image.fromarray(np.zeros((3, 4000, 3), np.uint8)).save(folder / "strip.png")
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "--out", str(out), *BACKBONE, *RUN]
+    assert main([*args, "--k", "2", "--projector", "pca:4"]) == 1
+    err = capsys.readouterr().err
+    assert "strip.png" in err and "max_tokens" in err
+    assert (out / "imgs" / "photo_label.png").is_file()

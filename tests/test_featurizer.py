@@ -606,3 +606,24 @@ def test_featurizer_with_a_cuda_module_pickles_on_the_cpu(vit, images):
     assert next(loaded.model.parameters()).device.type == "cpu"
     out = loaded.set_params(precision="float32").transform(images)
     np.testing.assert_allclose(out, _reference(vit, images), atol=3e-2)
+
+
+def test_max_tokens_refuses_images_with_huge_token_grids():
+    import timm
+
+    vit = timm.models.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2
+    )
+    strip = np.zeros((1, 3, 400, 3), np.uint8)  # a thin strip, crop="none"
+    feat = DinoFeaturizer(vit, resolution=16, crop="none", device="cpu")
+    # 16 px short side -> 16 x 2133 px -> a 2 x 267 grid of 534 tokens
+    with pytest.raises(ValueError, match=r"2 x 267 token grid .* max_tokens=100"):
+        feat.set_params(max_tokens=100).transform(strip)
+    assert feat.set_params(max_tokens=None).transform(strip).shape == (1, 16, 2, 267)
+    # the same limit for lists of images, and for a centre crop
+    with pytest.raises(ValueError, match="max_tokens=3"):
+        DinoFeaturizer(vit, resolution=16, max_tokens=3, device="cpu").transform(
+            [np.zeros((20, 20, 3), np.uint8)]
+        )
+    with pytest.raises(ValueError, match="max_tokens"):
+        DinoFeaturizer(vit, max_tokens=0, device="cpu").fit(None)

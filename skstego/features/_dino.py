@@ -161,6 +161,16 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         Compute precision of the backbone: ``"auto"`` is bf16 autocast on
         CUDA and float32 on the CPU. Outputs are float32 in every case.
 
+    max_tokens : int or None, default=8192
+        Largest token grid one image may give (``h * w``). Attention costs
+        memory quadratic in it: 8192 tokens (e.g. a 90 x 90 grid, 720 px at
+        patch 8) keep one ViT-B image under about 3.2 GiB of attention scores.
+        A larger image raises a ``ValueError`` naming its size and the grid
+        it would give (with ``crop="none"`` a long, thin strip gives a huge
+        grid: a 3 x 4000 px strip at ``resolution=224`` is 28 x 37,333
+        tokens); lower ``resolution``, use ``crop="center"`` or raise
+        ``max_tokens``. None disables the check.
+
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the backbone runs; ``"auto"`` is CUDA when available.
 
@@ -295,6 +305,7 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
             StrOptions({"auto"}),
         ],
         "precision": [StrOptions({"auto", "float32", "bfloat16"})],
+        "max_tokens": [Interval(Integral, 1, None, closed="left"), None],
         "device": [str, torch.device, None],
         "verbose": ["verbose"],
     }
@@ -313,6 +324,7 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         layer: int = -1,
         batch_size: int | str = "auto",
         precision: str = "auto",
+        max_tokens: int | None = 8192,
         device: str | torch.device | None = "auto",
         verbose: bool | int = False,
     ) -> None:
@@ -327,6 +339,7 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         self.layer = layer
         self.batch_size = batch_size
         self.precision = precision
+        self.max_tokens = max_tokens
         self.device = device
         self.verbose = verbose
 
@@ -1121,6 +1134,22 @@ def _nearest_take(
     return torch.tensor(index, dtype=torch.long, device=device)
 
 
+def _check_tokens(
+    image: tuple[int, int], size: tuple[int, int], runner: _Runner
+) -> None:
+    """Refuse an image whose token grid exceeds the runner's ``max_tokens``."""
+    grid = (size[0] // runner.patch[0], size[1] // runner.patch[1])
+    limit = runner.max_tokens
+    if limit is not None and grid[0] * grid[1] > limit:
+        raise ValueError(
+            f"An image of {image[0]} x {image[1]} px would give a {grid[0]} x "
+            f"{grid[1]} token grid ({grid[0] * grid[1]:,} tokens) at "
+            f"resolution={runner.resolution}, crop={runner.crop!r}, more than "
+            f"max_tokens={limit:,} (attention memory grows with its square): "
+            "lower the resolution, use crop='center', or raise max_tokens."
+        )
+
+
 def _resize_crop(x: torch.Tensor, runner: _Runner) -> torch.Tensor:
     """(B, 3, H, W) uint8 or [0, 1] float on the device -> [0, 1] float32 at
     the target size: short side resized (bilinear antialiased, or PIL's
@@ -1128,6 +1157,7 @@ def _resize_crop(x: torch.Tensor, runner: _Runner) -> torch.Tensor:
     h, w = x.shape[-2:]
     size, box = _target_size(h, w, runner.resolution, runner.crop, runner.patch)
     r = runner.resolution
+    _check_tokens((h, w), size if box is None else (r, r), runner)
     if runner.interpolation == "nearest":
         # a gather of the pixels PIL copies, of the cropped part only
         top, left = box if box is not None else (0, 0)
@@ -1189,6 +1219,7 @@ class _Runner:
         self.net, self.device = net, device
         self.resolution, self.crop = int(est.resolution), est.crop
         self.interpolation = est.interpolation
+        self.max_tokens = getattr(est, "max_tokens", 8192)
         patch = net.patch_embed.patch_size
         self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
         if self.crop == "center" and any(self.resolution % q for q in self.patch):
