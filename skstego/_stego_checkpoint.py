@@ -159,6 +159,8 @@ def _backbone(
 ) -> torch.nn.Module:
     import timm
 
+    from .features._dino import load_backbone_state
+
     net = timm.create_model(
         name, pretrained=False, num_classes=0, dynamic_img_size=True
     )
@@ -172,20 +174,7 @@ def _backbone(
             f"{path!r} holds no backbone weights (keys 'net.model.*'); it is "
             "not a checkpoint of the reference's DINO segmenter."
         )
-    expected = set(net.state_dict())
-    missing = sorted(expected - set(weights))
-    unexpected = sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path!r}: the backbone weights do not match {name} (missing "
-            f"{missing[:4]}, unexpected {unexpected[:4]})."
-        )
-    try:
-        net.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{path!r}: the backbone weights do not fit {name}: {exc}"
-        ) from exc
+    load_backbone_state(net, weights, f"{path!r} (net.model.*)")
     return net.eval().requires_grad_(False)
 
 

@@ -929,15 +929,24 @@ def load_weights(net: torch.nn.Module, path: Path) -> None:
         state = _read_checkpoint(path)
     with _LOCK:
         _DINO_LAYOUT[(str(path), path.stat().st_mtime_ns)] = _dino_layout(state)
-    state = _unwrap_state_dict(state, path)
+    load_backbone_state(net, _unwrap_state_dict(state, path), repr(str(path)))
+
+
+def load_backbone_state(
+    net: torch.nn.Module, state: dict[str, torch.Tensor], where: str
+) -> None:
+    """Load a backbone state dict (DINO or timm key names) into ``net``.
+
+    timm's ViT conversion is applied; DINO's projection head and a classifier
+    are left out; every other missing or unexpected key raises a ValueError
+    that names ``where`` (the file, or the file and the part of it).
+    """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
         state = checkpoint_filter_fn(state, net)
     except Exception as exc:
-        raise ValueError(
-            f"The weights in {str(path)!r} do not fit the model: {exc}"
-        ) from exc
+        raise ValueError(f"The weights in {where} do not fit the model: {exc}") from exc
     expected = set(net.state_dict())
     # DINO's projection head (and a classifier) are not part of the backbone.
     state = {
@@ -947,7 +956,7 @@ def load_weights(net: torch.nn.Module, path: Path) -> None:
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(
-            f"The weights in {str(path)!r} do not match the model: "
+            f"The weights in {where} do not match the model: "
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}. Check the model name."
@@ -956,7 +965,7 @@ def load_weights(net: torch.nn.Module, path: Path) -> None:
         net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ValueError(
-            f"The weights in {str(path)!r} do not match the model: {exc}"
+            f"The weights in {where} do not match the model: {exc}"
         ) from exc
 
 
