@@ -587,10 +587,13 @@ def _adjusted_rand(a: torch.Tensor, b: torch.Tensor) -> float:
     table = torch.bincount(a * kb + b, minlength=(int(a.max()) + 1) * kb)
     table = table.reshape(-1, kb)
     rows, cols = table.sum(dim=1), table.sum(dim=0)
-    # pair counts as scikit-learn's pair_confusion_matrix, then Python ints
+    # Pair counts as scikit-learn's pair_confusion_matrix, then Python ints.
+    # Its (table @ cols).sum() is sum_ij n_ij c_j = sum_j c_j^2 (and likewise
+    # for the rows): elementwise int64 sums, exact, and CUDA has no int64
+    # matrix-vector product ("addmv_impl_cuda" not implemented for 'Long').
     ss = int(table.square().sum())
-    fp = int((table @ cols).sum()) - ss
-    fn = int((table.T @ rows).sum()) - ss
+    fp = int(cols.square().sum()) - ss
+    fn = int(rows.square().sum()) - ss
     tp = ss - n
     tn = n * n - fp - fn - ss
     if fn == 0 and fp == 0:

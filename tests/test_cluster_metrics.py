@@ -249,6 +249,18 @@ def test_clustering_stability_equals_pairwise_sklearn_ari():
     )
 
 
+def test_clustering_stability_pair_counts_without_integer_matmul():
+    # The pair counts are elementwise int64 sums (CUDA has no int64 mv): still
+    # sklearn's pair_confusion_matrix exactly, negative labels and unbalanced
+    # cluster counts included. tests/test_cuda_ops.py checks the ops issued.
+    rng = np.random.default_rng(3)
+    for k_a, k_b in ((2, 9), (7, 1), (30, 30)):
+        a = rng.integers(-3, k_a, size=500)
+        b = np.where(rng.random(500) < 0.5, a, rng.integers(0, k_b, size=500))
+        got = clustering_stability([torch.from_numpy(a), b])["pairwise"][0, 1]
+        assert got == pytest.approx(skm.adjusted_rand_score(a, b), rel=1e-12)
+
+
 # --------------------------------------------------------------------------
 # expected calibration error
 # --------------------------------------------------------------------------

@@ -232,6 +232,136 @@ def test_descriptors_then_neighbors(backend):
     np.testing.assert_array_equal(got // 6, np.broadcast_to(rows // 6, got.shape))
 
 
+# --------------------------------------------------------------------------
+# backend selection on CUDA, tested on the CPU with a stand-in faiss
+# --------------------------------------------------------------------------
+class _FlatIP:
+    """faiss.IndexFlatIP in NumPy (stable order for ties)."""
+
+    def __init__(self, c):
+        self.X = np.empty((0, c), dtype=np.float32)
+
+    def add(self, X):
+        self.X = np.vstack([self.X, X])
+
+    def search(self, Q, k):
+        sims = Q @ self.X.T
+        idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, idx, axis=1), idx
+
+
+class _FakeFaiss:
+    """A faiss module whose GPU calls are recorded (``gpu=False``: faiss-cpu)."""
+
+    def __init__(self, gpu=True, n_gpus=2):
+        self.calls = []
+        self.n_gpus = n_gpus
+        if gpu:
+            calls = self.calls
+
+            class StandardGpuResources:
+                def setTempMemory(self, size):
+                    calls.append(("setTempMemory", size))
+
+            self.StandardGpuResources = StandardGpuResources
+
+    def get_num_gpus(self):
+        return self.n_gpus
+
+    def IndexFlatIP(self, c):
+        self.calls.append(("IndexFlatIP", c))
+        return _FlatIP(c)
+
+    def index_cpu_to_gpu(self, res, device, index):
+        self.calls.append(("index_cpu_to_gpu", device))
+        return index
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    """nearest_neighbors believes it searches on a CUDA device (data on CPU)."""
+    import skstego.projection._knn as knn
+
+    real_as_tensor = knn.as_tensor
+    monkeypatch.setattr(knn, "resolve_device", lambda d: torch.device(d))
+    monkeypatch.setattr(
+        knn, "as_tensor", lambda x, dev, *a, **k: real_as_tensor(x, "cpu", *a, **k)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+
+    def use(fake):
+        monkeypatch.setattr(knn, "_faiss", lambda: fake)
+        return fake
+
+    return use
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "faiss", "k", "want"),
+    [
+        ("auto", "cpu", "gpu", 30, "faiss"),
+        ("auto", "cpu", None, 30, "torch"),
+        ("torch", "cpu", "gpu", 30, "torch"),
+        ("faiss", "cpu", "gpu", 30, "faiss"),
+        ("faiss", "cpu", "gpu", 5000, "faiss"),  # no limit on the CPU
+        ("auto", "cuda:1", "gpu", 30, "torch"),  # never faiss by default on CUDA
+        ("auto", "cuda:1", None, 30, "torch"),
+        ("torch", "cuda:1", "gpu", 30, "torch"),
+        ("faiss", "cuda:1", "gpu", 30, "faiss-gpu"),
+        ("faiss", "cuda:1", "gpu", 2047, "faiss-gpu"),  # k + 1 = 2048 results
+        ("faiss", "cuda:1", "gpu", 2048, "torch"),  # above faiss's GPU top-k
+        ("faiss", "cuda:1", "cpu", 30, "faiss"),  # faiss-cpu: the CPU index
+        ("faiss", "cuda:1", "no-gpus", 30, "faiss"),
+    ],
+)
+def test_backend_choice(monkeypatch, backend, device, faiss, k, want):
+    import skstego.projection._knn as knn
+
+    fake = {
+        "gpu": _FakeFaiss(),
+        "cpu": _FakeFaiss(gpu=False),
+        "no-gpus": _FakeFaiss(n_gpus=0),
+        None: None,
+    }[faiss]
+    monkeypatch.setattr(knn, "_faiss", lambda: fake)
+    assert knn._choose_backend(backend, torch.device(device), k) == want
+
+
+@pytest.mark.parametrize(("device", "ordinal"), [("cuda:1", 1), ("cuda", 3)])
+def test_faiss_gpu_index_on_the_requested_device_with_bounded_memory(
+    on_cuda, device, ordinal
+):
+    # The old code searched with faiss by default on CUDA, took the ordinal
+    # as `index or 0` (cuda:0 for "cuda" whatever torch's current device)
+    # and left faiss's scratch memory at its default share of the GPU.
+    import skstego.projection._knn as knn
+
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((40, 6)).astype(np.float32)
+    want = nearest_neighbors(X, 4, backend="torch", device="cpu")
+    fake = on_cuda(_FakeFaiss())
+    got = nearest_neighbors(X, 4, backend="faiss", device=device)
+    np.testing.assert_array_equal(got, want)
+    assert ("index_cpu_to_gpu", ordinal) in fake.calls
+    assert ("setTempMemory", knn._FAISS_GPU_TEMP_MEMORY) in fake.calls
+
+
+def test_auto_on_cuda_and_large_k_search_with_torch(on_cuda, monkeypatch):
+    import skstego.projection._knn as knn
+
+    rng = np.random.default_rng(13)
+    X = rng.standard_normal((40, 6)).astype(np.float32)
+    want = nearest_neighbors(X, 4, backend="torch", device="cpu")
+    fake = on_cuda(_FakeFaiss())
+    np.testing.assert_array_equal(nearest_neighbors(X, 4, device="cuda:1"), want)
+    assert fake.calls == []  # faiss untouched
+    # above faiss's GPU limit, backend="faiss" falls back to torch
+    monkeypatch.setattr(knn, "_FAISS_GPU_MAX_K", 4)
+    got = nearest_neighbors(X, 4, backend="faiss", device="cuda:1")
+    np.testing.assert_array_equal(got, want)
+    assert fake.calls == []
+
+
 @pytest.mark.gpu
 def test_gpu_matches_cpu(backend):
     rng = np.random.default_rng(11)
@@ -240,3 +370,19 @@ def test_gpu_matches_cpu(backend):
     gpu = nearest_neighbors(torch.from_numpy(X).cuda(), 5, backend=backend)
     for a, b in zip(cpu, gpu, strict=True):
         assert set(a) == set(b)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_and_many_neighbours_with_faiss_installed():
+    # auto on CUDA is torch; backend="faiss" above faiss's GPU top-k limit
+    # (2048 results) falls back to torch instead of failing
+    rng = np.random.default_rng(14)
+    X = rng.standard_normal((2600, 8)).astype(np.float32)
+    cpu = nearest_neighbors(X, 2100, backend="torch", device="cpu")
+    for backend in ("auto", "faiss"):
+        if backend == "faiss":
+            pytest.importorskip("faiss")
+        gpu = nearest_neighbors(X, 2100, backend=backend, device="cuda")
+        assert gpu.shape == cpu.shape
+        # exact search: the same first neighbours up to near-ties
+        assert np.mean(gpu[:, 0] == cpu[:, 0]) > 0.99

@@ -447,6 +447,35 @@ def test_bad_input():
         probe.predict_proba(X_nan)
 
 
+def test_on_disk_fits_shuffle_with_a_cpu_generator_on_every_device(
+    monkeypatch, tmp_path
+):
+    # The dask fit carries a CPU generator across its tasks; the streamed fit
+    # of a memmap drew its shuffles from a generator on the fit device, so on
+    # CUDA the two made other shuffles and stopped being equal. Both now draw
+    # on the CPU; in-memory fits keep theirs on the device (documented).
+    import dask.array as da
+
+    import skstego.probes._linear as linear
+    from skstego._device import LazyFeatures
+
+    asked = []
+
+    def make_generator(random_state, device):
+        asked.append(torch.device(device))
+        return torch.Generator().manual_seed(0)
+
+    monkeypatch.setattr(linear, "make_generator", make_generator)
+    X, _ = _blobs(n=40)
+    np.save(tmp_path / "x.npy", X.astype(np.float32))
+    memmap = np.load(tmp_path / "x.npy", mmap_mode="r")
+    cuda = torch.device("cuda:0")
+    for source in (memmap, da.from_array(X, chunks=10)):
+        linear._shuffle_generator(0, LazyFeatures(source), cuda)
+    linear._shuffle_generator(0, X, cuda)
+    assert asked == [torch.device("cpu"), torch.device("cpu"), cuda]
+
+
 @pytest.mark.gpu
 def test_cuda_fit_predict_and_pickle_to_cpu():
     X, y = _blobs()

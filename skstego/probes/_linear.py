@@ -131,8 +131,14 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
     random_state : int, RandomState instance or None, default=None
         Seeds the :class:`torch.Generator` that shuffles Adam's mini-batches.
-        With an int, fits on the CPU are reproducible (CUDA kernels may add
-        nondeterminism in the upsampling backward pass).
+        With an int, fits on one device are reproducible (CUDA kernels may
+        add nondeterminism in the upsampling backward pass, for label maps
+        of another size). The random stream depends on the device: for
+        in-memory data the generator lives on ``device``, and a CUDA
+        generator draws other shuffles than a CPU one from the same seed, so
+        Adam fits on a GPU and on the CPU differ (by as much as two seeds
+        do); for on-disk and dask input it lives on the CPU, so those fits
+        shuffle alike on every device. ``solver="lbfgs"`` draws nothing.
 
     verbose : bool or int, default=False
         Show a progress bar with the running loss.
@@ -1147,12 +1153,21 @@ def adam_pass(
 def _shuffle_generator(
     random_state: Any, X: Any, device: torch.device
 ) -> torch.Generator:
-    """The generator of Adam's shuffles: on ``device``, on the CPU for dask.
+    """The generator of Adam's shuffles: on the CPU for on-disk input.
 
     A dask fit carries the generator's state from chunk to chunk across the
-    workers, whatever device each resolves; CPU state travels anywhere.
+    workers, whatever device each resolves; CPU state travels anywhere. The
+    streamed fit of other on-disk input (memmap, zarr, FeatureStore) draws
+    from a CPU generator too, so that it and the dask fit make the same
+    shuffles on every device: a CUDA generator seeded alike draws other
+    permutations than a CPU one (it drew them on CUDA before, and the dask
+    fit stopped equalling the streamed one there). One ``randperm`` per
+    chunk and epoch, so the host draw costs nothing next to the reads.
+    In-memory fits keep the generator on ``device`` (a host draw and copy
+    of every epoch's permutation would slow GPU fits of many tokens), so
+    their shuffles, hence their fits, depend on the device.
     """
-    if dask_source(X) is not None:
+    if isinstance(X, LazyFeatures):
         return make_generator(random_state, torch.device("cpu"))
     return make_generator(random_state, device)
 

@@ -14,6 +14,16 @@ mean of its feature map, L2-normalised, and each image keeps its top
   torch (``torch.topk`` per chunk) or faiss (``IndexFlatIP``). Memory is
   O(chunk x N), never N x N.
 
+On CUDA, ``backend="auto"`` searches with torch, not faiss: torch's matrix
+product and top-k run on the requested device (``cuda:N`` included), draw
+from torch's caching allocator (faiss allocates with its own ``cudaMalloc``
+and can run out of memory while torch's cache holds the GPU) and have no
+limit on ``n_neighbors`` (faiss's GPU top-k stops at 2048). An explicit
+``backend="faiss"`` on CUDA puts the index on the requested device with a
+bounded scratch space (:data:`_FAISS_GPU_TEMP_MEMORY`) after releasing
+torch's unused cached blocks, and falls back to torch above faiss's
+GPU limit.
+
 Both are private helpers of :class:`~skstego.StegoProjector`; they trust
 their callers for the layout but still raise clear errors on bad values.
 """
@@ -46,6 +56,14 @@ _CHUNK_ELEMENTS = 16 * 1024 * 1024
 _FAISS_CHUNK = 16384
 
 _BACKENDS = ("auto", "torch", "faiss")
+
+#: faiss's GPU k-selection limit (``GPU_MAX_SELECTION_K``, faiss >= 1.7.3;
+#: a search asks for ``n_neighbors + 1`` results, the query itself included).
+_FAISS_GPU_MAX_K = 2048
+
+#: Scratch memory faiss's GPU resources may reserve (its default is a share
+#: of the device's memory, which torch's caching allocator may hold).
+_FAISS_GPU_TEMP_MEMORY = 256 * 1024 * 1024
 
 
 def image_descriptors(
@@ -81,7 +99,9 @@ def image_descriptors(
         deterministic descriptors.
     generator : torch.Generator, optional
         Source of the dropout masks (one (rows, C) draw per batch, in row
-        order); must live on ``device``. Unused when ``dropout`` is 0.
+        order); must live on ``device``. Unused when ``dropout`` is 0. The
+        masks depend on the device: a CUDA generator draws other numbers
+        than a CPU one seeded alike.
 
     Returns
     -------
@@ -163,12 +183,18 @@ def nearest_neighbors(
         Neighbours kept per row; capped at ``N - 1``.
     backend : {"auto", "torch", "faiss"}, default="auto"
         ``"torch"``: matrix product and :func:`torch.topk` per chunk.
-        ``"faiss"``: a flat inner-product index (on the GPU when the
-        descriptors are on CUDA and faiss sees a GPU). ``"auto"`` is faiss
-        when it can be imported, else torch.
+        ``"faiss"``: a flat inner-product index, on the search device when
+        it is CUDA and faiss has GPU support (with a 256 MiB scratch space;
+        above 2047 neighbours, faiss's GPU limit, the search falls back to
+        torch on that device), else on the CPU. ``"auto"``: on the CPU, faiss
+        when it can be imported, else torch; on CUDA, torch (it shares
+        torch's memory pool, honours ``cuda:N`` and has no limit on
+        ``n_neighbors``). Every backend is exact; they can differ only in the
+        order of tied neighbours.
     device : str, torch.device or None, default=None
         Where the search runs; ``None`` keeps tensors where they are and
-        searches NumPy input on the CPU.
+        searches NumPy input on the CPU. ``"cuda"`` without an index means
+        torch's current CUDA device.
     chunk_size : int, optional
         Queries per chunk. By default, for torch as many as keep a chunk's
         (chunk, N) similarity block within about 64 MiB of float32; for faiss
@@ -224,16 +250,12 @@ def nearest_neighbors(
         dev = resolve_device(device)
     D = F.normalize(as_tensor(descriptors, dev), dim=1)
     check_finite_tensor(D, "descriptors")
-    if backend == "auto":
-        # Measured at 100k x 384, k=30 on a shared 2-core CPU: faiss's flat
-        # index (BLAS plus a fused top-k heap) took 61 s, torch's matmul +
-        # topk 116 s, with identical neighbours. Both are exact, so faiss
-        # wins when installed; torch is the fallback without it.
-        backend = "faiss" if _faiss() is not None else "torch"
-    if backend == "faiss":
+    backend = _choose_backend(backend, dev, k)
+    if backend in ("faiss", "faiss-gpu"):
         if chunk_size is None:
             chunk_size = _FAISS_CHUNK
-        return _search_faiss(D, k, chunk_size)
+        gpu = _cuda_index(dev) if backend == "faiss-gpu" else None
+        return _search_faiss(D, k, chunk_size, gpu_device=gpu)
     if chunk_size is None:
         chunk_size = rows_per_batch(n, _CHUNK_ELEMENTS)
     return _search_torch(D, k, chunk_size)
@@ -246,6 +268,47 @@ def _faiss() -> Any:
     except ImportError:
         return None
     return faiss
+
+
+def _faiss_has_gpu(faiss: Any) -> bool:
+    """Whether this faiss build has GPU support and sees a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device``; torch's current device for ``"cuda"``."""
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+
+def _choose_backend(backend: str, device: torch.device, k: int) -> str:
+    """``"torch"``, ``"faiss"`` (CPU index) or ``"faiss-gpu"`` for a search.
+
+    ``backend`` is the user's choice (``"auto"``, ``"torch"``, ``"faiss"``),
+    ``device`` the search device and ``k`` the neighbours kept per row.
+    """
+    if backend == "torch":
+        return "torch"
+    if device.type == "cuda":
+        if backend == "auto":
+            # torch's matmul + topk on the GPU: the requested device, torch's
+            # caching allocator, any k. An exact flat search is one matrix
+            # product and a top-k either way: faiss-GPU brings no algorithmic
+            # gain worth a second memory pool beside torch's.
+            return "torch"
+        faiss = _faiss()
+        if faiss is not None and _faiss_has_gpu(faiss):
+            # faiss's GPU top-k is limited; torch on the same device is exact
+            return "faiss-gpu" if k + 1 <= _FAISS_GPU_MAX_K else "torch"
+        return "faiss"  # the CPU index (or the ImportError of _search_faiss)
+    if backend == "auto":
+        # Measured at 100k x 384, k=30 on a shared 2-core CPU: faiss's flat
+        # index (BLAS plus a fused top-k heap) took 61 s, torch's matmul +
+        # topk 116 s, with identical neighbours. Both are exact, so faiss
+        # wins when installed; torch is the fallback without it.
+        return "faiss" if _faiss() is not None else "torch"
+    return "faiss"
 
 
 def _search_torch(D: torch.Tensor, k: int, chunk_size: int) -> np.ndarray:
@@ -263,8 +326,16 @@ def _search_torch(D: torch.Tensor, k: int, chunk_size: int) -> np.ndarray:
     return out
 
 
-def _search_faiss(D: torch.Tensor, k: int, chunk_size: int) -> np.ndarray:
-    """Exact chunked search with ``faiss.IndexFlatIP``, self removed by index."""
+def _search_faiss(
+    D: torch.Tensor, k: int, chunk_size: int, gpu_device: int | None = None
+) -> np.ndarray:
+    """Exact chunked search with ``faiss.IndexFlatIP``, self removed by index.
+
+    ``gpu_device``: the CUDA ordinal to put the index on (None: the CPU).
+    The GPU index gets explicit resources: torch's unused cached blocks are
+    released first (faiss allocates outside torch's caching allocator) and
+    faiss's scratch space is capped at :data:`_FAISS_GPU_TEMP_MEMORY`.
+    """
     faiss = _faiss()
     if faiss is None:
         raise ImportError(
@@ -274,9 +345,13 @@ def _search_faiss(D: torch.Tensor, k: int, chunk_size: int) -> np.ndarray:
     n, c = D.shape
     X = np.ascontiguousarray(D.detach().cpu().numpy(), dtype=np.float32)
     index = faiss.IndexFlatIP(c)
-    if D.device.type == "cuda" and faiss.get_num_gpus() > 0:
+    res = None  # kept alive as long as the GPU index
+    if gpu_device is not None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, D.device.index or 0, index)
+        res.setTempMemory(_FAISS_GPU_TEMP_MEMORY)
+        index = faiss.index_cpu_to_gpu(res, gpu_device, index)
     index.add(X)
     out = np.empty((n, k), dtype=np.int64)
     for sl in iter_slices(n, chunk_size):
