@@ -707,3 +707,17 @@ class TorchEstimatorMixin:
             hit = (source, compute())
             cache[key] = hit
         return hit[1]
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device (``cuda`` is the current one)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    if a.index is not None and b.index is not None:
+        return a.index == b.index
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (
+        current if b.index is None else b.index
+    )

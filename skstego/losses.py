@@ -316,25 +316,59 @@ def _normalized_loss(
     return (-cd * (fd.to(cd.dtype) - shift)).mean()
 
 
+#: Candidate permutations :func:`derangement` draws at once (fewer for very
+#: large ``n``, see :func:`_n_candidates`).
+_DERANGEMENT_CANDIDATES = 64
+#: Random keys :func:`derangement` draws at most per call (candidates x n).
+_DERANGEMENT_KEYS = 1 << 22
+
+
+def _n_candidates(n: int) -> int:
+    """Candidates drawn by :func:`derangement` for size ``n``: 64 up to
+    ``n = 65536``, then fewer (at least 4) so that the keys stay within
+    :data:`_DERANGEMENT_KEYS`."""
+    return min(_DERANGEMENT_CANDIDATES, max(4, _DERANGEMENT_KEYS // n))
+
+
 def derangement(
     n: int,
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Uniformly random permutation of ``range(n)`` with no fixed points.
+    """Random permutation of ``range(n)`` with no fixed points, drawn on the device.
 
-    Drawn by rejection (``randperm`` until no element stays in place; about
-    ``e`` draws on average). The reference code's ``super_perm`` bumps fixed
-    points by one instead, which can repeat indices; this is a true
-    permutation.
+    Rejection sampling without reading anything back to the host: ``m = 64``
+    uniformly random permutations are drawn at once (each the ``argsort`` of
+    ``n`` float64 uniform keys), and the first one without a fixed point is
+    returned, chosen by an ``argmax`` on the device. The first success of
+    independent uniform permutations is uniform over the ``D_n``
+    derangements, so the result is **uniform over all derangements** (every
+    cycle structure: for ``n = 4`` the three double transpositions as often
+    as each of the six 4-cycles), except when all ``m`` candidates have a
+    fixed point. A random permutation is a derangement with probability
+    ``D_n / n! >= 1/3`` (the minimum is at ``n = 3``; it tends to ``1/e``),
+    so that happens with probability at most ``(2/3)^64 < 6e-12``; the
+    result is then the cyclic permutation ``s_0 -> s_1 -> ... -> s_{n-1} ->
+    s_0`` of the first candidate ``s`` (a uniformly random ``n``-cycle, as
+    Sattolo's algorithm draws), still a derangement. Above ``n = 65536``
+    fewer candidates are drawn (at least 4; at most ``2**22`` keys per
+    call), which raises that probability to ``(1 - 1/e)^m`` (about 16 % at
+    ``m = 4``).
+
+    No ``.item()``, ``bool(tensor)`` or data-dependent shape is involved,
+    so on CUDA the call queues a few kernels and returns: the training loop
+    of :class:`~skstego.StegoProjector` never waits for the GPU here. The
+    reference code's ``super_perm`` bumps fixed points by one instead,
+    which can repeat indices; this is a true permutation.
 
     Parameters
     ----------
     n : int
         Size, at least 2.
     generator : torch.Generator, optional
-        Source of randomness; the numbers are drawn on its device.
+        Source of randomness; the numbers are drawn on its device
+        (``m * n`` float64 uniforms per call).
     device : torch.device or str, optional
         Device of the result (default: the generator's device, else CPU).
 
@@ -363,11 +397,18 @@ def derangement(
             "negative term of the STEGO loss needs a batch of at least 2 images)."
         )
     draw = _draw_device(generator, device)
-    arange = torch.arange(n, device=draw)
-    while True:
-        perm = torch.randperm(n, generator=generator, device=draw)
-        if not bool((perm == arange).any()):
-            break
+    keys = torch.rand(
+        (_n_candidates(n), n), generator=generator, device=draw, dtype=torch.float64
+    )
+    candidates = keys.argsort(dim=1)  # independent uniform permutations
+    ok = (candidates != torch.arange(n, device=draw)).all(dim=1)
+    first = ok.to(torch.int64).argmax().reshape(1)  # first derangement, else 0
+    chosen = candidates.index_select(0, first)[0]
+    # The fallback (all candidates have a fixed point): the n-cycle that
+    # sends s[i] to s[i + 1] for the first candidate s.
+    s = candidates[0]
+    cycle = torch.empty_like(s).scatter_(0, s, s.roll(-1))
+    perm = torch.where(ok.any(), chosen, cycle)
     return perm.to(device) if device is not None else perm
 
 

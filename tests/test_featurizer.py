@@ -627,3 +627,28 @@ def test_max_tokens_refuses_images_with_huge_token_grids():
         )
     with pytest.raises(ValueError, match="max_tokens"):
         DinoFeaturizer(vit, max_tokens=0, device="cpu").fit(None)
+
+
+def test_precision_auto_asks_fast_bf16(monkeypatch):
+    import timm
+
+    from skstego.features import _dino
+
+    vit = timm.models.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2
+    )
+    seen = []
+    answers = [True, False]
+
+    def fake(device):
+        seen.append(device)
+        return answers[len(seen) - 1]
+
+    monkeypatch.setattr(_dino, "fast_bf16", fake)
+    for expected in (torch.bfloat16, None):
+        est = DinoFeaturizer(vit, resolution=32, device="cpu")
+        runner = _dino._Runner(est, vit, torch.device("cpu"))
+        assert runner.autocast_dtype is expected
+    assert seen == [torch.device("cpu")] * 2
+    forced = DinoFeaturizer(vit, resolution=32, precision="float32", device="cpu")
+    assert _dino._Runner(forced, vit, torch.device("cpu")).autocast_dtype is None

@@ -404,13 +404,23 @@ def test_cuda_matches_cpu(maps, metric):
     kw = dict(k=3, metric=metric, init=init, max_iter=20)
     cpu = KMeansProbe(device="cpu", **kw).fit(X, y)
     gpu = KMeansProbe(device="cuda", **kw).fit(Xt, torch.from_numpy(y))
-    np.testing.assert_allclose(gpu.cluster_centers_, cpu.cluster_centers_, atol=1e-4)
-    np.testing.assert_array_equal(gpu.labels_, cpu.labels_)
+    # Same start, but CUDA sums in another order: a token almost equidistant
+    # from two centroids may go either way (then the centroids move by about
+    # a token over a cluster size), so compare labels by agreement and ARI.
+    assert np.mean(gpu.labels_ == cpu.labels_) >= 0.98
+    assert adjusted_rand_score(cpu.labels_.ravel(), gpu.labels_.ravel()) > 0.95
+    assert gpu.inertia_ == pytest.approx(cpu.inertia_, rel=1e-3)
+    if np.array_equal(gpu.labels_, cpu.labels_):
+        np.testing.assert_allclose(
+            gpu.cluster_centers_, cpu.cluster_centers_, atol=1e-4
+        )
     pred = gpu.predict(Xt, size=(10, 14))
     assert pred.is_cuda
-    np.testing.assert_array_equal(pred.cpu().numpy(), cpu.predict(X, size=(10, 14)))
+    assert np.mean(pred.cpu().numpy() == cpu.predict(X, size=(10, 14))) >= 0.98
     assert gpu.transform(Xt).is_cuda
-    assert gpu.score(Xt, torch.from_numpy(y)) == pytest.approx(cpu.score(X, y))
+    assert gpu.score(Xt, torch.from_numpy(y)) == pytest.approx(
+        cpu.score(X, y), abs=0.02
+    )
     sub = KMeansProbe(k=3, metric=metric, device="cuda", max_samples=60).fit(Xt)
     assert sub.labels_.shape == y.shape
     restored = pickle.loads(pickle.dumps(gpu))
@@ -576,5 +586,158 @@ def test_cuda_inertia_curve_matches_cpu(maps, metric):
     cpu = KMeansProbe(device="cpu", **kw).fit(X)
     gpu = KMeansProbe(device="cuda", **kw).fit(torch.from_numpy(X))
     assert isinstance(gpu.inertia_curve_, np.ndarray)
-    np.testing.assert_allclose(gpu.inertia_curve_, cpu.inertia_curve_, rtol=1e-4)
+    # a near-tie labelled the other way changes the curve slightly
+    # (see test_cuda_matches_cpu), and may change the iteration count
+    m = min(len(gpu.inertia_curve_), len(cpu.inertia_curve_))
+    np.testing.assert_allclose(
+        gpu.inertia_curve_[:m], cpu.inertia_curve_[:m], rtol=1e-3
+    )
     assert gpu.inertia_curve_[-1] == pytest.approx(gpu.inertia_, rel=1e-6)
+
+
+# ------------------------------------------- reduced precision, devices, faiss
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_init_is_accepted(digits, dtype):
+    X, _ = digits
+    init = torch.from_numpy(X[:5]).to(dtype)
+    want = init.float().numpy()  # the same values, exactly, in float32
+    kw = dict(k=5, metric="euclidean", device="cpu", max_iter=10)
+    a = KMeansProbe(init=init, **kw).fit(X)
+    b = KMeansProbe(init=want, **kw).fit(X)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    a = KMeansProbe(init=init, algorithm="minibatch", **kw).fit(X)
+    b = KMeansProbe(init=want, algorithm="minibatch", **kw).fit(X)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    a = KMeansProbe(init=init, **kw).partial_fit(X[:100])
+    b = KMeansProbe(init=want, **kw).partial_fit(X[:100])
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    probe = KMeansProbe.from_centroids(init, metric="euclidean", device="cpu")
+    np.testing.assert_array_equal(probe.cluster_centers_, want)
+    assert probe.cluster_centers_.dtype == np.float32
+    # half-precision input too, computed in float32
+    Xh = torch.from_numpy(X).to(dtype)
+    c = KMeansProbe(init=init, **kw).fit(Xh)
+    d = KMeansProbe(init=want, **kw).fit(Xh.float())
+    np.testing.assert_array_equal(c.cluster_centers_, d.cluster_centers_)
+
+
+def test_counts_match_bincount():
+    from skstego.probes._kmeans import _counts
+
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 7, 1000))
+    for dtype in (torch.int64, torch.float64):
+        got = _counts(labels, 9, dtype)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(
+            got.numpy(), np.bincount(labels.numpy(), minlength=9)
+        )
+
+
+def test_auto_backend_is_torch_on_cuda(digits, monkeypatch):
+    # fit resolves the device, then the backend: emulate a CUDA device and
+    # stop right after the choice (nothing can run on a fake GPU)
+    from skstego.probes import _kmeans
+
+    X, _ = digits
+    chosen = []
+
+    class Chosen(Exception):
+        pass
+
+    def spy(backend, device):
+        chosen.append((backend, device, _kmeans_choose(backend, device)))
+        raise Chosen
+
+    _kmeans_choose = _kmeans._choose_backend
+    monkeypatch.setattr(_kmeans, "resolve_device", lambda d: torch.device("cuda:1"))
+    monkeypatch.setattr(_kmeans, "_choose_backend", spy)
+    for backend in ("auto", "torch", "faiss"):
+        with pytest.raises(Chosen):
+            KMeansProbe(k=3, backend=backend, device="cuda:1").fit(X)
+    assert chosen == [
+        ("auto", torch.device("cuda:1"), "torch"),
+        ("torch", torch.device("cuda:1"), "torch"),
+        ("faiss", torch.device("cuda:1"), "faiss"),
+    ]
+    assert _kmeans_choose("auto", torch.device("cpu")) == "torch"
+
+
+class _FakeGpuFaiss:
+    """The parts of faiss's GPU API that _faiss_index calls, recorded; the
+    indexes stay faiss's CPU ones, so the clustering runs for real."""
+
+    def __init__(self, faiss, n_gpus):
+        self._faiss = faiss
+        self.n_gpus = n_gpus
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self._faiss, name)
+
+    def get_num_gpus(self):
+        return self.n_gpus
+
+    def StandardGpuResources(self):  # faiss's name
+        calls = self.calls
+
+        class Resources:
+            def setTempMemory(self, n):
+                calls.append(("setTempMemory", n))
+
+        return Resources()
+
+    def index_cpu_to_gpu(self, res, device, index):
+        self.calls.append(("index_cpu_to_gpu", device))
+        return index
+
+    def index_cpu_to_all_gpus(self, *args, **kwargs):  # pragma: no cover
+        raise AssertionError("faiss must not spread over every GPU")
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_faiss_index_on_the_estimators_gpu_with_bounded_memory(cosine):
+    faiss = pytest.importorskip("faiss")
+    from skstego.probes._kmeans import _FAISS_GPU_TEMP_BYTES, _faiss_index
+
+    fake = _FakeGpuFaiss(faiss, n_gpus=2)
+    index, res = _faiss_index(fake, 8, cosine, torch.device("cuda:1"))
+    assert fake.calls == [
+        ("setTempMemory", _FAISS_GPU_TEMP_BYTES),
+        ("index_cpu_to_gpu", 1),
+    ]
+    assert _FAISS_GPU_TEMP_BYTES <= 512 * 2**20
+    assert isinstance(index, faiss.IndexFlatIP if cosine else faiss.IndexFlatL2)
+    assert res is not None
+    # the CPU, or a faiss without GPUs: a CPU index, no GPU call
+    for device, n_gpus in ((torch.device("cpu"), 2), (torch.device("cuda:0"), 0)):
+        fake = _FakeGpuFaiss(faiss, n_gpus=n_gpus)
+        index, res = _faiss_index(fake, 8, cosine, device)
+        assert fake.calls == [] and res is None
+
+
+def test_faiss_backend_uses_faiss_index(digits, monkeypatch):
+    # the faiss backend trains through _faiss_index (which places the index)
+    faiss = pytest.importorskip("faiss")
+    from skstego.probes import _kmeans
+
+    X, _ = digits
+    placed = []
+    real = _kmeans._faiss_index
+
+    def spy(faiss_module, d, cosine, device):
+        placed.append((d, cosine, device))
+        return real(faiss_module, d, cosine, device)
+
+    monkeypatch.setattr(_kmeans, "_faiss_index", spy)
+    probe = KMeansProbe(
+        k=4,
+        backend="faiss",
+        metric="euclidean",
+        device="cpu",
+        max_iter=5,
+        random_state=0,
+    ).fit(X)
+    assert placed == [(64, False, torch.device("cpu"))]
+    assert faiss.get_num_gpus() >= 0 and probe.n_iter_ == 5

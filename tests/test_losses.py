@@ -206,6 +206,64 @@ def test_derangement_covers_all_derangements_of_3():
     assert seen == {(1, 2, 0), (2, 0, 1)}
 
 
+def _derangements(n):
+    """Every permutation of range(n) without a fixed point, by enumeration."""
+    return {
+        p for p in itertools.permutations(range(n)) if all(p[i] != i for i in range(n))
+    }
+
+
+def test_derangement_is_uniform_over_all_derangements_of_4():
+    # D_4 = 9: six 4-cycles and three double transpositions such as
+    # (1, 0, 3, 2), which a cyclic-only scheme (Sattolo, shifts of a sorted
+    # order) never draws. 9000 draws: each count is Binomial(9000, 1/9),
+    # mean 1000, sd 29.8; 1000 +- 150 is a 5-sd band.
+    g = torch.Generator().manual_seed(0)
+    counts = {}
+    for _ in range(9000):
+        p = tuple(derangement(4, generator=g).tolist())
+        counts[p] = counts.get(p, 0) + 1
+    assert set(counts) == _derangements(4)
+    assert all(850 <= c <= 1150 for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_derangement_covers_every_derangement(n):
+    g = torch.Generator().manual_seed(n)
+    want = _derangements(n)  # 44 and 265
+    seen = {tuple(derangement(n, generator=g).tolist()) for _ in range(40 * len(want))}
+    assert seen == want
+
+
+@pytest.mark.parametrize("n", [100, 70_000])
+def test_derangement_large_n(n):
+    # above n = 65536 fewer candidates are drawn at once
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        p = derangement(n, generator=g)
+        assert torch.equal(p.sort().values, torch.arange(n))
+        assert not (p == torch.arange(n)).any()
+
+
+def test_derangement_fallback_is_an_n_cycle(monkeypatch):
+    # With a single candidate the fallback runs whenever it has a fixed
+    # point (2/3 of the draws for n = 3, 5/8 for n = 4): still a
+    # derangement, and then a single n-cycle.
+    import skstego.losses as losses
+
+    monkeypatch.setattr(losses, "_DERANGEMENT_CANDIDATES", 1)
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 4, 7):
+        for _ in range(100):
+            p = derangement(n, generator=g).tolist()
+            assert all(p[i] != i for i in range(n))
+    # n = 4: the 9 derangements include 3 double transpositions; the
+    # fallback draws 4-cycles only, so their share drops below 3/9.
+    draws = [tuple(derangement(4, generator=g).tolist()) for _ in range(2000)]
+    doubles = sum(1 for p in draws if p[p[0]] == 0)
+    assert doubles < 0.2 * len(draws)
+
+
 @pytest.mark.parametrize("n", [0, 1, -1])
 def test_derangement_small_n_raises(n):
     with pytest.raises(ValueError, match="n >= 2"):

@@ -38,7 +38,15 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._device import as_tensor, is_torch, module_to_host, resolve_device, to_device
+from .._device import (
+    as_tensor,
+    is_torch,
+    module_to_host,
+    resolve_device,
+    same_device,
+    to_device,
+)
+from .._precision import fast_bf16
 from ..datasets._collection import _read_image
 from ._store import FeatureStore, write_store
 
@@ -159,7 +167,9 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
 
     precision : {"auto", "float32", "bfloat16"}, default="auto"
         Compute precision of the backbone: ``"auto"`` is bf16 autocast on
-        CUDA and float32 on the CPU. Outputs are float32 in every case.
+        CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100,
+        L4...) and float32 elsewhere (the CPU, T4, V100, where bf16 is
+        emulated and slow). Outputs are float32 in every case.
 
     max_tokens : int or None, default=8192
         Largest token grid one image may give (``h * w``). Attention costs
@@ -528,7 +538,7 @@ def get_backbone(
             raise ValueError(_MODULE_WEIGHTS)
         _check_vit(model, type(model).__name__)
         current = next(model.parameters(), torch.empty(0)).device
-        if _same_device(current, device):
+        if same_device(current, device):
             return model
         with _LOCK:  # a frozen copy per other device (never referencing model)
             copies = _MODULE_COPIES.setdefault(model, {})
@@ -571,17 +581,6 @@ def _deepcopy(module: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(module)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    current = torch.cuda.current_device()
-    return (current if a.index is None else a.index) == (
-        current if b.index is None else b.index
-    )
 
 
 def _frozen(net: torch.nn.Module) -> torch.nn.Module:
@@ -1252,7 +1251,7 @@ class _Runner:
         self.mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
         bf16 = est.precision == "bfloat16" or (
-            est.precision == "auto" and device.type == "cuda"
+            est.precision == "auto" and fast_bf16(device)
         )
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.auto_batch = est.batch_size == "auto"

@@ -153,11 +153,11 @@ def _prepare_tokens(
 def _mean_variance(X: torch.Tensor) -> float:
     """Mean over features of the (biased) variance, two-pass in chunks."""
     mean = X.mean(dim=0)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=X.device)
     for sl in iter_slices(X.shape[0], _chunk_rows(X.device, 1, X.shape[1])):
         xb = X[sl] - mean
-        total += float((xb * xb).sum(dtype=torch.float64))
-    return total / X.numel()
+        total += (xb * xb).sum(dtype=torch.float64)
+    return float(total) / X.numel()  # one read, after every chunk
 
 
 def _kmeans_plusplus(
@@ -166,13 +166,17 @@ def _kmeans_plusplus(
     k: int,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """Greedy k-means++ seeding (as scikit-learn's ``_kmeans_plusplus``)."""
+    """Greedy k-means++ seeding (as scikit-learn's ``_kmeans_plusplus``).
+
+    Every choice stays on the device (one-element index tensors, no
+    ``.item()``), so on CUDA seeding queues its kernels without waiting.
+    """
     n = X.shape[0]
     n_trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen, device=gen.device).item())
-    idx = [first]
-    c = X[first]
-    closest = torch.addmv(x_sq + x_sq[first], X, c, alpha=-2.0).clamp_min_(0.0)
+    first = torch.randint(n, (1,), generator=gen, device=gen.device).to(X.device)
+    chosen = [first]
+    closest = torch.addmv(x_sq + x_sq[first], X, X[first][0], alpha=-2.0)
+    closest.clamp_min_(0.0)
     pot = closest.sum(dtype=torch.float64)
     for _ in range(1, k):
         rand = torch.rand(
@@ -186,11 +190,11 @@ def _kmeans_plusplus(
         d.add_(x_sq).clamp_min_(0.0)
         torch.minimum(d, closest, out=d)
         pots = d.sum(dim=1).double()  # float64 reductions are slow on CPU
-        b = int(torch.argmin(pots).item())
-        closest = d[b]
-        pot = pots[b]
-        idx.append(int(cand[b].item()))
-    return X[torch.as_tensor(idx, device=X.device)].clone()
+        b = torch.argmin(pots).reshape(1)
+        closest = d.index_select(0, b)[0]
+        pot = pots.index_select(0, b)[0]
+        chosen.append(cand.index_select(0, b))
+    return X[torch.cat(chosen)]
 
 
 def _init_centers(
@@ -209,6 +213,20 @@ def _init_centers(
     else:
         centers = as_tensor(init, X.device).clone()
     return _normalize_rows(centers) if cosine else centers
+
+
+def _counts(
+    labels: torch.Tensor, k: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Tokens per cluster, shape (k,).
+
+    ``index_add_`` of ones rather than ``torch.bincount``: CUDA's bincount
+    reads ``max(labels)`` back to the host to size its output, a
+    synchronisation per call (exact here in int64, or in float64 below
+    2**53).
+    """
+    ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
+    return torch.zeros(k, dtype=dtype, device=labels.device).index_add_(0, labels, ones)
 
 
 def _relocate_empty(
@@ -252,6 +270,16 @@ def _lloyd(
     ``i + 1`` iterations (each E-step measures the previous M-step's
     centroids, so the curve costs one sum per iteration; the last entry is
     the returned inertia).
+
+    Host reads: **one per iteration**, a 3-element copy of the stopping
+    flags (labels changed, a cluster empty, previous shift at most ``tol``),
+    plus two in an iteration where a cluster is empty (re-seeding it reads
+    which clusters are empty, and the label comparison is redone), and one
+    at the end (the inertia curve). The shift test of an M-step is read
+    after the next E-step, which is the E-step scikit-learn runs after its
+    loop anyway: when the test stops the loop, that E-step's labels are the
+    final labels, so nothing is computed twice and the results are those of
+    a loop that tests at once.
     """
     n, d = X.shape
     k = centers.shape[0]
@@ -260,36 +288,47 @@ def _lloyd(
     labels_old = torch.full((n,), -1, dtype=torch.int64, device=X.device)
     best = torch.empty(n, dtype=X.dtype, device=X.device)
     sums = torch.empty(k, d, dtype=X.dtype, device=X.device)
+    # squared shift of the last M-step; none yet
+    shift = torch.full((), math.inf, dtype=torch.float64, device=X.device)
     strict = False
-    n_iter = 0
-    measured = []  # inertia of each E-step: the previous iteration's centroids
-    for _ in tqdm(range(max_iter), desc=desc, disable=not verbose, leave=False):
-        n_iter += 1
+    n_iter = 0  # M-steps run
+    measured = []  # inertia of each E-step: centroids after 0, 1, ... M-steps
+    bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
+    while True:
         sums.zero_()
         _assign(X, centers, cosine, chunk, labels, best, sums)
         measured.append(_sq_distances(best, x_sq).sum(dtype=torch.float64))
-        counts = torch.bincount(labels, minlength=k)
-        _relocate_empty(X, x_sq, labels, best, sums, counts)
+        counts = _counts(labels, k)
+        flags = torch.stack(
+            [(labels != labels_old).any(), (counts == 0).any(), shift <= tol]
+        )
+        changed, has_empty, settled = flags.tolist()  # the iteration's one read
+        if settled or n_iter == max_iter:
+            break  # labels and best are those of the final centroids
+        if has_empty:
+            _relocate_empty(X, x_sq, labels, best, sums, counts)
+            changed = not torch.equal(labels, labels_old)
         kept = counts == 0  # still empty: fewer distinct tokens than clusters
         new = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
         if cosine:
             new = _normalize_rows(new)
         new = torch.where(kept[:, None], centers, new)
-        if torch.equal(labels, labels_old):
+        n_iter += 1
+        bar.update()
+        if not changed:
             strict = True
             centers = new
             break
-        shift = float(((new - centers) ** 2).sum())
+        shift = ((new - centers) ** 2).sum().double()
         centers = new
         labels, labels_old = labels_old, labels
-        if shift <= tol:
-            break
-    if not strict:  # one more E-step so that labels match the final centroids
-        _assign(X, centers, cosine, chunk, labels, best)
-    inertia = float(_sq_distances(best, x_sq).sum(dtype=torch.float64))
-    # measured[0] is the initial centroids' inertia; the rest follow iterations
-    curve = torch.stack(measured[1:]).cpu().numpy() if n_iter > 1 else np.empty(0)
-    return centers, labels, inertia, n_iter, np.append(curve, inertia)
+    bar.close()
+    values = torch.stack(measured).cpu().numpy()
+    # values[0] is the initial centroids' inertia; the rest follow M-steps.
+    # On strict convergence the labels (and inertia) are those of the last
+    # E-step, before the final M-step, which moved no label.
+    curve = np.append(values[1:], values[-1]) if strict else values[1:]
+    return centers, labels, float(values[-1]), n_iter, curve
 
 
 def _minibatch_step(
@@ -311,7 +350,7 @@ def _minibatch_step(
     k = centers.shape[0]
     neg_c_sq = None if cosine else -(centers * centers).sum(dim=1)
     labels = _similarity(xb, centers, neg_c_sq).argmax(dim=1)
-    batch_counts = torch.bincount(labels, minlength=k).to(counts.dtype)
+    batch_counts = _counts(labels, k, counts.dtype)  # no read-back, unlike bincount
     sums = torch.zeros_like(centers).index_add_(0, labels, xb)
     new_counts = counts + batch_counts
     denom = new_counts.clamp_min(1.0)
@@ -383,6 +422,33 @@ def _faiss_available() -> bool:
     return True
 
 
+#: Temporary GPU memory faiss may reserve for its distance tiles. faiss's
+#: own default (``StandardGpuResources``) is a fraction of the card's total
+#: memory, taken on top of what torch's caching allocator already holds.
+_FAISS_GPU_TEMP_BYTES = 256 * 1024 * 1024
+
+
+def _faiss_index(faiss: Any, d: int, cosine: bool, device: torch.device) -> tuple:
+    """faiss's flat index for Lloyd's E-step, and its GPU resources.
+
+    On the CPU for a CPU ``device`` (or when faiss sees no GPU). For a CUDA
+    ``device``, on that one GPU (``cuda:N`` is GPU ``N``; ``cuda`` the current
+    one) with at most :data:`_FAISS_GPU_TEMP_BYTES` of temporary memory, after
+    torch's cached, unused blocks are released for it.
+    ``faiss.Kmeans(gpu=True)`` instead replicates the index on every visible
+    GPU, ignores ``cuda:N`` and reserves a share of each card. The resources
+    (None on the CPU) must outlive the index.
+    """
+    index = faiss.IndexFlatIP(d) if cosine else faiss.IndexFlatL2(d)
+    if device.type != "cuda" or faiss.get_num_gpus() == 0:
+        return index, None
+    gpu = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.empty_cache()  # give torch's unused cached blocks to faiss
+    res = faiss.StandardGpuResources()
+    res.setTempMemory(_FAISS_GPU_TEMP_BYTES)
+    return faiss.index_cpu_to_gpu(res, gpu, index), res
+
+
 def _faiss_centers(
     X: torch.Tensor,
     centers: torch.Tensor,
@@ -394,44 +460,47 @@ def _faiss_centers(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """``max_iter`` Lloyd iterations of faiss from our initial centroids.
 
+    ``faiss.Clustering`` with the index of :func:`_faiss_index` (on the GPU
+    of ``X``'s device when it is CUDA), as ``faiss.Kmeans.train`` runs it.
     Also returns faiss's inertia after the first ``max_iter - 1`` iterations
     (the last is measured by the caller).
     """
     faiss = _import_faiss()
     n, d = X.shape
     k = centers.shape[0]
-    use_gpu = X.device.type == "cuda" and faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(
-        d,
-        k,
-        niter=max_iter,
-        nredo=1,
-        spherical=cosine,
-        seed=seed,
-        verbose=bool(verbose),
-        gpu=bool(use_gpu),
-        # faiss subsamples to 256 points per centroid by default; skstego has
-        # already subsampled (max_samples), so train on everything given.
-        min_points_per_centroid=1,
-        max_points_per_centroid=max(1, -(-n // k)),
-    )
+    cp = faiss.ClusteringParameters()
+    cp.niter = max_iter
+    cp.nredo = 1
+    cp.spherical = cosine
+    cp.seed = seed
+    cp.verbose = bool(verbose)
+    # faiss subsamples to 256 points per centroid by default; skstego has
+    # already subsampled (max_samples), so train on everything given.
+    cp.min_points_per_centroid = 1
+    cp.max_points_per_centroid = max(1, -(-n // k))
     x_np = np.ascontiguousarray(X.detach().cpu().numpy(), dtype=np.float32)
     c_np = np.ascontiguousarray(centers.detach().cpu().numpy(), dtype=np.float32)
-    km.train(x_np, init_centroids=c_np)
-    centroids = np.asarray(km.centroids, dtype=np.float32)
-    # faiss's obj[i]: objective of the centroids after i updates (obj[0] the
-    # initial ones); the sum of squared distances, or for spherical k-means
-    # (an inner-product index) the sum of cosines, i.e. inertia n - obj / 2.
-    obj = np.asarray(getattr(km, "obj", ()), dtype=np.float64)
-    if obj.size != max_iter:  # pragma: no cover - older faiss without obj
+    clus = faiss.Clustering(d, k, cp)
+    faiss.copy_array_to_vector(c_np.ravel(), clus.centroids)
+    index, _resources = _faiss_index(faiss, d, cosine, X.device)
+    clus.train(x_np, index)
+    centroids = faiss.vector_float_to_array(clus.centroids).reshape(k, d)
+    # obj[i]: objective of the centroids after i updates (obj[0] the initial
+    # ones); the sum of squared distances, or for spherical k-means (an
+    # inner-product index) the sum of cosines, i.e. inertia n - obj / 2.
+    stats = clus.iteration_stats
+    obj = np.array([stats.at(i).obj for i in range(stats.size())], np.float64)
+    if obj.size != max_iter:  # pragma: no cover - a faiss without the stats
         obj = np.full(max_iter, np.nan)
     elif cosine:
         obj = 2.0 * (n - obj)
+    del index, _resources
+    centroids = np.asarray(centroids, dtype=np.float32)
     return torch.from_numpy(centroids).to(X.device), obj[1:]
 
 
 def _choose_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend="auto"``: torch, on every device.
+    """Resolve ``backend="auto"``: torch, on every device (CUDA included).
 
     Measured on the 2-core CPU of the development machine (1M x 70 float32
     tokens, k=27, same k-means++ start; the machine was shared, so only
@@ -446,9 +515,14 @@ def _choose_backend(backend: str, device: torch.device) -> str:
       runs ``max_iter`` iterations (100 by default): on real data the torch
       backend does far fewer iterations at the default settings;
     * on a GPU the torch loop keeps the tokens on the device, where faiss takes
-      host arrays (a device-to-host copy of all tokens first).
+      host arrays (a device-to-host copy of all tokens first), and allocates
+      through torch's caching allocator, where faiss-GPU needs memory of its
+      own beside it (its temporary memory, the tokens it pages in, the
+      index), which torch's cache may already hold.
 
-    So "auto" is torch; faiss stays available as ``backend="faiss"``.
+    So "auto" is torch; faiss stays available as ``backend="faiss"``, which
+    on CUDA runs on the estimator's GPU only, with bounded temporary memory
+    (:func:`_faiss_index`).
     """
     if backend != "auto":
         return backend
@@ -575,11 +649,17 @@ class KMeansProbe(
     backend : {"auto", "torch", "faiss"}, default="auto"
         Lloyd implementation. ``"torch"``: chunked fused distance/argmax and
         ``index_add_`` (CPU) or one-hot GEMM (GPU) updates, memory bounded,
-        any device. ``"faiss"``:
-        :class:`faiss.Kmeans` (on the GPU when the device is CUDA and faiss
-        sees a GPU); needs the ``faiss`` package; always runs ``max_iter``
-        iterations. ``"auto"`` picks torch: as fast as faiss on the CPU, it
-        honours ``tol`` and keeps the tokens on the GPU.
+        any device. ``"faiss"``: faiss's Lloyd (``faiss.Clustering``, as
+        :class:`faiss.Kmeans` runs it) from the same initial centroids;
+        needs the ``faiss`` package; always runs ``max_iter`` iterations. On
+        a CUDA ``device`` (and a faiss that sees GPUs) its index lives on
+        that one GPU (``cuda:N`` is honoured, unlike
+        ``faiss.Kmeans(gpu=True)``, which takes every GPU), with at most
+        256 MiB of faiss temporary memory, after torch's unused cached
+        blocks are released. ``"auto"`` picks torch, on the CPU and on CUDA:
+        as fast as faiss on the CPU, it honours ``tol``, keeps the tokens on
+        the GPU and allocates through torch's caching allocator, where
+        faiss-GPU needs memory beside it.
 
     temperature : float, default=0.5
         Softness of :meth:`predict_proba`: a softmax of the cosine
@@ -595,7 +675,9 @@ class KMeansProbe(
 
     random_state : int, RandomState instance or None, default=None
         Seeds the subsampling and the initialisation (through a
-        :class:`torch.Generator`). Pass an int for reproducible results.
+        :class:`torch.Generator` on ``device``). Pass an int for
+        reproducible results on a given device type; random streams are
+        device-dependent (see Notes).
 
     verbose : bool, default=False
         Show a tqdm progress bar over the Lloyd iterations of each run (faiss
@@ -663,7 +745,24 @@ class KMeansProbe(
     use ``index_add_`` on the CPU and a one-hot matrix product on a GPU; empty
     clusters are re-seeded with the tokens farthest from their centroid, as
     scikit-learn does. Memory beyond the (sub)sampled tokens is O(n) plus one
-    chunk.
+    chunk. ``init`` and the input may be any float dtype (bfloat16 and
+    float16 included); they are cast to float32.
+
+    Random streams are device-dependent: the generator lives on ``device``,
+    and CPU and CUDA generators give different numbers for one seed, so the
+    ``max_samples`` subsample, the k-means++ / ``"random"`` seeding and the
+    ``"minibatch"`` initial sample differ between a CPU and a CUDA fit with
+    the same ``random_state`` (each is reproducible on its device type).
+    Even from the same initial centroids, CUDA sums tokens in another order
+    (a one-hot matrix product; ``index_add_`` with atomics elsewhere), so a
+    token almost equidistant from two centroids may be labelled differently
+    and the two fits can then drift apart by a few tokens: compare CPU and
+    CUDA results by inertia, scores or agreement of labels, not by exact
+    equality.
+
+    On CUDA, fitting waits for the GPU once per Lloyd iteration (to test
+    convergence; twice more in an iteration that re-seeds an empty
+    cluster) and once per ``"minibatch"`` pass, never per mini-batch step.
 
     ``mapping_`` comes from the confusion matrix of ``labels_`` against ``y``
     over all training tokens (for label maps of another size, from scores
@@ -821,8 +920,7 @@ class KMeansProbe(
         >>> probe.predict(np.array([[3.0, 1.0], [0.1, 1.0]]))
         array([0, 1])
         """
-        c = centroids.detach().cpu().numpy() if is_torch(centroids) else centroids
-        c = np.asarray(c, dtype=np.float32)
+        c = _as_float32(centroids)
         if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
             raise ValueError(
                 f"centroids must be a non-empty 2-D array (k, n_features), got "
@@ -897,9 +995,7 @@ class KMeansProbe(
             )
         init = self.init
         if not isinstance(init, str):
-            init_arr = np.asarray(
-                init.detach().cpu() if is_torch(init) else init, dtype=np.float32
-            )
+            init_arr = _as_float32(init)
             if init_arr.shape != (self.k, self.n_features_in_):
                 raise ValueError(
                     f"init has shape {init_arr.shape}; expected (k, n_features) = "
@@ -979,7 +1075,7 @@ class KMeansProbe(
                 best = (centers, labels, inertia, n_iter, curve)
         centers, labels, inertia, n_iter, curve = best
         del Xs, x_sq, x_sq_init
-        counts = torch.bincount(labels, minlength=self.k).double()
+        counts = _counts(labels, self.k, torch.float64)
         if subsample and not self.compute_labels:
             labels = None
         elif subsample:
@@ -1133,9 +1229,7 @@ class KMeansProbe(
                 )
             init = self.init
             if not isinstance(init, str):
-                init = np.asarray(
-                    init.detach().cpu() if is_torch(init) else init, np.float32
-                )
+                init = _as_float32(init)
                 if init.shape != (self.k, self.n_features_in_):
                     raise ValueError(
                         f"init has shape {init.shape}; expected (k, n_features) "
@@ -1248,6 +1342,14 @@ class KMeansProbe(
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+
+
+def _as_float32(a: Any) -> np.ndarray:
+    """An array-like or tensor of any float dtype (bf16 and fp16 included) as
+    float32 NumPy: NumPy has no bfloat16, so tensors are cast by torch."""
+    if is_torch(a):
+        return a.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(a, dtype=np.float32)
 
 
 def _sample_indices(n_total: int, m: int, gen: torch.Generator) -> torch.Tensor:

@@ -39,7 +39,9 @@ from .._device import (
     is_torch,
     make_generator,
     resolve_device,
+    same_device,
 )
+from .._precision import fast_bf16
 from ..losses import stego_loss
 from ._knn import image_descriptors, nearest_neighbors
 
@@ -178,6 +180,22 @@ def _init_params(
         u = torch.rand(shapes[name], generator=generator, device=device)
         params[name] = ((u * 2 - 1) * bound).requires_grad_(True)
     return params
+
+
+def _autocast_bf16(device: torch.device) -> bool:
+    """Whether training on ``device`` runs the head under bf16 autocast: on
+    CUDA devices where bf16 is native (:func:`skstego._precision.fast_bf16`,
+    compute capability >= 8.0); float32 elsewhere."""
+    return device.type == "cuda" and fast_bf16(device)
+
+
+def _host_seed(seed: int) -> int:
+    """Seed of the host generator that draws batch indices, from the main
+    generator's seed (a splitmix64 step, so the two streams differ)."""
+    z = (seed + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
 
 
 def _head_type(state: Mapping[str, Any]) -> str:
@@ -526,12 +544,21 @@ class StegoProjector(
         Clamp the code correlation at 0.8 from above (the reference's
         ``stabalize``).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
-        Where the head trains and runs; resolved at each call. On CUDA the
-        forward pass and loss run under bf16 autocast.
+        Where the head trains and runs; resolved at each call. On CUDA
+        devices with native bf16 (compute capability >= 8.0, see
+        :func:`skstego._precision.fast_bf16`) the head's matrix products run
+        under bf16 autocast in training; the loss, the feature correlation
+        it follows and ``loss_curve_`` are float32 everywhere, and older
+        GPUs train in float32.
     random_state : int, RandomState instance or None, default=None
         Seeds the :class:`torch.Generator` that draws the initial weights,
         batches, partners, dropout masks and loss samples: an int gives the
-        same head at every fit on a given device type.
+        same head at every fit on a given device type and input placement.
+        Random streams are device-dependent: CPU and CUDA generators give
+        different numbers for one seed, and the batches of input that is
+        not on the training device (NumPy, on-disk, a host tensor when
+        training on CUDA) are drawn by a host generator seeded from it, so a
+        CPU fit and a CUDA fit differ (statistically alike).
     verbose : bool, default=False
         Show a progress bar with the running loss.
     warm_start : bool, default=False
@@ -585,6 +612,13 @@ class StegoProjector(
     batch (and their partners) are moved to the device; torch tensors
     already on the device are used in place. Output is float32; NumPy in
     gives NumPy out, torch in gives torch out on the estimator's device.
+
+    The training loop never waits for the GPU between steps: batch indices
+    are drawn where the input lives (no device-to-host copy of indices),
+    the derangements of the negative term are drawn on the device
+    (:func:`skstego.losses.derangement`), and the loss is read back only
+    every 20 steps for the progress bar (``verbose``) and once at the end
+    for ``loss_curve_``.
 
     References
     ----------
@@ -993,7 +1027,19 @@ class StegoProjector(
         neighbors = nearest_neighbors(descriptors, _KNN_POOL, device=device)
         del descriptors
         n_pool = min(int(self.n_neighbors), neighbors.shape[1])
-        neighbors_t = torch.as_tensor(neighbors[:, :n_pool], device=device)
+        # Batch indices are drawn where X lives, so that reading a batch never
+        # waits for the device: on the device for tensors already there (with
+        # the main generator), on the host for NumPy, on-disk input and host
+        # tensors (with a host generator seeded from the main one's seed --
+        # a host value, so seeding it reads nothing from the device).
+        x_device = X.device if is_torch(X) else torch.device("cpu")
+        if same_device(x_device, device):
+            index_gen, index_device = generator, device
+        else:
+            index_device = torch.device("cpu")
+            index_gen = torch.Generator(device=index_device)
+            index_gen.manual_seed(_host_seed(generator.initial_seed()))
+        neighbors_t = torch.as_tensor(neighbors[:, :n_pool], device=index_device)
 
         batch = min(int(self.batch_size), n)
         neg_samples = int(self.neg_samples) if batch >= 2 else 0
@@ -1013,14 +1059,14 @@ class StegoProjector(
         optimizer = torch.optim.Adam(list(params.values()), lr=float(self.lr))
         if continue_:
             _load_adam(optimizer, params, self.optimizer_state_, device)
-        x_index_device = X.device if is_torch(X) else None
-        autocast = device.type == "cuda"
+        # bf16 autocast for the head's matrix products only, on GPUs where
+        # bf16 is native; the loss (and the feature correlation it targets)
+        # is computed in float32 outside autocast.
+        use_bf16 = _autocast_bf16(device)
 
         def load(idx: torch.Tensor) -> torch.Tensor:
-            if x_index_device is not None:
-                xb = X[idx.to(x_index_device)]
-            else:
-                xb = X[idx.cpu().numpy()]
+            # idx lives on index_device: X's own device, or the host
+            xb = X[idx.to(x_device)] if is_torch(X) else X[idx.numpy()]
             xb = as_tensor(xb, device)
             return xb if xb.ndim == 4 else xb[:, :, None, None]
 
@@ -1042,34 +1088,37 @@ class StegoProjector(
             range(int(self.n_steps)), disable=not self.verbose, desc="StegoProjector"
         )
         for step in bar:
-            idx = torch.randperm(n, generator=generator, device=device)[:batch]
-            pick = torch.randint(n_pool, (batch,), generator=generator, device=device)
+            idx = torch.randperm(n, generator=index_gen, device=index_device)[:batch]
+            pick = torch.randint(
+                n_pool, (batch,), generator=index_gen, device=index_device
+            )
             partner = neighbors_t[idx, pick]
             both = load(torch.cat([idx, partner]))
             d1, d2, d_target = masks(2 * batch)
             # the correlation target: the features, channel-dropped with their
             # own mask when feature_dropout (the reference's cfg.dropout)
             target = both if d_target is None else both * d_target
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 codes = _head_maps(params, both, d1, d2)
-                total, _ = stego_loss(
-                    target[:batch],
-                    codes[:batch],
-                    target[batch:],
-                    codes[batch:],
-                    pos_intra_weight=float(self.pos_intra_weight),
-                    pos_inter_weight=float(self.pos_inter_weight),
-                    neg_weight=float(self.neg_weight),
-                    pos_intra_shift=float(self.pos_intra_shift),
-                    pos_inter_shift=float(self.pos_inter_shift),
-                    neg_shift=float(self.neg_shift),
-                    neg_samples=neg_samples,
-                    feature_samples=samples,
-                    pointwise=bool(self.pointwise),
-                    zero_clamp=bool(self.zero_clamp),
-                    stabilize=bool(self.stabilize),
-                    generator=generator,
-                )
+            codes = codes.float()
+            total, _ = stego_loss(
+                target[:batch],
+                codes[:batch],
+                target[batch:],
+                codes[batch:],
+                pos_intra_weight=float(self.pos_intra_weight),
+                pos_inter_weight=float(self.pos_inter_weight),
+                neg_weight=float(self.neg_weight),
+                pos_intra_shift=float(self.pos_intra_shift),
+                pos_inter_shift=float(self.pos_inter_shift),
+                neg_shift=float(self.neg_shift),
+                neg_samples=neg_samples,
+                feature_samples=samples,
+                pointwise=bool(self.pointwise),
+                zero_clamp=bool(self.zero_clamp),
+                stabilize=bool(self.stabilize),
+                generator=generator,
+            )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
