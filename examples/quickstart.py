@@ -12,8 +12,12 @@ Part 2, the study's comparison on features: every reducer with the cluster probe
 and the linear probe, on raw pixel patches of the scenes and on DINO-like feature
 maps whose class information hides in a few of 384 directions.
 
-Run ``python examples/quickstart.py`` (about a minute on two CPU cores), or
-segment your own images with ``python examples/quickstart.py --images DIR``.
+Run ``python examples/quickstart.py``, or segment your own images with
+``python examples/quickstart.py --images DIR``. Each step prints a line when it
+starts and its time when it ends, and the featurizer shows a progress bar.
+Measured on a 2-core CPU machine (24 GiB): 28 s when idle (1.8 GB peak memory),
+8 min 13 s while other jobs kept its load average near 6; part 1 is mostly the
+ViT-S/8 forward passes, part 2 the 20 reducer x probe fits.
 """
 
 # %%
@@ -52,7 +56,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # %% Part 1: images -> DINO features -> PCA -> k-means
 def make_featurizer(model: str, weights: str | None, resolution: int):
     """The DINO featurizer; a random backbone (said in one line) when offline."""
-    featurizer = DinoFeaturizer(model, weights=weights, resolution=resolution)
+    featurizer = DinoFeaturizer(
+        model, weights=weights, resolution=resolution, verbose=True
+    )
     try:
         featurizer.fit_transform(np.zeros((1, resolution, resolution, 3), np.uint8))
     except RuntimeError:  # weights unreachable offline
@@ -98,6 +104,11 @@ def segment_scenes(featurizer, resolution: int, out: Path) -> None:
             ("reduce", TorchPCA(dim=16)),
             ("probe", KMeansProbe(k=N_CLASSES, random_state=SEED)),
         ]
+    )
+    print(
+        f"part 1: {len(images)} scenes of {resolution} px through the DINO "
+        "backbone, PCA and k-means (the slowest step on a CPU)...",
+        flush=True,
     )
     start = time.perf_counter()
     pipe.fit(images[train])  # no labels: unsupervised
@@ -199,6 +210,11 @@ def evaluate(name: str, maps: np.ndarray, labels: np.ndarray) -> list[tuple]:
             acc = accuracy_scorer(pipe, Xva, yva)
             seconds = time.perf_counter() - start
             rows.append((name, reducer_name, probe_name, miou, acc, seconds))
+            print(
+                f"{name:<10} {reducer_name:<12} {probe_name:<8} {100 * miou:6.1f} "
+                f"{100 * acc:6.1f} {seconds:6.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -206,17 +222,13 @@ def compare_reducers() -> None:
     images, scene_labels = make_scenes(
         120, size=64, n_classes=N_CLASSES, random_state=SEED
     )
-    rows = evaluate("scenes", patch_features(images), scene_labels)
+    print("part 2: every reducer with the cluster and the linear probe", flush=True)
+    print(f"{'data':<10} {'reducer':<12} {'probe':<8} {'mIoU':>6} {'acc':>6} {'s':>6}")
+    evaluate("scenes", patch_features(images), scene_labels)
     maps, map_labels = make_feature_maps(
         120, n_features=384, n_classes=N_CLASSES, label_size=64, random_state=SEED
     )
-    rows += evaluate("DINO-like", maps, map_labels)
-    print(f"{'data':<10} {'reducer':<12} {'probe':<8} {'mIoU':>6} {'acc':>6} {'s':>6}")
-    for data, reducer, probe, miou, acc, seconds in rows:
-        print(
-            f"{data:<10} {reducer:<12} {probe:<8} {100 * miou:6.1f} {100 * acc:6.1f} "
-            f"{seconds:6.2f}"
-        )
+    evaluate("DINO-like", maps, map_labels)
 
 
 # %%
