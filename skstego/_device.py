@@ -18,6 +18,7 @@ This is the one boundary every skstego estimator goes through:
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -111,13 +112,86 @@ def is_torch(X: Any) -> bool:
     return isinstance(X, torch.Tensor)
 
 
-def check_finite_tensor(X: torch.Tensor, name: str = "X") -> None:
+#: Outputs of estimators' transform/predict (apply_tokenwise), by id: a weak
+#: reference to the output and the step that made it ("TorchPCA.transform").
+#: When the next step finds NaN in its input, the message names that step
+#: rather than blaming the user's (finite) data.
+_PRODUCERS: dict[int, tuple[Any, str]] = {}
+
+
+def _record_producer(Y: Any, name: str | None) -> None:
+    if name is None:
+        return
+    key = id(Y)
+    try:
+        ref = weakref.ref(Y, lambda _, key=key: _PRODUCERS.pop(key, None))
+    except TypeError:
+        return
+    _PRODUCERS[key] = (ref, name)
+
+
+def _producer(X: Any) -> str | None:
+    """The estimator method that returned ``X`` (still alive), if any."""
+    hit = _PRODUCERS.get(id(X))
+    if hit is None or hit[0]() is not X:
+        return None
+    return hit[1]
+
+
+def _calling_method() -> str | None:
+    """``Estimator.method`` of the outermost call of one estimator on the stack.
+
+    Looks a few frames up from the caller of :func:`apply_tokenwise` for a
+    method of a skstego estimator (``self`` a :class:`TorchEstimatorMixin`)
+    and returns its public entry (``transform`` rather than ``_transform``).
+    """
+    frame = sys._getframe(2)
+    owner, name = None, None
+    for _ in range(8):
+        if frame is None:
+            break
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, TorchEstimatorMixin) and (owner is None or obj is owner):
+            code = frame.f_code.co_name
+            if name is None or (not code.startswith("_") and code != "wrapped"):
+                owner, name = obj, code
+        elif owner is not None:
+            break
+        frame = frame.f_back
+    if owner is None:
+        return None
+    return f"{type(owner).__name__}.{name}"
+
+
+def _non_finite_message(X: Any, name: str = "X", estimator: Any = None) -> str:
+    """Why ``X`` holds NaN or infinity, naming the step that made it if known."""
+    where = f" of {type(estimator).__name__}" if estimator is not None else ""
+    producer = _producer(X)
+    if producer is not None:
+        hint = (
+            " (a lower lr, or stabilize=True)"
+            if producer.startswith("StegoProjector.")
+            else ""
+        )
+        return (
+            f"Input {name}{where} contains NaN or infinity, produced by "
+            f"{producer} (the step before it, e.g. in a Pipeline) from finite "
+            f"input: that step is at fault, not your data. Refit it{hint} or "
+            "check its fitted attributes."
+        )
+    return (
+        f"Input {name}{where} contains NaN or infinity; remove or impute those "
+        "values before calling skstego (if it comes from your own "
+        "preprocessing, check that step's output)."
+    )
+
+
+def check_finite_tensor(
+    X: torch.Tensor, name: str = "X", estimator: Any = None
+) -> None:
     """Raise a clear ValueError when a tensor holds NaN or infinity."""
     if X.is_floating_point() and X.numel() and not bool(torch.isfinite(X).all()):
-        raise ValueError(
-            f"Input {name} contains NaN or infinity; remove or impute those values "
-            "before calling skstego."
-        )
+        raise ValueError(_non_finite_message(X, name, estimator))
 
 
 def check_features(
@@ -172,7 +246,7 @@ def check_features(
             )
         if X.is_complex() or X.dtype == torch.bool:
             raise ValueError(f"Expected a real-valued tensor, got dtype {X.dtype}.")
-        check_finite_tensor(X)
+        check_finite_tensor(X, estimator=estimator)
         n_features = X.shape[1]
         _check_counts(X.shape[0], n_features, min_samples, tuple(X.shape))
         _check_n_features(estimator, n_features, reset)
@@ -189,14 +263,29 @@ def check_features(
         _check_counts(shape[0], shape[1], min_samples, shape)
         _check_n_features(estimator, shape[1], reset)
         return X if isinstance(X, LazyFeatures) else LazyFeatures(X)
-    X = validate_data(
-        estimator,
-        X,
-        reset=reset,
-        allow_nd=True,
-        dtype=[np.float32, np.float64],
-        ensure_min_samples=min_samples,
-    )
+    ndim = np.ndim(X) if isinstance(X, np.ndarray) else None
+    if ndim is not None and ndim not in allowed_ndim and ndim != 1:
+        # before validate_data, whose sample count of a 5-D array misleads
+        raise ValueError(f"Expected {layouts}, got an array of shape {X.shape}.")
+    if isinstance(X, np.ndarray) and X.dtype.kind == "c":
+        raise ValueError(
+            f"Complex data not supported: expected real-valued features, got "
+            f"dtype {X.dtype}; pass X.real or np.abs(X)."
+        )
+    source = X
+    try:
+        X = validate_data(
+            estimator,
+            X,
+            reset=reset,
+            allow_nd=True,
+            dtype=[np.float32, np.float64],
+            ensure_min_samples=min_samples,
+        )
+    except ValueError as exc:
+        if str(exc).startswith("Input X contains"):
+            raise ValueError(_non_finite_message(source, "X", estimator)) from None
+        raise
     if X.ndim not in allowed_ndim:
         raise ValueError(f"Expected {layouts}, got an array of shape {X.shape}.")
     _check_counts(X.shape[0], X.shape[1], min_samples, X.shape)
@@ -616,6 +705,7 @@ def apply_tokenwise(
         NumPy for NumPy input, torch on ``device`` for torch input.
     """
     torch_in = is_torch(X)
+    producer = _calling_method()
     n = X.shape[0]
     per_row = int(np.prod(X.shape[1:])) + out_features * int(np.prod(X.shape[2:]))
     if batch_size is None:
@@ -637,7 +727,9 @@ def apply_tokenwise(
                 yb = fn(xb)
             outputs.append(yb if torch_in else yb.cpu())
     Y = torch.cat(outputs) if len(outputs) != 1 else outputs[0]
-    return to_output(Y, X)
+    Y = to_output(Y, X)
+    _record_producer(Y, producer)
+    return Y
 
 
 def make_generator(random_state: Any, device: torch.device) -> torch.Generator:

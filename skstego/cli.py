@@ -31,7 +31,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -102,13 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, argparse usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     if getattr(args, "command", None) is None:
-        parser.print_usage(sys.stderr)
         print(
-            "skstego: error: choose a command: segment, fit, evaluate or sweep",
+            "skstego: error: choose a command: segment, fit, evaluate or sweep "
+            "(see skstego --help)",
             file=sys.stderr,
         )
         return EXIT_USAGE
     try:
+        _check_files(args)
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(args.run(args))
@@ -120,6 +121,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(exc)
         return EXIT_USAGE
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (and a pointer to --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+        )
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    """Refuse missing or unreadable --pipeline / --checkpoint / --weights files
+    before any work, naming the option."""
+    if getattr(args, "random_weights", False) and getattr(args, "weights", None):
+        raise UsageError("--random-weights and --weights exclude each other.")
+    for option in ("pipeline", "checkpoint", "weights"):
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        flag = f"--{option}"
+        if os.path.isdir(value):
+            raise UsageError(f"{flag} {value!r} is a folder; pass the file itself.")
+        if not os.path.isfile(value):
+            raise UsageError(
+                f"{flag} {value!r} does not exist (paths are resolved from "
+                f"{os.getcwd()!r})."
+            )
+        if option != "pipeline" and not value.endswith(".safetensors"):
+            from .features._dino import _check_torch_file
+
+            what = "checkpoint" if option == "checkpoint" else "weights file"
+            try:
+                _check_torch_file(Path(value), what)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
 
 
 def _show_warning(
@@ -146,7 +184,7 @@ def _one_line(text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="skstego",
         description="Unsupervised semantic segmentation with DINO features "
         "(STEGO and its baselines).",
@@ -586,6 +624,32 @@ def _collect(
     return items, missing
 
 
+def _no_images(arguments: Iterable[str]) -> str:
+    """Why the IMAGES arguments gave no image: missing paths differ from
+    folders (or files) that exist but hold no image."""
+    missing = [a for a in arguments if not os.path.exists(a)]
+    if missing:
+        return (
+            "no images found: "
+            + ", ".join(repr(a) for a in missing)
+            + (" does" if len(missing) == 1 else " do")
+            + f" not exist (paths are resolved from {os.getcwd()!r})."
+        )
+    return (
+        "no images found in "
+        + ", ".join(repr(a) for a in arguments)
+        + f": the folder holds no image files (extensions: "
+        f"{' '.join(IMAGE_EXTENSIONS)})."
+    )
+
+
+def _none_readable(items: list[_Item]) -> str:
+    """The error when every image failed, naming the first one and why."""
+    failed = [item for item in items if item.status == "failed"]
+    first = f" (first: {failed[0].path}: {failed[0].error})" if failed else ""
+    return f"none of the {len(items)} images could be read{first}; nothing to fit."
+
+
 def _assign_outputs(items: list[_Item], out: Path) -> None:
     """Output paths ``out/<name without extension>_{label,overlay}.png``.
 
@@ -996,11 +1060,7 @@ def _segment(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} exists and is not a folder.")
     items, missing = _collect(args.images, exclude=out)
     if not items:
-        raise UsageError(
-            "no images found in "
-            + ", ".join(repr(a) for a in args.images)
-            + f" (extensions: {' '.join(IMAGE_EXTENSIONS)})."
-        )
+        raise UsageError(_no_images(args.images))
     _assign_outputs(items, out)
     _check_device(args.device)
     crf = _load_crf(args.device) if args.crf else None
@@ -1222,7 +1282,7 @@ def _fit_on(
         bar.update(len(part))
     bar.close()
     if not tokens:
-        raise UsageError("none of the images could be read; nothing to fit.")
+        raise UsageError(_none_readable(items))
     X = np.concatenate(tokens)
     if not isinstance(reducer, str) and not _is_fitted(reducer):
         dim = getattr(reducer, "dim", None)
@@ -1330,9 +1390,7 @@ def _fit(args: argparse.Namespace) -> int:
         raise UsageError("--probe linear needs --labels DIR (a supervised probe).")
     items, missing = _collect(args.images)
     if not items:
-        raise UsageError(
-            "no images found in " + ", ".join(repr(a) for a in args.images) + "."
-        )
+        raise UsageError(_no_images(args.images))
     _check_device(args.device)
     label_files = None
     if args.labels:
@@ -1371,7 +1429,7 @@ def _fit(args: argparse.Namespace) -> int:
     for item in failed:
         print(f"skstego: failed: {item.path}: {item.error}", file=sys.stderr)
     if not maps:
-        raise UsageError("none of the images could be read; nothing to fit.")
+        raise UsageError(_none_readable(items))
     X = np.concatenate(maps)
     y = np.stack(labels) if label_files else None
     if not isinstance(reducer, str):

@@ -212,6 +212,13 @@ def load(path: str | os.PathLike, *, device: Any = None) -> Any:
     True
     """
     where = os.fspath(path)
+    if os.path.isdir(where):
+        found = sorted(Path(where).glob("*.skstego"))
+        hint = f" ({found[0].name} is one)" if found else ""
+        raise IsADirectoryError(
+            f"Model file {where!r} is a directory; pass the .skstego file "
+            f"inside it{hint}, e.g. OUT/pipeline.skstego from `skstego segment`."
+        )
     if not os.path.isfile(where):
         raise FileNotFoundError(f"Model file {where!r} does not exist.")
     manifest, blob = _read_archive(where)
@@ -230,6 +237,13 @@ def load(path: str | os.PathLike, *, device: Any = None) -> Any:
     except _FormatError as exc:
         raise ValueError(
             f"{where!r} is not a valid skstego model file: {exc}"
+        ) from None
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        # an edited manifest whose entries have the wrong types
+        raise ValueError(
+            f"{where!r} is not a valid skstego model file: its manifest is "
+            f"malformed ({type(exc).__name__}: {exc}); write the file again "
+            "with skstego.io.save or `skstego fit` rather than editing it."
         ) from None
 
 

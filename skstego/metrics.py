@@ -115,6 +115,47 @@ def integer_labels(y: Any, name: str = "y") -> np.ndarray | torch.Tensor:
     )
 
 
+#: Most cells a confusion matrix may have (int64: 512 MiB). A label id far
+#: beyond the number of classes (a raw 16-bit id, 10**9) would otherwise ask
+#: for a matrix of that many rows.
+MAX_CONFUSION_CELLS = 2**26
+
+
+def check_confusion_size(
+    n_classes: int,
+    n_pred: int,
+    top_true: int | None = None,
+    top_pred: int | None = None,
+) -> None:
+    """Raise a ValueError when a (n_classes, n_pred) matrix would be too large.
+
+    A huge label id is reported rather than allocated. ``top_true`` and
+    ``top_pred`` are the largest ids found (default ``n_classes - 1`` and
+    ``n_pred - 1``).
+    """
+    cells = int(n_classes) * int(n_pred)
+    if cells > MAX_CONFUSION_CELLS:
+        top_true = int(n_classes) - 1 if top_true is None else int(top_true)
+        top_pred = int(n_pred) - 1 if top_pred is None else int(top_pred)
+        raise ValueError(
+            f"Labels up to {top_true} and predictions up to {top_pred} would "
+            f"need a {int(n_classes)} x {int(n_pred)} confusion matrix "
+            f"({cells * 8 / 2**30:.3g} GiB), more than {MAX_CONFUSION_CELLS} "
+            "cells. Labels must be consecutive class ids 0 .. n_classes - 1 "
+            "(-1 to ignore): map raw label ids to them first (e.g. with "
+            "skstego.datasets.LabelRemap), and mark ignored pixels -1."
+        )
+
+
+def _check_count(value: Any, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}.")
+
+
 def _as_labels(y: Any, name: str) -> torch.Tensor:
     t = integer_labels(y, name)
     if isinstance(t, torch.Tensor):
@@ -186,6 +227,8 @@ def _count(
     The support also counts pixels whose prediction is negative, so that they
     count as misses.
     """
+    _check_count(n_classes, "n_classes")
+    _check_count(n_pred, "n_pred")
     t = _as_labels(y_true, "y_true")
     p = _as_labels(y_pred, "y_pred").to(t.device)
     if t.numel() != p.numel():
@@ -218,6 +261,7 @@ def _count(
             f"y_pred holds ids up to {top_pred}, but n_pred={n_pred}: pass "
             f"n_pred >= {top_pred + 1}."
         )
+    check_confusion_size(n_classes, n_pred, top, top_pred)
     valid = (t >= 0) & (t != ignore_index)
     support = torch.bincount(t[valid], minlength=n_classes)
     t, p = t[valid], p[valid]
@@ -225,6 +269,31 @@ def _count(
     idx = t[predicted] * n_pred + p[predicted]
     counts = torch.bincount(idx, minlength=n_classes * n_pred)
     return counts.reshape(n_classes, n_pred).cpu().numpy(), support.cpu().numpy()
+
+
+def _checked_confusion(confusion: Any, dtype: Any) -> np.ndarray:
+    """A confusion matrix as a 2-D array of finite, non-negative counts."""
+    conf = np.asarray(confusion)
+    if conf.ndim != 2:
+        raise ValueError(
+            f"confusion must be a 2-D matrix (n_classes, n_pred), as returned "
+            f"by confusion_matrix, got shape {conf.shape}."
+        )
+    if conf.dtype.kind not in "iubf":
+        raise ValueError(
+            f"confusion must hold counts (numbers), got dtype {conf.dtype}."
+        )
+    if conf.size and not np.all(np.isfinite(conf)):
+        raise ValueError(
+            "confusion holds NaN or infinity; it must hold pixel counts, as "
+            "returned by confusion_matrix."
+        )
+    if conf.size and conf.min() < 0:
+        raise ValueError(
+            "confusion holds negative counts; it must hold pixel counts, as "
+            "returned by confusion_matrix."
+        )
+    return conf.astype(dtype, copy=False)
 
 
 def hungarian_match(confusion: Any) -> np.ndarray:
@@ -251,9 +320,7 @@ def hungarian_match(confusion: Any) -> np.ndarray:
     >>> hungarian_match([[0, 5, 1], [4, 0, 0]])
     array([ 1,  0, -1])
     """
-    conf = np.asarray(confusion, dtype=np.float64)
-    if conf.ndim != 2:
-        raise ValueError(f"confusion must be 2-D, got shape {conf.shape}.")
+    conf = _checked_confusion(confusion, np.float64)
     mapping = np.full(conf.shape[1], -1, dtype=np.int64)
     if conf.shape[0] == conf.shape[1]:
         # clusters as rows, as the STEGO reference solves the square problem:
@@ -406,9 +473,7 @@ def report_from_confusion(
             f"matching must be 'identity' or 'hungarian', got {matching!r}."
         )
     _check_extra_clusters(extra_clusters)
-    conf = np.asarray(confusion, dtype=np.int64)
-    if conf.ndim != 2:
-        raise ValueError(f"confusion must be 2-D, got shape {conf.shape}.")
+    conf = _checked_confusion(confusion, np.int64)
     if extra_clusters == "reference":
         return _warn_if_empty(_reference_report(conf, matching == "hungarian"))
     mapping = hungarian_match(conf) if matching == "hungarian" else None

@@ -19,9 +19,22 @@ from skstego import (
 # tiny data of the checks (sklearn does the same for its own estimators).
 ESTIMATORS = [
     TorchPCA(),
+    # every solver (only "auto" and "covariance_eigh" have partial_fit), and
+    # the whitening and standardising variants
+    TorchPCA(solver="covariance_eigh"),
+    TorchPCA(solver="full"),
+    TorchPCA(solver="randomized", random_state=0),
+    TorchPCA(whiten=True),
+    TorchPCA(standardize=True),
     RandomProjection(dim=2),
+    RandomProjection(dim=2, kind="sparse"),
+    # both metrics, both algorithms
     KMeansProbe(k=3),
+    KMeansProbe(k=3, metric="euclidean"),
+    KMeansProbe(k=3, algorithm="minibatch", batch_size=16),
+    KMeansProbe(k=3, metric="euclidean", algorithm="minibatch", batch_size=16),
     LinearProbe(),
+    LinearProbe(solver="lbfgs"),
     StegoProjector(dim=2, n_steps=5, batch_size=4),
     HNNEProjector(dim=2),
     HNNEClusterProbe(k=3),

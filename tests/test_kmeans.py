@@ -741,3 +741,31 @@ def test_faiss_backend_uses_faiss_index(digits, monkeypatch):
     ).fit(X)
     assert placed == [(64, False, torch.device("cpu"))]
     assert faiss.get_num_gpus() >= 0 and probe.n_iter_ == 5
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_huge_values_do_not_overflow(scale):
+    # issue 18: float32 squared norms overflowed at 1e19 -> one cluster
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(5, 1, (50, 4)), rng.normal(-5, 1, (50, 4))])
+    X = X.astype(np.float32)
+    ref = KMeans(2, n_init=1, random_state=0).fit(X.astype(np.float64))
+    probe = KMeansProbe(k=2, metric="euclidean", device="cpu", random_state=0)
+    probe.fit(X * np.float32(scale))
+    assert adjusted_rand_score(ref.labels_, probe.labels_) == 1.0
+    assert adjusted_rand_score(ref.labels_, probe.predict(X * np.float32(scale))) == 1
+    assert probe.inertia_ / scale**2 == pytest.approx(ref.inertia_, rel=1e-4)
+    assert -probe.score(X * np.float32(scale)) / scale**2 == pytest.approx(
+        ref.inertia_, rel=1e-4
+    )
+
+
+def test_degenerate_input_warns_like_sklearn():
+    from sklearn.exceptions import ConvergenceWarning
+
+    X = np.ones((10, 2), dtype=np.float32)
+    with pytest.warns(ConvergenceWarning, match="distinct clusters"):
+        KMeans(3, n_init=1).fit(X)
+    for kw in ({}, {"algorithm": "minibatch"}):
+        with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(1\)"):
+            KMeansProbe(k=3, metric="euclidean", device="cpu", **kw).fit(X)

@@ -169,8 +169,12 @@ def test_partial_fit_dim_none_keeps_all_features(digits):
 
 
 def test_partial_fit_errors(digits):
-    with pytest.raises(ValueError, match="solver='auto' or 'covariance_eigh'"):
-        TorchPCA(2, solver="full").partial_fit(digits)
+    for solver in ("full", "randomized"):
+        # only the covariance solver streams: the method is absent elsewhere
+        assert not hasattr(TorchPCA(2, solver=solver), "partial_fit")
+        with pytest.raises(AttributeError, match="partial_fit"):
+            TorchPCA(2, solver=solver).partial_fit(digits)
+    assert hasattr(TorchPCA(2, solver="covariance_eigh"), "partial_fit")
     pca = TorchPCA(2, solver="full").fit(digits)
     pca.set_params(solver="auto")
     with pytest.raises(ValueError, match="cannot continue a fit made with the 'full'"):

@@ -94,7 +94,10 @@ def _read_image(path: str) -> np.ndarray:
                 return np.repeat(arr[:, :, None], 3, axis=2)
             return np.asarray(img.convert("RGB"))
     except Exception as exc:
-        raise OSError(f"Cannot read image file {path!r}: {exc}") from exc
+        raise OSError(
+            f"Cannot read image file {path!r}: {exc} (not an image, or a "
+            "truncated download: replace or remove the file)"
+        ) from exc
 
 
 def _read_label(path: str) -> np.ndarray:

@@ -235,8 +235,18 @@ def _require_dir(path: str, what: str) -> None:
 
 def _check_root(root: Any) -> str:
     root = os.fspath(root)
+    if os.path.isfile(root):
+        raise NotADirectoryError(
+            f"Dataset root {root!r} is a file, not a directory; pass the "
+            "dataset's folder "
+            "(the one holding its image folders)."
+        )
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"Dataset root {root!r} is not a directory.")
+        raise FileNotFoundError(
+            f"Dataset root {root!r} is not a directory: it does not exist; "
+            "check the path (it is "
+            f"resolved from {os.getcwd()!r} when relative)."
+        )
     return root
 
 
@@ -266,7 +276,7 @@ def _collection(
     kwargs: dict[str, Any],
 ) -> ImageCollection:
     if not images:
-        raise FileNotFoundError(f"No images found in {where!r}.")
+        raise FileNotFoundError(_no_images(where))
     for key in ("label_fn", "classes", "palette"):
         if key in kwargs:
             raise TypeError(f"This loader sets {key} itself; do not pass it.")
@@ -620,5 +630,28 @@ class _KeepBut255:
 
 def _nonempty(images: list[str], where: str) -> list[str]:
     if not images:
-        raise FileNotFoundError(f"No images found in {where!r}.")
+        raise FileNotFoundError(_no_images(where))
     return images
+
+
+def _no_images(where: str) -> str:
+    """Why a folder that exists gave no images: empty, or other files only."""
+    if os.path.isfile(where):
+        return (
+            f"No images: the image list {where!r} is empty; restore "
+            "it from the dataset's download."
+        )
+    try:
+        entries = os.listdir(where) if os.path.isdir(where) else []
+    except OSError:
+        entries = []
+    if not entries:
+        return (
+            f"No images in {where!r}: the folder exists but is empty; put "
+            "the dataset's images there (or pass the split that holds them)."
+        )
+    shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+    return (
+        f"No images found in {where!r}: it holds {len(entries)} entries "
+        f"({shown}) but no image files ({', '.join(_IMAGE_EXTENSIONS)})."
+    )

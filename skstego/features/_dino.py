@@ -881,6 +881,7 @@ def _dino_layout(state: Any) -> bool:
 
 def _read_checkpoint(path: Path, *, mmap: bool = False) -> Any:
     """``torch.load`` a file safely: tensors, containers and argparse.Namespace."""
+    _check_torch_file(path)
     try:
         # DINO training checkpoints pickle their command line as
         # argparse.Namespace under "args": the one class allowed besides
@@ -897,7 +898,11 @@ def _read_checkpoint(path: Path, *, mmap: bool = False) -> Any:
                 return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        what = f" (it names {found.group(1)})" if found else ""
+        if not found:
+            # not a checkpoint torch can parse; torch's message would advise
+            # weights_only=False, which skstego never does
+            raise ValueError(_not_a_checkpoint(path, _unpickler_reason(exc))) from None
+        what = f" (it names {found.group(1)})"
         raise ValueError(
             f"Refusing to read the weights file {str(path)!r}: it holds objects "
             f"other than tensors, plain containers and argparse.Namespace{what}, "
@@ -906,10 +911,58 @@ def _read_checkpoint(path: Path, *, mmap: bool = False) -> Any:
             "never loads checkpoints with weights_only=False."
         ) from exc
     except Exception as exc:
+        if isinstance(exc, (KeyError, EOFError, UnicodeDecodeError)):
+            # what torch's unpickler raises on bytes that are no pickle
+            raise ValueError(
+                _not_a_checkpoint(path, f"{type(exc).__name__}: {exc}")
+            ) from None
         raise ValueError(
             f"Could not read the weights file {str(path)!r}: {type(exc).__name__}: "
-            f"{exc}"
+            f"{_without_torch_advice(str(exc))}"
         ) from exc
+
+
+#: How the files torch.save writes begin: a zip archive (PyTorch >= 1.6) or
+#: a pickle (protocol 2 or later: the legacy format)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_checkpoint(path: Path, why: str, what: str = "weights file") -> str:
+    return (
+        f"The {what} {str(path)!r} is not a PyTorch checkpoint "
+        f"({why}): pass a file written by torch.save (.pth, .pt) or a "
+        ".safetensors file, e.g. the DINO checkpoint downloaded from "
+        "https://github.com/facebookresearch/dino (a Git LFS pointer or an "
+        "HTML error page is not the file itself)."
+    )
+
+
+def _check_torch_file(path: Path, what: str = "weights file") -> None:
+    """Refuse a file that cannot be a torch checkpoint, naming what it starts with."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return  # torch.load reports it
+    if not head:
+        raise ValueError(_not_a_checkpoint(path, "the file is empty", what))
+    if not head.startswith(_TORCH_MAGIC):
+        text = head.split(b"\n")[0][:40].decode("utf-8", "replace")
+        raise ValueError(_not_a_checkpoint(path, f"it begins with {text!r}", what))
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The unpickler's own complaint in torch's weights-only error message."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
+    return found.group(1).strip() if found else "it cannot be unpickled"
+
+
+def _without_torch_advice(text: str) -> str:
+    """``text`` without torch's advice to set weights_only=False."""
+    if "weights_only" not in text:
+        return text
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return found.group(1).strip() if found else "torch.load refused it"
 
 
 def load_weights(net: torch.nn.Module, path: Path) -> None:
@@ -1004,21 +1057,43 @@ def _check_batch(X: Any) -> np.ndarray | torch.Tensor:
     """Validate an image batch: (N, H, W, C) NumPy or (N, C, H, W) tensor."""
     if isinstance(X, np.ndarray):
         if X.ndim != 4 or X.shape[-1] not in (1, 3, 4):
+            if X.ndim == 4 and X.shape[1] in (1, 3, 4):
+                fix = "for channels-first images use X.transpose(0, 2, 3, 1)"
+            elif X.ndim == 3 and X.shape[-1] in (1, 3, 4):
+                fix = "for one image use X[None]"
+            else:
+                fix = "channels last: 3 (RGB), 1 (grey) or 4 (RGBA)"
             raise ValueError(
                 "Expected NumPy images of shape (N, H, W, 3) (or 1 / 4 channels), "
-                f"got an array of shape {X.shape}; for one image use X[None]."
+                f"got an array of shape {X.shape}; {fix}."
             )
         if X.dtype != np.uint8:
+            if X.dtype.kind == "f":
+                fix = (
+                    "convert [0, 1] floats with (X * 255).round().astype(np.uint8), "
+                    "or pass a float torch tensor (N, 3, H, W) in [0, 1]"
+                )
+            elif X.dtype.kind == "b":
+                fix = "convert a mask with X.astype(np.uint8) * 255"
+            elif X.dtype.kind in "iu":
+                fix = "convert 0-255 integers with X.astype(np.uint8)"
+            else:
+                fix = "pass uint8 RGB values in 0-255"
             raise ValueError(
-                f"Expected uint8 NumPy images, got dtype {X.dtype}; convert with "
-                "(X * 255).round().astype(np.uint8) for [0, 1] floats, or pass "
-                "a float torch tensor (N, 3, H, W) in [0, 1]."
+                f"Expected uint8 NumPy images, got dtype {X.dtype}; {fix}."
             )
     else:
         if X.ndim != 4 or X.shape[1] not in (1, 3, 4):
+            fix = (
+                "; for channels-last images use X.permute(0, 3, 1, 2)"
+                if X.ndim == 4 and X.shape[-1] in (1, 3, 4)
+                else "; for one image use X[None]"
+                if X.ndim == 3 and X.shape[0] in (1, 3, 4)
+                else ""
+            )
             raise ValueError(
                 "Expected a tensor of images of shape (N, 3, H, W) (or 1 / 4 "
-                f"channels), got shape {tuple(X.shape)}."
+                f"channels), got shape {tuple(X.shape)}{fix}."
             )
         if X.dtype != torch.uint8 and not X.is_floating_point():
             raise ValueError(
@@ -1233,10 +1308,12 @@ class _Runner:
         if self.crop == "center" and any(self.resolution % q for q in self.patch):
             q = self.patch[0]
             lower, upper = self.resolution // q * q, -(-self.resolution // q) * q
+            # never suggest 0 (a resolution below one patch)
+            choices = f"{lower} or {upper}" if lower > 0 else f"{upper}"
             raise ValueError(
                 f"resolution={self.resolution} is not a multiple of the patch size "
                 f"{q} of this model, so a center crop cannot be cut into patches; "
-                f"use e.g. {lower} or {upper} (or crop='none')."
+                f"use e.g. {choices} (or crop='none')."
             )
         n_blocks = len(net.blocks)
         layer = int(est.layer)
@@ -1481,9 +1558,21 @@ def _array_batches(
 def _check_unit_range(x: torch.Tensor) -> None:
     lo, hi = torch.aminmax(x)
     if not (float(lo) >= -1e-3 and float(hi) <= 1 + 1e-3):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                "Float images contain NaN or infinity; pass finite values in "
+                "[0, 1] (or uint8 images in 0-255)."
+            )
+        hint = (
+            "; for 0-255 values pass x.round().to(torch.uint8)"
+            if float(lo) >= 0 and float(hi) <= 255
+            else "; rescale them, e.g. (x - x.min()) / (x.max() - x.min()), "
+            "or undo the normalisation first (the featurizer normalises "
+            "itself)"
+        )
         raise ValueError(
             "Float images must lie in [0, 1] (got values in "
-            f"[{float(lo):.3g}, {float(hi):.3g}]); pass uint8 for 0-255 images."
+            f"[{float(lo):.3g}, {float(hi):.3g}]){hint}."
         )
 
 

@@ -20,6 +20,7 @@ which normalise every (upsampled) code first.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,9 +39,10 @@ from .._device import (
     to_output,
     tokens_to_maps,
 )
-from ..metrics import integer_labels
+from ..metrics import check_confusion_size, integer_labels
 
 __all__ = [
+    "check_size",
     "check_targets",
     "check_upsample",
     "predict_labels",
@@ -56,6 +58,22 @@ def check_upsample(upsample: str) -> str:
     if upsample not in _UPSAMPLE:
         raise ValueError(f"upsample must be 'scores' or 'codes', got {upsample!r}.")
     return upsample
+
+
+def check_size(size: Any) -> tuple[int, int]:
+    """Validate an output ``size=(H, W)``: two positive integers."""
+    try:
+        if any(isinstance(v, bool | np.bool_) for v in size):
+            raise TypeError
+        pair = tuple(operator.index(v) for v in size)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(
+            "size must be (H, W), two positive integers (the label maps' height "
+            f"and width, e.g. labels.shape[-2:]), got {size!r}."
+        )
+    return pair
 
 
 def _same_aspect(small: tuple[int, int], big: tuple[int, int]) -> bool:
@@ -184,9 +202,7 @@ def predict_labels(
     check_upsample(upsample)
     label_fn = label_fn or (lambda ids: ids)
     if X.ndim == 4 and size is not None:
-        size = tuple(int(s) for s in size)
-        if len(size) != 2:
-            raise ValueError(f"size must be (H, W), got {size!r}.")
+        size = check_size(size)
     out = []
     for _, ids in _argmax_batches(score_fn, X, device, n_outputs, size, upsample):
         ids = label_fn(ids)
@@ -204,6 +220,7 @@ def scored_confusion(
     n_classes: int,
     ignore_index: int = -1,
     upsample: str = "scores",
+    sample_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Confusion matrix (n_classes, n_outputs) of argmax predictions against ``y``.
 
@@ -211,18 +228,29 @@ def scored_confusion(
     bilinearly to the label maps' size before the argmax. Negative labels and
     ``ignore_index`` are left out; callers make ``n_classes`` cover every other
     label (labels ``>= n_classes`` would be dropped). Computed in batches on
-    ``device``.
+    ``device``. ``sample_weight`` (float64, checked by the caller: one weight
+    per row of ``y`` or of ``y``'s shape) weights every pixel; the matrix is
+    then float64.
     """
     check_upsample(upsample)
-    conf = torch.zeros(n_classes * n_outputs, dtype=torch.int64, device=device)
+    check_confusion_size(n_classes, n_outputs)
+    dtype = torch.int64 if sample_weight is None else torch.float64
+    conf = torch.zeros(n_classes * n_outputs, dtype=dtype, device=device)
     size = tuple(y.shape[-2:]) if X.ndim == 4 else None
     batches = _argmax_batches(score_fn, X, device, n_outputs, size, upsample)
     for sl, pred in batches:
         yb = torch.as_tensor(y[sl]).to(device, torch.int64).reshape(-1)
         pred = pred.reshape(-1)
         valid = (yb >= 0) & (yb < n_classes) & (yb != ignore_index)
+        wb = None
+        if sample_weight is not None:
+            wb = torch.as_tensor(sample_weight[sl]).to(device, torch.float64)
+            wb = wb.reshape(wb.shape + (1,) * (y[sl].ndim - wb.ndim))
+            wb = wb.expand(tuple(y[sl].shape)).reshape(-1)[valid]
         conf += torch.bincount(
-            yb[valid] * n_outputs + pred[valid], minlength=n_classes * n_outputs
+            yb[valid] * n_outputs + pred[valid],
+            weights=wb,
+            minlength=n_classes * n_outputs,
         )
     return conf.reshape(n_classes, n_outputs).cpu().numpy()
 
@@ -252,9 +280,7 @@ def score_maps(
         return apply_tokenwise(
             lambda t: post(score_fn(t)), X, device=device, out_features=out_features
         )
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"size must be (H, W), got {size!r}.")
+    size = check_size(size)
     out = []
     with torch.no_grad():
         batch = _image_batch(X, n_outputs, size, upsample)

@@ -13,6 +13,7 @@ algorithm can match a cluster to it and its IoU of 0 counts.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,15 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from .._dask import map_method
-from .._device import check_features, is_dask, is_torch
+from .._device import (
+    as_tensor,
+    check_features,
+    is_dask,
+    is_torch,
+    iter_slices,
+    maps_to_tokens,
+    rows_per_batch,
+)
 from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
 from ._base import (
     check_targets,
@@ -29,6 +38,7 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
+from ._weights import check_weights, token_weights
 
 __all__ = ["CentroidProbeMixin"]
 
@@ -50,6 +60,22 @@ def _similarity(
     if neg_c_sq is None:
         return X @ centers.T
     return torch.addmm(neg_c_sq, X, centers.T, alpha=2.0)
+
+
+def _overflow_scale(X: torch.Tensor) -> float:
+    """A power of two to divide ``X`` by so that float32 squared norms and
+    ``2 x.c - |c|^2`` cannot overflow (1.0 for ordinary values).
+
+    Values of 1e19 and more square past float32's largest value (3.4e38),
+    which made every Euclidean score infinite and put every token in one
+    cluster. Dividing by a power of two is exact and keeps every argmax.
+    """
+    if X.numel() == 0:
+        return 1.0
+    m = float(X.detach().abs().max())
+    if not math.isfinite(m) or m * m * X.shape[-1] < 1e30:
+        return 1.0
+    return float(2.0 ** math.ceil(math.log2(m)))
 
 
 def _n_valid_classes(y: Any) -> int:
@@ -151,6 +177,11 @@ class CentroidProbeMixin:
         centers = self._tensor("cluster_centers_", device)
         if self.metric == "cosine":
             return lambda xb: _similarity(_normalize_rows(xb), centers, None)
+        scale = _overflow_scale(centers)
+        if scale != 1.0:  # huge values: score x / s against c / s (same argmax)
+            centers = centers / scale
+            neg_c_sq = -(centers * centers).sum(dim=1)
+            return lambda xb: _similarity(xb / scale, centers, neg_c_sq)
         neg_c_sq = -(centers * centers).sum(dim=1)
         return lambda xb: _similarity(xb, centers, neg_c_sq)
 
@@ -382,6 +413,7 @@ class CentroidProbeMixin:
         n_classes: int | None = None,
         extra_clusters: str = "errors",
         upsample: str = "scores",
+        sample_weight: Any = None,
     ) -> dict[str, Any]:
         """All scores of the unsupervised protocol on ``(X, y)``.
 
@@ -413,6 +445,12 @@ class CentroidProbeMixin:
         upsample : {"scores", "codes"}, default="scores"
             For label maps of another size: upsample the cluster scores, or
             the feature maps as the reference does (see :meth:`predict`).
+        sample_weight : array-like of shape (n_samples,) or (N, H, W), \
+                default=None
+            Weight of every token (2-D input), of every image (4-D maps: each
+            of its pixels counts with the image's weight) or of every pixel
+            of the label maps. The confusion matrix then sums weights instead
+            of counting pixels (float64).
 
         Returns
         -------
@@ -429,6 +467,7 @@ class CentroidProbeMixin:
         check_upsample(upsample)
         X = self._check_X(X)
         y = check_targets(X, y)
+        w = check_weights(sample_weight, X.shape[0], y.shape if X.ndim == 4 else None)
         device = self._resolved_device()
         conf = scored_confusion(
             self._scorer(device),
@@ -438,6 +477,7 @@ class CentroidProbeMixin:
             n_outputs=self._n_outputs,
             n_classes=self._score_n_classes(y, n_classes),
             upsample=upsample,
+            sample_weight=w,
         )
         return report_from_confusion(
             conf, matching="hungarian", extra_clusters=extra_clusters
@@ -446,36 +486,90 @@ class CentroidProbeMixin:
     def score(
         self,
         X: Any,
-        y: Any,
+        y: Any = None,
+        sample_weight: Any = None,
         *,
         metric: str = "miou",
         n_classes: int | None = None,
         extra_clusters: str = "errors",
         upsample: str = "scores",
     ) -> float:
-        """Mean IoU (or pixel accuracy) under Hungarian matching on ``(X, y)``.
+        """Mean IoU (or pixel accuracy) on ``(X, y)``; -inertia without ``y``.
+
+        With labels, clusters are matched to classes by the Hungarian
+        algorithm on ``(X, y)`` (the unsupervised segmentation protocol).
+        Without labels (``y=None``), the score is the opposite of the
+        (weighted) inertia of ``X``, as :meth:`sklearn.cluster.KMeans.score`:
+        the sum of squared distances of the tokens to their nearest centroid
+        (unit tokens and centroids for ``metric="cosine"``), so that a
+        label-free grid search picks the tightest clustering (which, as with
+        KMeans, favours more clusters).
 
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features) or \
                 (N, n_features, h, w)
             Tokens or feature maps.
-        y : array-like or torch.Tensor of int
+        y : array-like or torch.Tensor of int, default=None
             Labels (n_samples,) or label maps (N, H, W) of the feature maps'
-            aspect ratio, any size; negative labels are ignored.
+            aspect ratio, any size; negative labels are ignored. None: score
+            -inertia.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weight of every token (2-D input) or image (4-D maps); also per
+            pixel, of the label maps' shape (N, H, W) with ``y``, or of the
+            feature maps' (N, h, w) without.
         metric : {"miou", "accuracy"}, default="miou"
-            Score returned; both are fractions in [0, 1], greater is better.
+            Score returned with ``y``; both are fractions in [0, 1], greater
+            is better.
         n_classes, extra_clusters, upsample
-            As in :meth:`score_report`.
+            As in :meth:`score_report` (used with ``y`` only).
 
         Returns
         -------
         score : float
-            See :meth:`score_report`.
+            See :meth:`score_report`; without ``y``, -inertia (<= 0).
         """
         if metric not in ("miou", "accuracy"):
             raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
+        if y is None:
+            return -self._inertia(X, sample_weight)
         report = self.score_report(
-            X, y, n_classes=n_classes, extra_clusters=extra_clusters, upsample=upsample
+            X,
+            y,
+            n_classes=n_classes,
+            extra_clusters=extra_clusters,
+            upsample=upsample,
+            sample_weight=sample_weight,
         )
         return float(report[metric])
+
+    def _inertia(self, X: Any, sample_weight: Any = None) -> float:
+        """(Weighted) sum of squared distances of every token of ``X`` to its
+        nearest centroid, in float64 from the differences themselves (no
+        ``|x|^2 - 2 x.c + |c|^2`` cancellation)."""
+        X = self._check_X(X)
+        pix = (X.shape[0], X.shape[2], X.shape[3]) if X.ndim == 4 else None
+        w = check_weights(sample_weight, X.shape[0], pix)
+        device = self._resolved_device()
+        centers = self._tensor("cluster_centers_", device)
+        cosine = self.metric == "cosine"
+        scorer = self._scorer(device)
+        per_row = int(np.prod(X.shape[1:])) * 2 + self._n_outputs * (
+            int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
+        )
+        total = 0.0
+        with torch.no_grad():
+            for sl in iter_slices(X.shape[0], rows_per_batch(per_row)):
+                xb = as_tensor(X[sl], device)
+                if xb.ndim == 4:
+                    xb = maps_to_tokens(xb)
+                if cosine:
+                    xb = _normalize_rows(xb)
+                labels = scorer(xb).argmax(dim=1)
+                d = xb.double() - centers[labels].double()
+                sq = (d * d).sum(dim=1)
+                if w is not None:
+                    shape = (sl.stop - sl.start, *X.shape[1:])
+                    sq = sq * token_weights(w[sl], shape, device)
+                total += float(sq.sum())
+        return total

@@ -11,11 +11,19 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, _fit_context, clone
+from sklearn.utils._metadata_requests import (
+    MetadataRouter,
+    MethodMapping,
+    _routing_enabled,
+    process_routing,
+)
 from sklearn.utils._param_validation import HasMethods
 from sklearn.utils.validation import check_is_fitted
 
 from .._device import is_torch
+from ._weights import check_weights
 
 __all__ = ["CRFProbe"]
 
@@ -101,18 +109,44 @@ class CRFProbe(MetaEstimatorMixin, BaseEstimator):
         y : array-like, optional
             Labels, as the probe takes them.
         **fit_params
-            Passed to the probe's ``fit``.
+            Passed to the probe's ``fit`` (e.g. ``sample_weight``). With
+            metadata routing enabled
+            (``sklearn.set_config(enable_metadata_routing=True)``), only the
+            parameters the probe requests (``probe.set_fit_request(...)``)
+            are passed on, and others raise.
 
         Returns
         -------
         self : CRFProbe
             Fitted estimator.
         """
+        if _routing_enabled():
+            fit_params = process_routing(self, "fit", **fit_params).probe.fit
         self.probe_ = clone(self.probe).fit(X, y, **fit_params)
         self.n_features_in_ = self.probe_.n_features_in_
         if hasattr(self.probe_, "feature_names_in_"):
             self.feature_names_in_ = self.probe_.feature_names_in_
         return self
+
+    def get_metadata_routing(self) -> MetadataRouter:
+        """How metadata is routed: ``fit`` parameters go to the probe's ``fit``.
+
+        :meth:`score` consumes ``sample_weight`` (and ``images``) itself;
+        request them with :meth:`set_score_request`.
+
+        Returns
+        -------
+        routing : sklearn.utils.metadata_routing.MetadataRouter
+            The routing information.
+        """
+        return (
+            MetadataRouter(owner=self.__class__.__name__)
+            .add_self_request(self)
+            .add(
+                probe=self.probe,
+                method_mapping=MethodMapping().add(caller="fit", callee="fit"),
+            )
+        )
 
     def _crf(self) -> Any:
         from ..postprocess import DenseCRF
@@ -182,7 +216,13 @@ class CRFProbe(MetaEstimatorMixin, BaseEstimator):
         return self._labels(proba.argmax(1))
 
     def score(
-        self, X: Any, y: Any, *, images: Any = None, metric: str = "miou"
+        self,
+        X: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        images: Any = None,
+        metric: str = "miou",
     ) -> float:
         """Mean IoU (or pixel accuracy) of the refined labels.
 
@@ -196,6 +236,9 @@ class CRFProbe(MetaEstimatorMixin, BaseEstimator):
             Codes.
         y : array-like of shape (N, H, W)
             Label maps at image size; negative labels are ignored.
+        sample_weight : array-like of shape (N,) or (N, H, W), default=None
+            Weight of every image (each of its pixels counts with it) or
+            pixel; for 2-D tokens, of every token.
         images : array-like or torch.Tensor, optional
             The images; without them, the probe's own ``score``.
         metric : {"miou", "accuracy"}, default="miou"
@@ -212,12 +255,47 @@ class CRFProbe(MetaEstimatorMixin, BaseEstimator):
             raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
         check_is_fitted(self)
         if images is None:
-            return float(self.probe_.score(X, y, metric=metric))
+            if sample_weight is None:  # probes without sample_weight work too
+                return float(self.probe_.score(X, y, metric=metric))
+            return float(
+                self.probe_.score(X, y, sample_weight=sample_weight, metric=metric)
+            )
         pred = self.predict(X, images=images)
         clusters = hasattr(self.probe_, "cluster_centers_") and not hasattr(
             self.probe_, "mapping_"
         )
-        report = segmentation_report(
-            y, pred, matching="hungarian" if clusters else "identity"
-        )
+        matching = "hungarian" if clusters else "identity"
+        if sample_weight is None:
+            report = segmentation_report(y, pred, matching=matching)
+        else:
+            shape = tuple(np.shape(y))
+            w = check_weights(sample_weight, shape[0], shape)
+            report = _weighted_report(y, pred, w, matching)
         return float(report[metric])
+
+
+def _weighted_report(y: Any, pred: Any, w: np.ndarray, matching: str) -> dict:
+    """``segmentation_report(y, pred)`` with every pixel weighted by ``w``
+    (one weight per image or per pixel): a float64 confusion matrix and
+    support, negative predictions counted as misses."""
+    from ..metrics import report_from_confusion
+
+    t = torch.as_tensor(np.asarray(y) if not is_torch(y) else y.cpu())
+    t = t.to(torch.int64)
+    p = (pred.cpu() if is_torch(pred) else torch.as_tensor(pred)).to(torch.int64)
+    wt = torch.as_tensor(w, dtype=torch.float64)
+    wt = wt.reshape(wt.shape + (1,) * (t.ndim - wt.ndim)).expand(t.shape)
+    t, p, wt = t.reshape(-1), p.reshape(-1), wt.reshape(-1)
+    valid = t >= 0
+    n_classes = int(t[valid].max()) + 1 if bool(valid.any()) else 1
+    n_pred = max(n_classes, int(p.max()) + 1 if p.numel() else 0)
+    support = torch.bincount(t[valid], weights=wt[valid], minlength=n_classes)
+    keep = valid & (p >= 0)
+    conf = torch.bincount(
+        t[keep] * n_pred + p[keep], weights=wt[keep], minlength=n_classes * n_pred
+    )
+    return report_from_confusion(
+        conf.reshape(n_classes, n_pred).numpy(),
+        matching=matching,
+        support=support.numpy(),
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any, ClassVar
@@ -26,6 +27,7 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from tqdm.auto import tqdm
 
@@ -49,6 +51,7 @@ from ._base import check_targets
 from ._centroid import (
     CentroidProbeMixin,
     _normalize_rows,
+    _overflow_scale,
     _similarity,
 )
 
@@ -1031,11 +1034,18 @@ class KMeansProbe(
             Xs = _gather_tokens(X, idx, device)
         else:
             Xs = _all_tokens(X, device)
+        scale = 1.0
         if cosine:
             Xs = _normalize_rows(Xs)
             x_sq = None
             x_sq_init = torch.ones(Xs.shape[0], dtype=Xs.dtype, device=device)
         else:
+            # values >= ~1e19 overflow float32 squared norms: fit on X / 2^p
+            scale = _overflow_scale(Xs)
+            if scale != 1.0:
+                Xs = Xs / scale
+                if not isinstance(init, str):
+                    init = init / scale
             x_sq = x_sq_init = _row_sq_norms(Xs)
         # As scikit-learn: tol relative to the mean feature variance.
         tol = _mean_variance(Xs) * self.tol if self.tol > 0 else 0.0
@@ -1076,6 +1086,13 @@ class KMeansProbe(
         centers, labels, inertia, n_iter, curve = best
         del Xs, x_sq, x_sq_init
         counts = _counts(labels, self.k, torch.float64)
+        _warn_if_degenerate(labels, self.k)
+        if scale != 1.0:
+            centers, inertia, curve = (
+                centers * scale,
+                inertia * scale**2,
+                curve * scale**2,
+            )
         if subsample and not self.compute_labels:
             labels = None
         elif subsample:
@@ -1149,6 +1166,7 @@ class KMeansProbe(
         labels, inertia = None, float("nan")
         if self.compute_labels:
             labels, inertia = self._label_all(X, centers, cosine, device)
+            _warn_if_degenerate(labels, self.k)
         self.n_steps_ = n_steps
         curve = np.asarray([inertia]) if labels is not None else np.empty(0)
         return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
@@ -1282,9 +1300,10 @@ class KMeansProbe(
                 xb = as_tensor(X[sl], device)
                 if xb.ndim == 4:
                     xb = maps_to_tokens(xb)
-                xb, x_sq = _prepare_tokens(xb, cosine)
-                lab, part = _evaluate(xb, x_sq, centers, cosine)
-                inertia += part
+                scale = 1.0 if cosine else _overflow_scale(centers)
+                xb, x_sq = _prepare_tokens(xb / scale if scale != 1.0 else xb, cosine)
+                lab, part = _evaluate(xb, x_sq, centers / scale, cosine)
+                inertia += part * scale**2
                 out.append(lab)
         return torch.cat(out), inertia
 
@@ -1342,6 +1361,19 @@ class KMeansProbe(
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+
+
+def _warn_if_degenerate(labels: torch.Tensor, k: int) -> None:
+    """Warn as :class:`sklearn.cluster.KMeans` does when fewer than ``k``
+    clusters hold tokens (duplicate or too few distinct tokens)."""
+    distinct = int((_counts(labels, k) > 0).sum())
+    if distinct < k:
+        warnings.warn(
+            f"Number of distinct clusters ({distinct}) found smaller than "
+            f"k ({k}). Possibly due to duplicate points in X.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
 
 def _as_float32(a: Any) -> np.ndarray:

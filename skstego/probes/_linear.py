@@ -44,6 +44,7 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
+from ._weights import check_weights
 
 __all__ = ["LinearProbe"]
 
@@ -988,7 +989,13 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         return self.classes_[ids.cpu().numpy()]
 
     def score(
-        self, X: Any, y: Any, *, metric: str = "auto", upsample: str = "scores"
+        self,
+        X: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        metric: str = "auto",
+        upsample: str = "scores",
     ) -> float:
         """Accuracy (1-D labels) or mean IoU (label maps) of the predictions.
 
@@ -1005,6 +1012,14 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             out, and classes unseen in fit count as errors. For 1-D labels,
             labels equal to ``ignore_index`` are left out and labels unseen in
             fit count as errors.
+
+        sample_weight : array-like of shape (n_samples,) or (N, H, W), \
+                default=None
+            Weight of every token (1-D labels), of every image (label maps:
+            each of its pixels counts with the image's weight) or of every
+            pixel of the label maps. Accuracy is then the weighted fraction
+            of correct pixels (as :func:`sklearn.metrics.accuracy_score`),
+            and IoUs are computed from the weighted confusion matrix.
 
         metric : {"auto", "accuracy", "miou"}, default="auto"
             ``"auto"`` is accuracy for 1-D labels (scikit-learn's classifier
@@ -1029,10 +1044,15 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         X, device = self._checked(X)
         if metric == "auto":
             metric = "accuracy" if X.ndim == 2 else "miou"
-        return float(self._report(X, y, device, upsample)[metric])
+        return float(self._report(X, y, device, upsample, sample_weight)[metric])
 
     def score_report(
-        self, X: Any, y: Any, *, upsample: str = "scores"
+        self,
+        X: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        upsample: str = "scores",
     ) -> dict[str, Any]:
         """All segmentation scores of the predictions on ``(X, y)``.
 
@@ -1044,6 +1064,10 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
         y : array-like or torch.Tensor of shape (n_samples,) or (N, H, W)
             True labels, as in :meth:`score`.
+
+        sample_weight : array-like of shape (n_samples,) or (N, H, W), \
+                default=None
+            As in :meth:`score`; the ``confusion`` is then float64.
 
         upsample : {"scores", "codes"}, default="scores"
             As in :meth:`score`.
@@ -1070,21 +1094,34 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         """
         check_upsample(upsample)
         X, device = self._checked(X)
-        return self._report(X, y, device, upsample)
+        return self._report(X, y, device, upsample, sample_weight)
 
     def _report(
-        self, X: Any, y: Any, device: torch.device, upsample: str = "scores"
+        self,
+        X: Any,
+        y: Any,
+        device: torch.device,
+        upsample: str = "scores",
+        sample_weight: Any = None,
     ) -> dict[str, Any]:
         n_classes = len(self.classes_)
         fn = self._score_fn(device)
         if X.ndim == 2:
             y_enc = self._encode_score_labels(y, X.shape[0])
+            w = check_weights(sample_weight, X.shape[0])
             rows = max(n_classes, int(y_enc.max(initial=-1)) + 1)
             conf = scored_confusion(
-                fn, X, y_enc, device=device, n_outputs=rows, n_classes=rows
+                fn,
+                X,
+                y_enc,
+                device=device,
+                n_outputs=rows,
+                n_classes=rows,
+                sample_weight=w,
             )
         else:
             labels = check_targets(X, y)
+            w = check_weights(sample_weight, X.shape[0], labels.shape)
             ignore = -1 if self.ignore_index is None else self.ignore_index
             # classes unseen in fit get rows of their own: they count as errors
             kept = labels[labels != ignore]
@@ -1099,6 +1136,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 n_classes=rows,
                 ignore_index=ignore,
                 upsample=upsample,
+                sample_weight=w,
             )
         return report_from_confusion(conf, matching="identity")
 

@@ -21,6 +21,7 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
@@ -279,6 +280,16 @@ def _scatter(
     mean = shift + sums / n
     scatter = gram - np.outer(sums, sums) / n
     return n, mean, (scatter + scatter.T) / 2
+
+
+def _streams_covariance(estimator: Any) -> bool:
+    """Whether ``partial_fit`` applies: only the covariance solver streams."""
+    if estimator.solver not in ("auto", "covariance_eigh"):
+        raise AttributeError(
+            "partial_fit streams the covariance and needs solver='auto' or "
+            f"'covariance_eigh'; got solver={estimator.solver!r}."
+        )
+    return True
 
 
 class TorchPCA(
@@ -554,6 +565,7 @@ class TorchPCA(
             self._fit_svd(X, device, solver, n_samples, n_components)
         return self
 
+    @available_if(_streams_covariance)
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X: Any, y: Any = None) -> TorchPCA:
         """Add a batch to the running statistics and refit the components.
@@ -562,6 +574,10 @@ class TorchPCA(
         memory), then the components are recomputed from the covariance. The
         result after any number of batches equals :meth:`fit` on all of them
         with the "covariance_eigh" solver.
+
+        Only available with ``solver="auto"`` or ``"covariance_eigh"``
+        (``hasattr(pca, "partial_fit")`` is False for the other solvers,
+        which keep no covariance to update).
 
         Parameters
         ----------
@@ -578,11 +594,6 @@ class TorchPCA(
         self : object
             Updated estimator.
         """
-        if self.solver not in ("auto", "covariance_eigh"):
-            raise ValueError(
-                f"partial_fit streams the covariance and needs solver='auto' or "
-                f"'covariance_eigh'; got solver={self.solver!r}."
-            )
         first = not hasattr(self, "_stat_n")
         if first and hasattr(self, "components_"):
             raise ValueError(
