@@ -9,6 +9,7 @@ number of tokens through a constant amount of memory.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from numbers import Integral
 from typing import Any, ClassVar
@@ -292,6 +293,31 @@ def _streams_covariance(estimator: Any) -> bool:
     return True
 
 
+_RESCALE = (
+    "their values are too large or too spread for float32 (e.g. near 1e37). "
+    "Rescale them first, e.g. with standardize=True or by dividing by their "
+    "largest magnitude, and fit again."
+)
+
+
+@contextlib.contextmanager
+def _rescale_hint(estimator: Any) -> Iterator[None]:
+    """Turn a decomposition that fails or overflows on extreme values into a
+    clear error."""
+    try:
+        yield
+    except (np.linalg.LinAlgError, torch.linalg.LinAlgError) as exc:
+        raise ValueError(
+            f"PCA did not converge on these features ({exc}): {_RESCALE}"
+        ) from None
+    for name in ("components_", "explained_variance_", "mean_"):
+        value = getattr(estimator, name, None)
+        if value is not None and not np.isfinite(value).all():
+            raise ValueError(
+                f"PCA overflowed on these features ({name} is not finite): {_RESCALE}"
+            )
+
+
 class TorchPCA(
     ClassNamePrefixFeaturesOutMixin,
     TransformerMixin,
@@ -557,12 +583,13 @@ class TorchPCA(
         self._fit_solver = solver
         for name in ("_stat_n", "_stat_mean", "_stat_scatter"):
             self.__dict__.pop(name, None)
-        if solver == "covariance_eigh":
-            n, mean, scatter = self._statistics(X, device, None)
-            self._store_statistics(n, mean, scatter)
-            self._fit_from_statistics(n, mean, scatter, n_components)
-        else:
-            self._fit_svd(X, device, solver, n_samples, n_components)
+        with _rescale_hint(self):
+            if solver == "covariance_eigh":
+                n, mean, scatter = self._statistics(X, device, None)
+                self._store_statistics(n, mean, scatter)
+                self._fit_from_statistics(n, mean, scatter, n_components)
+            else:
+                self._fit_svd(X, device, solver, n_samples, n_components)
         return self
 
     @available_if(_streams_covariance)
@@ -630,7 +657,8 @@ class TorchPCA(
             scatter = self._stat_scatter + scatter_b + correction
         self._fit_solver = "covariance_eigh"
         self._store_statistics(n, mean, scatter)
-        self._fit_from_statistics(n, mean, scatter, n_components)
+        with _rescale_hint(self):
+            self._fit_from_statistics(n, mean, scatter, n_components)
         return self
 
     def _statistics(self, X, device, reference):

@@ -1129,6 +1129,14 @@ class StegoProjector(
                 bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
         bar.close()
         losses = losses.cpu().numpy().astype(np.float64)
+        finite = torch.stack([torch.isfinite(v).all() for v in params.values()])
+        if not bool(finite.all()):  # one read, after the loop
+            raise ValueError(
+                f"StegoProjector training diverged: the head holds NaN or "
+                f"infinite weights after {int(self.n_steps)} steps at "
+                f"lr={self.lr!r}. Lower lr (the reference uses 5e-4) or set "
+                "stabilize=True; the estimator keeps its previous state."
+            )
 
         self.head_state_ = {
             k: v.detach().to("cpu", torch.float32).numpy().copy()
