@@ -35,6 +35,7 @@ DOC_PAGES = [
     "guide/reproducing.md",
     "guide/study.md",
     "guide/sklearn.md",
+    "guide/from-sklearn.md",
     "guide/scaling.md",
 ]
 
