@@ -18,6 +18,7 @@ This is the one boundary every skstego estimator goes through:
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 import weakref
@@ -751,7 +752,38 @@ def make_generator(random_state: Any, device: torch.device) -> torch.Generator:
 _DEVICE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class TorchEstimatorMixin:
+#: Environment variable holding the base URL of the built documentation used
+#: by the estimators' HTML repr link (e.g. "https://example.org/skstego/");
+#: unset, links are relative to the documentation root.
+DOC_URL_ENV = "SKSTEGO_DOC_URL"
+
+
+def _doc_link_params(estimator: Any) -> dict:
+    """URL parameters of the HTML repr's documentation link (see _DocLinkMixin)."""
+    base = os.environ.get(DOC_URL_ENV, "")
+    if base and not base.endswith("/"):
+        base += "/"
+    return {"base": base, "estimator_name": type(estimator).__name__}
+
+
+class _DocLinkMixin:
+    """Link the HTML repr (``_repr_html_``) to the estimator's API page.
+
+    scikit-learn's ``BaseEstimator._get_doc_link`` (1.6 and later) formats
+    ``_doc_link_template`` with ``_doc_link_url_param_generator()`` for
+    classes of the ``_doc_link_module`` package. skstego's API pages are
+    ``api/generated/skstego.<Name>.html`` (every estimator is exported at
+    the package top level), relative to the documentation root, or to the
+    base URL in the ``SKSTEGO_DOC_URL`` environment variable when set.
+    Must come before ``BaseEstimator`` in the bases.
+    """
+
+    _doc_link_module = "skstego"
+    _doc_link_template = "{base}api/generated/skstego.{estimator_name}.html"
+    _doc_link_url_param_generator = _doc_link_params
+
+
+class TorchEstimatorMixin(_DocLinkMixin):
     """Device handling shared by every skstego estimator.
 
     Fitted attributes are stored as NumPy arrays (as in scikit-learn, so they

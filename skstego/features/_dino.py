@@ -39,6 +39,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._device import (
+    _DocLinkMixin,
     as_tensor,
     is_torch,
     module_to_host,
@@ -79,7 +80,7 @@ _HUB_REACHABLE: list[bool] = []
 _DINO_LAYOUT: dict[tuple[str, int], bool] = {}
 
 
-class DinoFeaturizer(TransformerMixin, BaseEstimator):
+class DinoFeaturizer(TransformerMixin, _DocLinkMixin, BaseEstimator):
     """Frozen DINO Vision Transformer feature maps of images.
 
     A stateless transformer: :meth:`fit` only validates the parameters, and
@@ -416,10 +417,36 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
             NumPy for NumPy input, torch on the featurizer's device otherwise.
         """
         self._validate_params()
+        _check_dense_output(self)
         stats = _normalization(self)
         device = resolve_device(self.device)
         backbone = get_backbone(self.model, self.pretrained, self.weights, device)
         return _featurize(self, backbone, X, device, stats)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Names of the output channels: ``dino0`` ... ``dino{C-1}``.
+
+        ``C`` is the backbone's embedding width (``embed_dim``), read from
+        the module, or for a model name from its architecture built on
+        PyTorch's ``meta`` device (no weights loaded, no forward pass, no
+        download). The featurizer needs no fit, so this works unfitted too,
+        and ``Pipeline([DinoFeaturizer(), ...]).get_feature_names_out()``
+        works through it.
+
+        Parameters
+        ----------
+        input_features : None
+            Ignored (images have no feature names); present for API
+            consistency.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects of shape (C,)
+            ``["dino0", ..., "dino{C-1}"]``: one name per channel of the maps.
+        """
+        self._validate_params()
+        width = _embed_width(self.model)
+        return np.asarray([f"dino{i}" for i in range(width)], dtype=object)
 
     def transform_to_store(
         self,
@@ -521,6 +548,40 @@ class DinoFeaturizer(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = []
         tags.non_deterministic = False
         return tags
+
+
+def _check_dense_output(estimator: Any) -> None:
+    """Raise clearly when a container output (pandas, polars) is configured.
+
+    ``set_output`` is available (so that pipelines can configure all their
+    steps) but only applies to 2-D outputs, and the featurizer returns 4-D
+    maps, which no DataFrame can hold.
+    """
+    from sklearn.utils._set_output import _get_output_config
+
+    dense = _get_output_config("transform", estimator)["dense"]
+    if dense != "default":
+        raise ValueError(
+            f"{type(estimator).__name__} returns 4-D feature maps (N, C, h, w), "
+            f"which cannot be output as {dense!r} (set_output applies to 2-D "
+            'outputs only). Use set_output(transform="default") for this step, '
+            "and a container output on a later step that returns 2-D tokens."
+        )
+
+
+def _embed_width(model: str | torch.nn.Module) -> int:
+    """Channel count ``C`` of the backbone's maps, without a forward pass."""
+    if isinstance(model, torch.nn.Module):
+        _check_vit(model, type(model).__name__)
+        return int(getattr(model, "embed_dim", None) or model.num_features)
+    return _named_width(resolve_model_name(model))
+
+
+@functools.cache
+def _named_width(name: str) -> int:
+    with torch.device("meta"):
+        net = _create(name, pretrained=False)
+    return int(getattr(net, "embed_dim", None) or net.num_features)
 
 
 # --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import HasMethods
 from sklearn.utils.validation import check_is_fitted
 
-from .._device import is_torch
+from .._device import _DocLinkMixin, is_torch
 
 __all__ = ["FlipAveraged"]
 
@@ -81,7 +81,7 @@ def mirror_images(X: Any) -> Any:
     return _Mirrored(X)
 
 
-class FlipAveraged(TransformerMixin, BaseEstimator):
+class FlipAveraged(TransformerMixin, _DocLinkMixin, BaseEstimator):
     """Average an image encoder's maps over the image and its mirror image.
 
     ``transform(X) = (E(X) + flip(E(flip(X)))) / 2`` for the encoder ``E``,

@@ -22,7 +22,7 @@ from sklearn.utils._metadata_requests import (
 from sklearn.utils._param_validation import HasMethods
 from sklearn.utils.validation import check_is_fitted
 
-from .._device import is_torch
+from .._device import _DocLinkMixin, is_torch
 from ._weights import check_weights
 
 __all__ = ["CRFProbe"]
@@ -38,7 +38,7 @@ def _image_size(images: Any) -> tuple[int, int]:
     return (shape[2], shape[3]) if is_torch(images) else (shape[1], shape[2])
 
 
-class CRFProbe(MetaEstimatorMixin, BaseEstimator):
+class CRFProbe(MetaEstimatorMixin, _DocLinkMixin, BaseEstimator):
     """A probe followed by STEGO's dense CRF, as the last step of a pipeline.
 
     ``fit`` fits a clone of ``probe`` on the codes. Given the images,

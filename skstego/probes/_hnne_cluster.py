@@ -15,10 +15,22 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClusterMixin, _fit_context
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    ClusterMixin,
+    TransformerMixin,
+    _fit_context,
+)
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._device import TorchEstimatorMixin, check_features, is_torch, resolve_device
+from .._device import (
+    TorchEstimatorMixin,
+    apply_tokenwise,
+    check_features,
+    is_torch,
+    resolve_device,
+)
 from ..projection._hnne import hnne_seed, new_hnne, sample_tokens
 from ._base import check_targets, predict_labels
 from ._centroid import CentroidProbeMixin, _normalize_rows
@@ -27,7 +39,12 @@ __all__ = ["HNNEClusterProbe"]
 
 
 class HNNEClusterProbe(
-    CentroidProbeMixin, ClusterMixin, TorchEstimatorMixin, BaseEstimator
+    CentroidProbeMixin,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    ClusterMixin,
+    TorchEstimatorMixin,
+    BaseEstimator,
 ):
     """Cluster probe from h-NNE's FINCH hierarchy, Hungarian-matched to classes.
 
@@ -114,6 +131,19 @@ class HNNEClusterProbe(
         Cluster of every token of the training data, in its layout: the
         FINCH partition for the tokens the hierarchy was built on, the
         nearest centroid for the others (when subsampled).
+
+    inertia_ : float
+        Sum of squared distances of every training token to its **nearest**
+        centroid (as :attr:`sklearn.cluster.KMeans.inertia_`; on unit tokens
+        and centroids for ``metric="cosine"``), so that ``score(X)`` without
+        ``y`` on the training data is ``-inertia_``. FINCH clusters are not
+        Voronoi cells (see Notes), so a few tokens may count towards another
+        centroid than their ``labels_``.
+
+    n_iter_ : int
+        Number of FINCH rounds run, ``len(levels_)``: each round merges the
+        clusters of the previous level through their first neighbours (the
+        counterpart of KMeans' iterations; FINCH has no convergence loop).
 
     n_features_in_ : int
         Number of features (channels) seen during :meth:`fit`.
@@ -282,12 +312,65 @@ class HNNEClusterProbe(
         if X.ndim == 4:
             labels = labels.reshape(X.shape[0], X.shape[2], X.shape[3])
         self.labels_ = labels
+        self.n_iter_ = len(levels)
+        self.inertia_ = self._inertia(X)
 
         for name in ("mapping_", "n_classes_"):
             self.__dict__.pop(name, None)
         if y is not None:
             self._fit_mapping(X, y, labels, device)
         return self
+
+    # ---------------------------------------------------------- transform
+
+    def transform(self, X: Any) -> np.ndarray | torch.Tensor:
+        """Distances of every token to the centroids, as ``KMeans.transform``.
+
+        Euclidean distances ``||x - c||`` to ``cluster_centers_``. With
+        ``metric="cosine"`` they are the Euclidean distances between the
+        unit-normalised token and the (unit) centroids, ``sqrt(2 - 2 cos)``:
+        monotone in the cosine distance, nearest centroid = predicted
+        cluster, and their squares sum to the inertia.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
+                (N, n_features, h, w)
+            Tokens or feature maps. Not modified.
+
+        Returns
+        -------
+        X_new : ndarray or torch.Tensor of shape (n_samples, n_clusters_) or \
+                (N, n_clusters_, h, w), float32
+            Distances, computed in float64 and returned as float32. NumPy for
+            NumPy input; a tensor on ``device`` for tensor input.
+        """
+        X = self._check_X(X)
+        device = self._resolved_device()
+        centers = self._tensor("cluster_centers_", device, torch.float64)
+        cosine = self.metric == "cosine"
+
+        def fn(tokens: torch.Tensor) -> torch.Tensor:
+            if cosine:
+                tokens = _normalize_rows(tokens)
+            d = torch.cdist(
+                tokens, centers, compute_mode="donot_use_mm_for_euclid_dist"
+            )
+            return d.to(torch.float32)
+
+        return apply_tokenwise(
+            fn, X, device=device, out_features=self.n_clusters_, dtype=torch.float64
+        )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+    @property
+    def _n_features_out(self) -> int:
+        """Number of transformed output features (one per centroid)."""
+        return self.cluster_centers_.shape[0]
 
     def _choose_level(self, levels: np.ndarray) -> int:
         """Index of the level to use (see ``k`` and ``level``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from math import log, pi
 from numbers import Integral
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.utils._available_if import available_if
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .._dask import is_dask, map_method, pca_statistics
@@ -283,6 +284,25 @@ def _scatter(
     return n, mean, (scatter + scatter.T) / 2
 
 
+def _is_fraction(dim: Any) -> bool:
+    """Whether ``dim`` is a fraction of the explained variance (a float < 1)."""
+    return isinstance(dim, float) and 0 < dim < 1
+
+
+def _resolve_fraction(n_components: Any, ratio: np.ndarray) -> int:
+    """The number of components of a fractional ``dim``, as scikit-learn's PCA.
+
+    The smallest number of components whose cumulative explained variance
+    ratio exceeds the fraction (``np.searchsorted(..., side="right") + 1``
+    on the float64 cumulative sum of the full spectrum), at most the size
+    of the spectrum. Integers are returned unchanged.
+    """
+    if not _is_fraction(n_components):
+        return int(n_components)
+    k = int(np.searchsorted(np.cumsum(ratio), n_components, side="right")) + 1
+    return min(k, len(ratio))
+
+
 def _streams_covariance(estimator: Any) -> bool:
     """Whether ``partial_fit`` applies: only the covariance solver streams."""
     if estimator.solver not in ("auto", "covariance_eigh"):
@@ -347,11 +367,20 @@ class TorchPCA(
 
     Parameters
     ----------
-    dim : int, default=None
+    dim : int or float, default=None
         Number of components to keep. If None, ``fit`` keeps
         ``min(n_samples, n_features)`` components (like scikit-learn's
         ``n_components=None``), and :meth:`partial_fit` keeps ``n_features``.
         Samples are tokens: ``N * h * w`` for 4-D maps.
+
+        A float in (0, 1) is a fraction of the explained variance, like
+        scikit-learn's ``n_components=0.95``: the smallest number of
+        components whose cumulative ``explained_variance_ratio_`` exceeds it
+        is kept (``n_components_``). This needs the full spectrum, which the
+        "covariance_eigh" and "full" solvers (and :meth:`partial_fit`)
+        compute; ``solver="randomized"`` rejects it. "auto" never picks
+        "randomized" for a fraction. With ``standardize=True`` the fraction
+        is of the standardized variance.
 
     whiten : bool, default=False
         When True, the projections are divided by the square root of
@@ -514,7 +543,11 @@ class TorchPCA(
     """
 
     _parameter_constraints: ClassVar[dict] = {
-        "dim": [Interval(Integral, 1, None, closed="left"), None],
+        "dim": [
+            Interval(Integral, 1, None, closed="left"),
+            Interval(RealNotInt, 0, 1, closed="neither"),
+            None,
+        ],
         "whiten": ["boolean"],
         "standardize": ["boolean"],
         "solver": [StrOptions({"auto", "covariance_eigh", "full", "randomized"})],
@@ -572,6 +605,12 @@ class TorchPCA(
                 f"TorchPCA needs at least 2 samples; got n_samples = {n_samples}."
             )
         n_components = min(n_samples, n_features) if self.dim is None else self.dim
+        if _is_fraction(n_components) and self.solver == "randomized":
+            raise ValueError(
+                f"dim={self.dim} (a fraction of the explained variance) needs the "
+                "full spectrum: use solver='auto', 'covariance_eigh' or 'full', "
+                "not 'randomized' (as scikit-learn's PCA)."
+            )
         if n_components > min(n_samples, n_features):
             raise ValueError(
                 f"dim={self.dim} must be between 1 and min(n_samples, n_features)="
@@ -704,6 +743,7 @@ class TorchPCA(
         evals = np.clip(evals[::-1], 0.0, None)
         Vt = _svd_flip_rows(evecs[:, ::-1].T)
         total_var = evals.sum()
+        n_components = _resolve_fraction(n_components, evals / total_var)
         if n_components < min(n_features, n):
             noise = float(evals[n_components:].mean())
         else:
@@ -733,6 +773,7 @@ class TorchPCA(
         ev = S**2 / (n_samples - 1)
         if solver == "full":
             total_var = ev.sum()
+            n_components = _resolve_fraction(n_components, ev / total_var)
             if n_components < min(n_features, n_samples):
                 noise = float(ev[n_components:].mean())
             else:
@@ -903,6 +944,136 @@ class TorchPCA(
             return torch.addmm(mean, codes, back)
 
         return apply_tokenwise(fn, X, device=device, out_features=self.n_features_in_)
+
+    # ----------------------------------------------- probabilistic PCA model
+
+    def get_covariance(self) -> np.ndarray:
+        """Data covariance under the probabilistic PCA model, as scikit-learn.
+
+        ``components_.T @ diag(explained_variance_ - noise_variance_) @
+        components_ + noise_variance_ * I`` (differences clipped at 0), in
+        float64, from the fitted float32 attributes (Tipping and Bishop,
+        1999).
+
+        It models the data that the PCA was fitted on: with
+        ``standardize=True``, the **standardized** features
+        ``(X - mean_) / scale_``. It does not depend on ``whiten`` (the
+        whitened model has the same data covariance); scikit-learn's
+        ``PCA(whiten=True).get_covariance()`` instead rescales the components
+        by ``sqrt(explained_variance_)``, so for ``whiten=True`` the result
+        equals scikit-learn's ``PCA(whiten=False)``.
+
+        Returns
+        -------
+        cov : ndarray of shape (n_features_in_, n_features_in_), float64
+            Estimated covariance of the (standardized) data.
+        """
+        check_is_fitted(self)
+        components, diff, noise = self._ppca_terms()
+        cov = (components.T * diff) @ components
+        cov.flat[:: len(cov) + 1] += noise
+        return cov
+
+    def get_precision(self) -> np.ndarray:
+        """Inverse of :meth:`get_covariance`, by the matrix inversion lemma.
+
+        Computed as scikit-learn's ``PCA.get_precision`` (an inverse of
+        ``n_components_ x n_components_`` only, unless ``noise_variance_`` is
+        0, when the covariance itself is inverted), in float64.
+
+        Returns
+        -------
+        precision : ndarray of shape (n_features_in_, n_features_in_), float64
+            Estimated precision of the (standardized) data.
+        """
+        check_is_fitted(self)
+        components, diff, noise = self._ppca_terms()
+        if noise == 0.0:
+            return np.linalg.inv(self.get_covariance())
+        inner = components @ components.T / noise
+        with np.errstate(divide="ignore"):
+            inner.flat[:: len(inner) + 1] += 1.0 / diff
+        precision = components.T @ np.linalg.inv(inner) @ components
+        precision /= -(noise**2)
+        precision.flat[:: len(precision) + 1] += 1.0 / noise
+        return precision
+
+    def score_samples(self, X: Any) -> np.ndarray | torch.Tensor:
+        """Log-likelihood of each sample under the probabilistic PCA model.
+
+        As scikit-learn's ``PCA.score_samples``: the log-density of a
+        Gaussian with mean ``mean_`` and covariance :meth:`get_covariance`.
+        With ``standardize=True`` the model (and so the density) lives in
+        the standardized space: it is the log-density of
+        ``(X - mean_) / scale_``, without the Jacobian ``-sum(log(scale_))``,
+        exactly what ``make_pipeline(StandardScaler(), PCA()).score_samples``
+        returns.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) \
+                or (N, n_features, h, w)
+            Tokens or feature maps. Never modified.
+
+        Returns
+        -------
+        ll : ndarray or torch.Tensor of shape (n_samples,) or (N, h, w), float64
+            Log-likelihood of each token (of each pixel for maps). NumPy for
+            NumPy input; a tensor on ``device`` for tensor input.
+        """
+        check_is_fitted(self)
+        X = check_features(self, X, reset=False, lazy=True)
+        device = self._resolved_device()
+        precision_np = self.get_precision()
+        _, logdet = np.linalg.slogdet(precision_np)
+        n_features = self.n_features_in_
+        const = -0.5 * (n_features * log(2.0 * pi) - logdet)
+        precision = torch.as_tensor(precision_np, device=device)
+        mean = torch.as_tensor(self._mean64, device=device)
+        scale = None
+        if self.scale_ is not None:
+            scale = torch.as_tensor(self.scale_, dtype=torch.float64, device=device)
+
+        def fn(tokens: torch.Tensor) -> torch.Tensor:
+            xr = tokens - mean
+            if scale is not None:
+                xr = xr / scale
+            return -0.5 * (xr * (xr @ precision)).sum(dim=1) + const
+
+        return apply_tokenwise(
+            fn, X, device=device, out_features=0, dtype=torch.float64
+        )
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Average log-likelihood of the samples, as scikit-learn's ``PCA.score``.
+
+        The mean of :meth:`score_samples` over every token (every pixel of
+        4-D maps); in the standardized space with ``standardize=True``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features) \
+                or (N, n_features, h, w)
+            Tokens or feature maps. Never modified.
+
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        ll : float
+            Average log-likelihood of the samples under the current model.
+        """
+        ll = self.score_samples(X)
+        return float(ll.mean())
+
+    def _ppca_terms(self):
+        """float64 components, clipped variance excess and noise variance."""
+        components = self.components_.astype(np.float64)
+        exp_var = self.explained_variance_.astype(np.float64)
+        noise = float(self.noise_variance_)
+        diff = np.where(exp_var > noise, exp_var - noise, 0.0)
+        return components, diff, noise
 
     def _whiten_scale(self, device, clip=True):
         """sqrt(explained_variance_), clipped below at float32 eps (as sklearn)."""

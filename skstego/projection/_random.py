@@ -95,6 +95,12 @@ class RandomProjection(
         Maximum distortion of squared distances allowed when ``dim="auto"``
         (must then lie in (0, 1)); smaller values give larger dimensions.
 
+    compute_inverse_components : bool, default=False
+        Compute the pseudo-inverse of ``components_`` during ``fit`` and keep
+        it as ``inverse_components_``, as scikit-learn's random projections
+        do. Otherwise :meth:`inverse_transform` computes it at its first
+        call (and caches it on the device, outside the estimator's state).
+
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the matrix is drawn and the projection computed. ``"auto"`` is
         CUDA when available, else the CPU; resolved at ``fit`` and again at
@@ -115,6 +121,11 @@ class RandomProjection(
 
     n_components_ : int
         Target dimension used (resolved from ``dim="auto"``).
+
+    inverse_components_ : ndarray of shape (n_features_in_, n_components_), \
+            dtype float32
+        Moore-Penrose pseudo-inverse of ``components_`` (computed in
+        float64). Only set when ``compute_inverse_components=True``.
 
     density_ : float
         Density used, in (0, 1] (resolved from ``density="auto"``). Only set
@@ -185,6 +196,7 @@ class RandomProjection(
         "kind": [StrOptions({"gaussian", "sparse"})],
         "density": [Interval(Real, 0.0, 1.0, closed="right"), StrOptions({"auto"})],
         "eps": [Interval(Real, 0, None, closed="neither")],
+        "compute_inverse_components": ["boolean"],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
     }
@@ -196,6 +208,7 @@ class RandomProjection(
         kind: str = "gaussian",
         density: float | str = "auto",
         eps: float = 0.1,
+        compute_inverse_components: bool = False,
         device: str | torch.device | None = "auto",
         random_state: Any = None,
     ) -> None:
@@ -203,6 +216,7 @@ class RandomProjection(
         self.kind = kind
         self.density = density
         self.eps = eps
+        self.compute_inverse_components = compute_inverse_components
         self.device = device
         self.random_state = random_state
 
@@ -367,6 +381,12 @@ class RandomProjection(
 
         self.components_ = components.cpu().numpy()
         self.n_components_ = n_components
+        if self.compute_inverse_components:
+            self.inverse_components_ = np.linalg.pinv(
+                self.components_.astype(np.float64)
+            ).astype(np.float32)
+        else:
+            self.__dict__.pop("inverse_components_", None)
         self._n_features_out = n_components
         return device
 
@@ -377,7 +397,11 @@ class RandomProjection(
         return _linear(self._tensor("components_", device), X, device)
 
     def _inverse_components(self, device: torch.device) -> torch.Tensor:
-        """Pseudo-inverse of ``components_`` (n_features, dim), cached."""
+        """Pseudo-inverse of ``components_`` (n_features, dim), cached.
+
+        ``inverse_components_`` when it was computed at fit time."""
+        if getattr(self, "inverse_components_", None) is not None:
+            return self._tensor("inverse_components_", device)
         return self._cached(
             ("inverse_components", str(device)),
             self.components_,
