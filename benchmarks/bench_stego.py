@@ -5,9 +5,9 @@ Part 1 trains the STEGO head on the same feature maps twice: with
 reference code is organised (``nn.Conv2d`` head with ``Dropout2d``,
 ``grid_sample`` sampling, each negative read from the permuted full maps,
 einsum correlations, a full N x N similarity matrix for the K-NN positives,
-the loss read back with ``.item()`` at every step). Both
-run the same loss (STEGO.md section 3) with the same hyperparameters; the script
-prints steps/s of each and the ratio.
+the loss read back with ``.item()`` at every step). Both run the same loss
+(Hamilton et al., ICLR 2022, section 3) with the same hyperparameters; the
+script prints steps/s of each and the ratio.
 
 Part 2 measures the peak resident memory of the K-NN step as the number of
 images grows, each count in a fresh subprocess: skstego's chunked search

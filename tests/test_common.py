@@ -61,7 +61,25 @@ NOT_CHECKED: dict[str, str] = {
 }
 
 # Checks expected to fail, each with its reason. Aim: none.
-EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {}
+EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {
+    # scikit-learn expects the same of its own KMeans / MiniBatchKMeans: the
+    # seeding draws and the mini-batch order depend on the row order, so
+    # weighted rows and repeated rows start differently.
+    # tests/test_kmeans_weights.py checks the equivalence from a fixed init.
+    "KMeansProbe": {
+        "check_sample_weight_equivalence_on_dense_data": (
+            "seeding draws and mini-batch order depend on row order"
+        ),
+    },
+    # float32 fits: weighted and repeated-row fits agree to about 1e-7
+    # absolute, not the check's rtol=1e-7 on float64 data;
+    # tests/test_linear_weights.py checks the equivalence with tolerances.
+    "LinearProbe": {
+        "check_sample_weight_equivalence_on_dense_data": (
+            "float32 fit: agrees to ~1e-7 absolute, not rtol=1e-7"
+        ),
+    },
+}
 
 
 def _expected_failed(estimator):

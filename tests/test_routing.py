@@ -125,6 +125,8 @@ def test_routed_sample_weight_reaches_score(blobs):
         probe = LinearProbe(solver="lbfgs", device="cpu").set_score_request(
             sample_weight=True
         )
+        # the weights go to score only (fit takes them too)
+        probe.set_fit_request(sample_weight=False)
         pipe = make_pipeline(TorchPCA(4, device="cpu"), probe).fit(X, y)
         pred = pipe.predict(X)
         got = pipe.score(X, y, sample_weight=w)

@@ -100,7 +100,8 @@ def _r(a: int, b: int) -> list[int]:
     return list(range(a, b + 1))
 
 
-# COCO-Stuff-27 (STEGO.md 6b): coarse class -> (name, fine COCO-Stuff ids)
+# COCO-Stuff-27 (the COCO-Stuff hierarchy; src/data.py of mhamilton723/STEGO):
+# coarse class -> (name, fine COCO-Stuff ids)
 _COCOSTUFF27 = (
     ("electronic", _r(71, 76)),
     ("appliance", _r(77, 82)),

@@ -503,8 +503,9 @@ def make_feature_maps(
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Synthetic "DINO-like" feature maps with ground-truth label maps.
 
-    A test bed for the mechanisms skstego studies (``STEGO.md``): the class
-    information lives in a few directions of a high-dimensional feature space;
+    A test bed for the mechanisms the STEGO study describes (Koenig et al.,
+    CVPR 2023 workshop): the class information lives in a few directions of a
+    high-dimensional feature space;
     the other directions carry large, structured nuisance: class sub-modes
     (parts, instances, sub-types of a class, which DINO tells apart), image
     offsets and spatially smooth fields. The design keeps the

@@ -54,6 +54,7 @@ from ._centroid import (
     _overflow_scale,
     _similarity,
 )
+from ._weights import check_weights, token_weights
 
 __all__ = ["KMeansProbe"]
 
@@ -100,8 +101,11 @@ def _assign(
     labels: torch.Tensor,
     best: torch.Tensor,
     sums: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
 ) -> None:
     """E-step in chunks: ``labels``/``best`` (best score) filled in place.
+
+    ``w`` (float64 weight per token, or None) weights the sums.
 
     When ``sums`` is given, the M-step sums are accumulated on the way, while the
     chunk is still in cache: with ``index_add_`` on the CPU (measured faster
@@ -116,11 +120,19 @@ def _assign(
         torch.max(sim, dim=1, out=(best[sl], labels[sl]))
         if sums is None:
             continue
+        if w is None:
+            if onehot_update:
+                onehot = torch.zeros_like(sim).scatter_(1, labels[sl, None], 1.0)
+                sums.addmm_(onehot.T, xb)
+            else:
+                sums.index_add_(0, labels[sl], xb)
+            continue
+        wb = w[sl].to(xb.dtype)
         if onehot_update:
-            onehot = torch.zeros_like(sim).scatter_(1, labels[sl, None], 1.0)
+            onehot = torch.zeros_like(sim).scatter_(1, labels[sl, None], wb[:, None])
             sums.addmm_(onehot.T, xb)
         else:
-            sums.index_add_(0, labels[sl], xb)
+            sums.index_add_(0, labels[sl], xb * wb[:, None])
 
 
 def _use_onehot_update(device: torch.device) -> bool:
@@ -153,14 +165,26 @@ def _prepare_tokens(
     return X, _row_sq_norms(X)
 
 
-def _mean_variance(X: torch.Tensor) -> float:
-    """Mean over features of the (biased) variance, two-pass in chunks."""
-    mean = X.mean(dim=0)
+def _mean_variance(X: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    """Mean over features of the (biased) variance, two-pass in chunks.
+
+    With token weights ``w``, the weighted variance: that of the data with
+    every token repeated its (integer) weight times.
+    """
+    if w is None:
+        mean = X.mean(dim=0)
+    else:
+        mean = (w.to(X.dtype) @ X) / w.sum().to(X.dtype)
     total = torch.zeros((), dtype=torch.float64, device=X.device)
     for sl in iter_slices(X.shape[0], _chunk_rows(X.device, 1, X.shape[1])):
         xb = X[sl] - mean
-        total += (xb * xb).sum(dtype=torch.float64)
-    return float(total) / X.numel()  # one read, after every chunk
+        if w is None:
+            total += (xb * xb).sum(dtype=torch.float64)
+        else:
+            total += (xb * xb).sum(dim=1, dtype=torch.float64) @ w[sl]
+    if w is None:
+        return float(total) / X.numel()  # one read, after every chunk
+    return float(total / w.sum()) / X.shape[1]
 
 
 def _kmeans_plusplus(
@@ -168,31 +192,50 @@ def _kmeans_plusplus(
     x_sq: torch.Tensor,
     k: int,
     gen: torch.Generator,
+    w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn's ``_kmeans_plusplus``).
 
     Every choice stays on the device (one-element index tensors, no
     ``.item()``), so on CUDA seeding queues its kernels without waiting.
+    With token weights ``w`` (float64), tokens are drawn with probability
+    proportional to weight times squared distance, and candidates compared
+    by weighted potential, as scikit-learn does with ``sample_weight``.
     """
     n = X.shape[0]
     n_trials = 2 + int(math.log(k))
-    first = torch.randint(n, (1,), generator=gen, device=gen.device).to(X.device)
+    if w is None:
+        first = torch.randint(n, (1,), generator=gen, device=gen.device)
+    else:
+        cum_w = torch.cumsum(w, 0)
+        u = torch.rand(1, generator=gen, device=gen.device, dtype=torch.float64)
+        first = torch.searchsorted(cum_w, u.to(X.device) * cum_w[-1]).clamp_(max=n - 1)
+    first = first.to(X.device)
     chosen = [first]
     closest = torch.addmv(x_sq + x_sq[first], X, X[first][0], alpha=-2.0)
     closest.clamp_min_(0.0)
-    pot = closest.sum(dtype=torch.float64)
+    if w is None:
+        pot = closest.sum(dtype=torch.float64)
+    else:
+        pot = closest.double() @ w
     for _ in range(1, k):
         rand = torch.rand(
             n_trials, generator=gen, device=gen.device, dtype=torch.float64
         )
-        cum = torch.cumsum(closest, 0, dtype=torch.float64)
+        if w is None:
+            cum = torch.cumsum(closest, 0, dtype=torch.float64)
+        else:
+            cum = torch.cumsum(closest.double() * w, 0)
         cand = torch.searchsorted(cum, rand.to(X.device) * pot).clamp_(max=n - 1)
         # (n_trials, n) distances: rows are contiguous for the reductions.
         cx = X[cand]
         d = torch.addmm(x_sq[cand][:, None], cx, X.T, alpha=-2.0)
         d.add_(x_sq).clamp_min_(0.0)
         torch.minimum(d, closest, out=d)
-        pots = d.sum(dim=1).double()  # float64 reductions are slow on CPU
+        if w is None:
+            pots = d.sum(dim=1).double()  # float64 reductions are slow on CPU
+        else:
+            pots = d.double() @ w
         b = torch.argmin(pots).reshape(1)
         closest = d.index_select(0, b)[0]
         pot = pots.index_select(0, b)[0]
@@ -207,11 +250,15 @@ def _init_centers(
     init: Any,
     gen: torch.Generator,
     cosine: bool,
+    w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if isinstance(init, str) and init == "k-means++":
-        centers = _kmeans_plusplus(X, x_sq, k, gen)
+        centers = _kmeans_plusplus(X, x_sq, k, gen, w)
     elif isinstance(init, str) and init == "random":
-        perm = torch.randperm(X.shape[0], generator=gen, device=gen.device)[:k]
+        if w is None:
+            perm = torch.randperm(X.shape[0], generator=gen, device=gen.device)[:k]
+        else:  # k distinct tokens, drawn with probability proportional to weight
+            perm = torch.multinomial(w.to(gen.device), k, generator=gen)
         centers = X[perm.to(X.device)].clone()
     else:
         centers = as_tensor(init, X.device).clone()
@@ -219,16 +266,22 @@ def _init_centers(
 
 
 def _counts(
-    labels: torch.Tensor, k: int, dtype: torch.dtype = torch.int64
+    labels: torch.Tensor,
+    k: int,
+    dtype: torch.dtype = torch.int64,
+    w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokens per cluster, shape (k,).
 
     ``index_add_`` of ones rather than ``torch.bincount``: CUDA's bincount
     reads ``max(labels)`` back to the host to size its output, a
     synchronisation per call (exact here in int64, or in float64 below
-    2**53).
+    2**53). With token weights ``w``, the weight per cluster.
     """
-    ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
+    if w is None:
+        ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
+    else:
+        ones = w.to(dtype)
     return torch.zeros(k, dtype=dtype, device=labels.device).index_add_(0, labels, ones)
 
 
@@ -239,17 +292,30 @@ def _relocate_empty(
     best: torch.Tensor,
     sums: torch.Tensor,
     counts: torch.Tensor,
+    w: torch.Tensor | None = None,
 ) -> None:
-    """Re-seed empty clusters with the points farthest from their centroid."""
+    """Re-seed empty clusters with the points farthest from their centroid.
+
+    With token weights ``w``, a cluster of zero weight is empty (as in
+    scikit-learn) and moved tokens carry their weight.
+    """
     empty = torch.nonzero(counts == 0).flatten()
     if empty.numel() == 0:
         return
     far = torch.topk(_sq_distances(best, x_sq), empty.numel()).indices
     old = labels[far]
-    sums.index_add_(0, old, X[far], alpha=-1.0)
-    counts.index_add_(0, old, torch.full_like(old, -1))
-    sums[empty] = X[far]
-    counts[empty] = 1
+    if w is None:
+        sums.index_add_(0, old, X[far], alpha=-1.0)
+        counts.index_add_(0, old, torch.full_like(old, -1))
+        sums[empty] = X[far]
+        counts[empty] = 1
+    else:
+        wf = w[far]
+        xf = X[far] * wf.to(X.dtype)[:, None]
+        sums.index_add_(0, old, xf, alpha=-1.0)
+        counts.index_add_(0, old, -wf.to(counts.dtype))
+        sums[empty] = xf
+        counts[empty] = wf.to(counts.dtype)
     labels[far] = empty
 
 
@@ -263,6 +329,7 @@ def _lloyd(
     cosine: bool,
     verbose: bool,
     desc: str,
+    w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int, np.ndarray]:
     """Lloyd iterations as scikit-learn's ``_kmeans_single_lloyd``.
 
@@ -283,6 +350,12 @@ def _lloyd(
     loop anyway: when the test stops the loop, that E-step's labels are the
     final labels, so nothing is computed twice and the results are those of
     a loop that tests at once.
+
+    With token weights ``w`` (float64, or None), the weighted Lloyd of
+    scikit-learn's ``KMeans(sample_weight=...)``: centroids are weighted
+    means (renormalised for cosine: the weighted spherical mean), a cluster
+    of zero weight is empty and the inertia is weighted. No extra host
+    reads.
     """
     n, d = X.shape
     k = centers.shape[0]
@@ -299,9 +372,13 @@ def _lloyd(
     bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
     while True:
         sums.zero_()
-        _assign(X, centers, cosine, chunk, labels, best, sums)
-        measured.append(_sq_distances(best, x_sq).sum(dtype=torch.float64))
-        counts = _counts(labels, k)
+        _assign(X, centers, cosine, chunk, labels, best, sums, w)
+        if w is None:
+            measured.append(_sq_distances(best, x_sq).sum(dtype=torch.float64))
+            counts = _counts(labels, k)
+        else:
+            measured.append(_sq_distances(best, x_sq).double() @ w)
+            counts = _counts(labels, k, torch.float64, w)
         flags = torch.stack(
             [(labels != labels_old).any(), (counts == 0).any(), shift <= tol]
         )
@@ -309,10 +386,10 @@ def _lloyd(
         if settled or n_iter == max_iter:
             break  # labels and best are those of the final centroids
         if has_empty:
-            _relocate_empty(X, x_sq, labels, best, sums, counts)
+            _relocate_empty(X, x_sq, labels, best, sums, counts, w)
             changed = not torch.equal(labels, labels_old)
         kept = counts == 0  # still empty: fewer distinct tokens than clusters
-        new = sums / counts.clamp_min(1).to(sums.dtype)[:, None]
+        new = sums / counts.masked_fill(kept, 1).to(sums.dtype)[:, None]
         if cosine:
             new = _normalize_rows(new)
         new = torch.where(kept[:, None], centers, new)
@@ -339,6 +416,7 @@ def _minibatch_step(
     centers: torch.Tensor,
     counts: torch.Tensor,
     cosine: bool,
+    w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One mini-batch k-means update, as scikit-learn's ``MiniBatchKMeans``.
 
@@ -348,12 +426,16 @@ def _minibatch_step(
     ``1 / count`` per token -- and ``N_j`` grows by ``n_j`` (``counts`` is
     float64 so that it stays exact beyond 2**24 tokens). Spherical k-means
     (``cosine``) projects the moved centroids back onto the sphere. Returns
-    the new centroids and counts.
+    the new centroids and counts. With token weights ``w``, counts and sums
+    are weighted (``N_j`` is the weight received), as scikit-learn's
+    ``MiniBatchKMeans`` with ``sample_weight``.
     """
     k = centers.shape[0]
     neg_c_sq = None if cosine else -(centers * centers).sum(dim=1)
     labels = _similarity(xb, centers, neg_c_sq).argmax(dim=1)
-    batch_counts = _counts(labels, k, counts.dtype)  # no read-back, unlike bincount
+    batch_counts = _counts(labels, k, counts.dtype, w)  # no read-back (bincount)
+    if w is not None:
+        xb = xb * w.to(xb.dtype)[:, None]
     sums = torch.zeros_like(centers).index_add_(0, labels, xb)
     new_counts = counts + batch_counts
     denom = new_counts.clamp_min(1.0)
@@ -394,16 +476,23 @@ def _token_batches(
 
 
 def _evaluate(
-    X: torch.Tensor, x_sq: torch.Tensor | None, centers: torch.Tensor, cosine: bool
+    X: torch.Tensor,
+    x_sq: torch.Tensor | None,
+    centers: torch.Tensor,
+    cosine: bool,
+    w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Labels and inertia of (trusted, normalised for cosine) tokens."""
+    """Labels and inertia (weighted by ``w``) of (trusted, normalised for
+    cosine) tokens."""
     n, d = X.shape
     labels = torch.empty(n, dtype=torch.int64, device=X.device)
     best = torch.empty(n, dtype=X.dtype, device=X.device)
     _assign(
         X, centers, cosine, _chunk_rows(X.device, centers.shape[0], d), labels, best
     )
-    return labels, float(_sq_distances(best, x_sq).sum(dtype=torch.float64))
+    if w is None:
+        return labels, float(_sq_distances(best, x_sq).sum(dtype=torch.float64))
+    return labels, float(_sq_distances(best, x_sq).double() @ w)
 
 
 def _import_faiss():
@@ -953,7 +1042,7 @@ class KMeansProbe(
     # ---------------------------------------------------------------- fit
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X: Any, y: Any = None) -> KMeansProbe:
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeansProbe:
         """Fit the centroids (and, given ``y``, the cluster-to-class mapping).
 
         Parameters
@@ -970,6 +1059,20 @@ class KMeansProbe(
             for maps (any H, W of the maps' aspect ratio; scores are
             upsampled bilinearly to it); -1 is ignored. When given,
             ``mapping_`` and ``n_classes_`` are fitted.
+        sample_weight : array-like of shape (n_samples,), (N,) or (N, h, w), \
+                default=None
+            Non-negative, finite weight of every token (2-D input), of every
+            image (4-D maps: each of its pixels gets it) or of every pixel of
+            the feature maps (N, h, w). None weighs all tokens alike. The
+            Lloyd centroids are weighted means (cosine: the weighted
+            spherical mean), k-means++ and ``"random"`` seeding draw tokens
+            in proportion to their weight, ``tol`` is relative to the
+            weighted variance, mini-batch steps and ``counts_`` count weight,
+            and ``inertia_`` is weighted, so an integer weight equals
+            repeating the token. Needs in-memory input or, for on-disk input,
+            a fit that gathers its tokens (``max_samples`` below the number
+            of tokens, or ``algorithm="minibatch"``); dask arrays,
+            streamed Lloyd passes and ``backend="faiss"`` raise a ValueError.
 
         Returns
         -------
@@ -984,6 +1087,11 @@ class KMeansProbe(
         device = resolve_device(self.device)
         backend = _choose_backend(self.backend, device)
         if backend == "faiss":
+            if sample_weight is not None:
+                raise ValueError(
+                    "backend='faiss' does not take sample_weight; use "
+                    "backend='torch' (or 'auto')."
+                )
             _import_faiss()
         cosine = self.metric == "cosine"
         gen = make_generator(self.random_state, device)
@@ -1012,11 +1120,19 @@ class KMeansProbe(
                 "fit(X, y) maps clusters to classes through labels_: pass "
                 "compute_labels=True, or fit without y."
             )
-        if self.algorithm == "minibatch":
-            return self._fit_minibatch(X, y, init, n_total, device, gen)
         chunked = dask_source(X)
         if chunked is None and self.max_samples is None:
             chunked = X if isinstance(X, LazyFeatures) else None
+        wt = self._token_weights(
+            X,
+            sample_weight,
+            device,
+            streamed=chunked is not None
+            and not subsample
+            and self.algorithm == "lloyd",
+        )
+        if self.algorithm == "minibatch":
+            return self._fit_minibatch(X, y, init, n_total, device, gen, wt)
         if not subsample and chunked is not None:
             # Exact Lloyd passes of per-chunk statistics: computed by dask on
             # its workers, or slice by slice from on-disk input here.
@@ -1032,8 +1148,12 @@ class KMeansProbe(
         if subsample:
             idx = _sample_indices(n_total, self.max_samples, gen)
             Xs = _gather_tokens(X, idx, device)
+            ws = None if wt is None else wt[idx.to(device)]
         else:
             Xs = _all_tokens(X, device)
+            ws = wt
+        if ws is not None:
+            _check_positive(ws, self.k)
         scale = 1.0
         if cosine:
             Xs = _normalize_rows(Xs)
@@ -1048,12 +1168,12 @@ class KMeansProbe(
                     init = init / scale
             x_sq = x_sq_init = _row_sq_norms(Xs)
         # As scikit-learn: tol relative to the mean feature variance.
-        tol = _mean_variance(Xs) * self.tol if self.tol > 0 else 0.0
+        tol = _mean_variance(Xs, ws) * self.tol if self.tol > 0 else 0.0
 
         n_init = self.n_init if isinstance(init, str) else 1
         best = None
         for run in range(n_init):
-            centers = _init_centers(Xs, x_sq_init, self.k, init, gen, cosine)
+            centers = _init_centers(Xs, x_sq_init, self.k, init, gen, cosine, ws)
             desc = f"k-means run {run + 1}/{n_init}"
             if backend == "faiss":
                 seed = int(
@@ -1080,12 +1200,13 @@ class KMeansProbe(
                     cosine=cosine,
                     verbose=self.verbose,
                     desc=desc,
+                    w=ws,
                 )
             if best is None or inertia < best[2]:
                 best = (centers, labels, inertia, n_iter, curve)
         centers, labels, inertia, n_iter, curve = best
         del Xs, x_sq, x_sq_init
-        counts = _counts(labels, self.k, torch.float64)
+        counts = _counts(labels, self.k, torch.float64, ws)
         _warn_if_degenerate(labels, self.k)
         if scale != 1.0:
             centers, inertia, curve = (
@@ -1096,9 +1217,35 @@ class KMeansProbe(
         if subsample and not self.compute_labels:
             labels = None
         elif subsample:
-            labels, inertia = self._label_all(X, centers, cosine, device)
+            labels, inertia = self._label_all(X, centers, cosine, device, wt)
         self.n_steps_ = 0
         return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
+
+    def _token_weights(
+        self,
+        X: Any,
+        sample_weight: Any,
+        device: torch.device,
+        streamed: bool = False,
+    ) -> torch.Tensor | None:
+        """Checked ``sample_weight`` as one float64 weight per token of ``X``
+        on ``device`` (None without weights)."""
+        if sample_weight is None:
+            return None
+        if dask_source(X) is not None or streamed:
+            raise ValueError(
+                "sample_weight needs in-memory input or gathered tokens: "
+                "dask arrays and streamed Lloyd passes (on-disk input with "
+                "max_samples=None) do not take it. Load the features in "
+                "memory, set max_samples, or use algorithm='minibatch'."
+            )
+        pixel_shape = (X.shape[0], *X.shape[2:]) if X.ndim == 4 else None
+        w = check_weights(sample_weight, X.shape[0], pixel_shape)
+        if not np.any(w > 0):
+            raise ValueError(
+                "Sample weights must contain at least one non-zero number."
+            )
+        return token_weights(w, tuple(X.shape), device)
 
     def _set_fitted(
         self,
@@ -1137,19 +1284,27 @@ class KMeansProbe(
         n_total: int,
         device: torch.device,
         gen: torch.Generator,
+        wt: torch.Tensor | None = None,
     ) -> KMeansProbe:
         """``fit`` with ``algorithm="minibatch"``: passes of mini-batch steps."""
         cosine = self.metric == "cosine"
         n_init_tokens = min(n_total, max(3 * self.batch_size, 3 * self.k))
-        Xi = _gather_tokens(X, _sample_indices(n_total, n_init_tokens, gen), device)
-        centers = self._minibatch_init(Xi, init, gen)
-        tol = _mean_variance(Xi) * self.tol if self.tol > 0 else 0.0
+        idx = _sample_indices(n_total, n_init_tokens, gen)
+        Xi = _gather_tokens(X, idx, device)
+        wi = None if wt is None else wt[idx.to(device)]
+        if wt is not None:
+            _check_positive(wt, self.k)
+            if not bool((wi > 0).any()):
+                wi = None  # no weight in the sample: seed unweighted
+        centers = self._minibatch_init(Xi, init, gen, wi)
+        tol = _mean_variance(Xi, wi) * self.tol if self.tol > 0 else 0.0
         del Xi
         counts = torch.zeros(self.k, dtype=torch.float64, device=device)
         n_steps = n_iter = 0
         n_batches = -(-n_total // self.batch_size)
         for n_iter in range(1, self.max_iter + 1):
             before = centers
+            offset = 0
             for xb in tqdm(
                 _token_batches(X, self.batch_size, device),
                 total=n_batches,
@@ -1159,20 +1314,26 @@ class KMeansProbe(
             ):
                 if cosine:
                     xb = _normalize_rows(xb)
-                centers, counts = _minibatch_step(xb, centers, counts, cosine)
+                wb = None if wt is None else wt[offset : offset + xb.shape[0]]
+                offset += xb.shape[0]
+                centers, counts = _minibatch_step(xb, centers, counts, cosine, wb)
                 n_steps += 1
             if float(((centers - before) ** 2).sum()) <= tol:
                 break
         labels, inertia = None, float("nan")
         if self.compute_labels:
-            labels, inertia = self._label_all(X, centers, cosine, device)
+            labels, inertia = self._label_all(X, centers, cosine, device, wt)
             _warn_if_degenerate(labels, self.k)
         self.n_steps_ = n_steps
         curve = np.asarray([inertia]) if labels is not None else np.empty(0)
         return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
 
     def _minibatch_init(
-        self, Xi: torch.Tensor, init: Any, gen: torch.Generator
+        self,
+        Xi: torch.Tensor,
+        init: Any,
+        gen: torch.Generator,
+        w: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Initial centroids from tokens ``Xi``: best of ``n_init`` seedings."""
         cosine = self.metric == "cosine"
@@ -1184,14 +1345,16 @@ class KMeansProbe(
             x_sq = x_sq_init = _row_sq_norms(Xi)
         best = None
         for _ in range(self.n_init if isinstance(init, str) else 1):
-            centers = _init_centers(Xi, x_sq_init, self.k, init, gen, cosine)
-            inertia = _evaluate(Xi, x_sq, centers, cosine)[1]
+            centers = _init_centers(Xi, x_sq_init, self.k, init, gen, cosine, w)
+            inertia = _evaluate(Xi, x_sq, centers, cosine, w)[1]
             if best is None or inertia < best[1]:
                 best = (centers, inertia)
         return best[0]
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X: Any, y: Any = None) -> KMeansProbe:
+    def partial_fit(
+        self, X: Any, y: Any = None, sample_weight: Any = None
+    ) -> KMeansProbe:
         """One mini-batch k-means step on the tokens of ``X``.
 
         The first call (on an unfitted probe) initialises the centroids from
@@ -1211,6 +1374,12 @@ class KMeansProbe(
             input is gathered on ``device``). Not modified.
         y : None
             Ignored; present for API consistency. ``mapping_`` is dropped.
+        sample_weight : array-like of shape (n_samples,), (N,) or (N, h, w), \
+                default=None
+            Weight of every token, image or feature-map pixel, as in
+            :meth:`fit`: each centroid moves to the weighted running mean
+            and ``counts_`` adds up weight (as ``MiniBatchKMeans``). Not
+            for dask input.
 
         Returns
         -------
@@ -1238,7 +1407,10 @@ class KMeansProbe(
             X = X.detach()
         device = self._resolved_device()
         cosine = self.metric == "cosine"
+        wt = self._token_weights(X, sample_weight, device)
         tokens = _all_tokens(X, device)
+        if first and wt is not None:
+            _check_positive(wt, self.k)
         if first:
             if tokens.shape[0] < self.k:
                 raise ValueError(
@@ -1254,7 +1426,7 @@ class KMeansProbe(
                         f"= ({self.k}, {self.n_features_in_})."
                     )
             gen = make_generator(self.random_state, device)
-            centers = self._minibatch_init(tokens, init, gen)
+            centers = self._minibatch_init(tokens, init, gen, wt)
             counts = torch.zeros(self.k, dtype=torch.float64, device=device)
             n_steps = 0
         else:
@@ -1263,19 +1435,25 @@ class KMeansProbe(
             n_steps = getattr(self, "n_steps_", 0)
         if cosine:
             tokens = _normalize_rows(tokens)
-        centers, counts = _minibatch_step(tokens, centers, counts, cosine)
+        centers, counts = _minibatch_step(tokens, centers, counts, cosine, wt)
         labels, inertia = None, float("nan")
         if self.compute_labels:
             x_sq = None if cosine else _row_sq_norms(tokens)
-            labels, inertia = _evaluate(tokens, x_sq, centers, cosine)
+            labels, inertia = _evaluate(tokens, x_sq, centers, cosine, wt)
         self.n_steps_ = n_steps + 1
         curve = np.asarray([inertia]) if labels is not None else np.empty(0)
         return self._set_fitted(X, None, centers, counts, labels, inertia, 1, curve)
 
     def _label_all(
-        self, X: Any, centers: torch.Tensor, cosine: bool, device: torch.device
+        self,
+        X: Any,
+        centers: torch.Tensor,
+        cosine: bool,
+        device: torch.device,
+        wt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float]:
-        """Labels and inertia of every token of ``X``, batch by batch.
+        """Labels and inertia (weighted by token weights ``wt``) of every
+        token of ``X``, batch by batch.
 
         On dask input every chunk is labelled on its worker.
         """
@@ -1288,6 +1466,7 @@ class KMeansProbe(
             int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
         )
         out, inertia = [], 0.0
+        per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
         with torch.no_grad():
             rows = rows_per_batch(per_row, _stream_elements(device))
             for sl in tqdm(
@@ -1302,7 +1481,12 @@ class KMeansProbe(
                     xb = maps_to_tokens(xb)
                 scale = 1.0 if cosine else _overflow_scale(centers)
                 xb, x_sq = _prepare_tokens(xb / scale if scale != 1.0 else xb, cosine)
-                lab, part = _evaluate(xb, x_sq, centers / scale, cosine)
+                wb = (
+                    None
+                    if wt is None
+                    else wt[sl.start * per_image : sl.stop * per_image]
+                )
+                lab, part = _evaluate(xb, x_sq, centers / scale, cosine, wb)
                 inertia += part * scale**2
                 out.append(lab)
         return torch.cat(out), inertia
@@ -1373,6 +1557,16 @@ def _warn_if_degenerate(labels: torch.Tensor, k: int) -> None:
             f"k ({k}). Possibly due to duplicate points in X.",
             ConvergenceWarning,
             stacklevel=4,
+        )
+
+
+def _check_positive(w: torch.Tensor, k: int) -> None:
+    """Raise unless at least ``k`` tokens have a positive weight."""
+    n_pos = int((w > 0).sum())
+    if n_pos < k:
+        raise ValueError(
+            f"sample_weight has {n_pos} positive weights among the fitted "
+            f"tokens; k-means needs at least k={k}."
         )
 
 

@@ -14,6 +14,7 @@ from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from tqdm.auto import tqdm
@@ -44,7 +45,7 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
-from ._weights import check_weights
+from ._weights import check_weights, token_weights
 
 __all__ = ["LinearProbe"]
 
@@ -97,7 +98,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         objective is the mean cross-entropy plus ``weight_decay / 2 * ||W||^2``.
         ``weight_decay = 1 / (C * n_samples)`` matches the penalty of
         :class:`~sklearn.linear_model.LogisticRegression` with inverse
-        regularisation ``C`` (on standardised features).
+        regularisation ``C`` (on standardised features); with
+        ``sample_weight`` / ``class_weight`` the cross-entropy is the weighted
+        mean, and ``n_samples`` becomes the sum of the weights.
 
     tol : float, default=1e-4
         Adam stops when the mean training loss of an epoch improves on the
@@ -116,6 +119,18 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         L-BFGS weights keep growing until ``max_iter``: use
         ``weight_decay=1 / n_samples`` for the objective of
         ``LogisticRegression(C=1)`` on standardised features.
+
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes, multiplying ``sample_weight`` in the loss, as
+        in :class:`~sklearn.linear_model.LogisticRegression`. A dict maps
+        class labels (class ids for label maps) to weights, other classes
+        weighing 1. ``"balanced"`` weighs class ``c`` by
+        ``n / (n_classes * n_c)`` on the labelled training tokens or pixels
+        (``n_c`` and ``n`` summing ``sample_weight`` when given, as
+        :func:`sklearn.utils.class_weight.compute_class_weight` does, and
+        ``n_classes`` counting the classes present), so that every class
+        weighs alike in total. :meth:`partial_fit` takes a dict only.
+        Needs in-memory input.
 
     ignore_index : int or None, default=None
         A label value excluded from training and scoring. For label maps every
@@ -239,6 +254,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "solver": [StrOptions({"adam", "lbfgs"})],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
         "ignore_index": [Integral, None],
         "device": [StrOptions({"auto"}), str, torch.device, None],
         "random_state": ["random_state"],
@@ -254,6 +270,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         weight_decay: float = 0.0,
         tol: float = 1e-4,
         solver: str = "adam",
+        class_weight: dict | str | None = None,
         ignore_index: int | None = None,
         device: str | torch.device = "auto",
         random_state: Any = None,
@@ -265,6 +282,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.tol = tol
         self.solver = solver
+        self.class_weight = class_weight
         self.ignore_index = ignore_index
         self.device = device
         self.random_state = random_state
@@ -379,7 +397,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X: Any, y: Any) -> LinearProbe:
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearProbe:
         """Fit the probe.
 
         Parameters
@@ -399,6 +417,18 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             ``ignore_index`` are ignored). Label maps may have another size
             than the feature maps.
 
+        sample_weight : array-like or torch.Tensor of shape (n_samples,), \
+(N,) or (N, H, W), default=None
+            Non-negative weight of every token (2-D input), of every image
+            (feature maps: each of its labelled pixels weighs the image's
+            weight) or of every pixel of the label maps. The loss is then the
+            weighted mean cross-entropy (the weighted sum divided by the sum
+            of the weights of the labelled tokens), so integer weights fit as
+            repeated samples do, and the standardisation uses the weighted
+            moments (per-image weights only, for label maps of another size).
+            Multiplied by ``class_weight``. Needs in-memory ``X``: on-disk and
+            dask input raise a ValueError.
+
         Returns
         -------
         self : LinearProbe
@@ -414,11 +444,21 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         if X.ndim == 2:
             classes, y_enc = self._encode_fit_labels(y, X.shape[0])
             labels = torch.as_tensor(y_enc)
+            w = check_weights(sample_weight, X.shape[0])
         else:
             classes, labels = self._encode_fit_label_maps(X, y, device)
+            w = check_weights(sample_weight, X.shape[0], tuple(labels.shape))
+        _check_some_weight(w)
         n_classes = len(classes)
+        class_weight = self._class_weights(classes, labels, w, X.shape)
         objective, counts = _build_objective(
-            X, labels, n_classes, device, worker_device=self.device
+            X,
+            labels,
+            n_classes,
+            device,
+            worker_device=self.device,
+            sample_weight=w,
+            class_weight=class_weight,
         )
         mean = objective.mean
         # Zero weights, intercept at the (smoothed) log class frequencies; both
@@ -435,6 +475,46 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         self.classes_ = classes
         self._set_coefficients(objective, weight, bias, adam)
         return self
+
+    def _class_weights(
+        self,
+        classes: np.ndarray,
+        labels: torch.Tensor,
+        w: np.ndarray | None,
+        X_shape: tuple,
+        partial: bool = False,
+    ) -> np.ndarray | None:
+        """One weight per class from ``class_weight``; None when unweighted."""
+        cw = self.class_weight
+        if cw is None:
+            return None
+        if isinstance(cw, str):  # "balanced"
+            if partial:
+                raise ValueError(
+                    "class_weight='balanced' is not supported by partial_fit: the "
+                    "class frequencies of the whole stream are unknown. Pass a "
+                    "dict of class weights (e.g. computed with sklearn's "
+                    "compute_class_weight on all the labels)."
+                )
+            lab = labels.reshape(-1).cpu()
+            weights = None
+            if w is not None:
+                weights = torch.as_tensor(w, dtype=torch.float64)
+                if len(X_shape) == 4 and weights.ndim == 1:
+                    per_image = labels.reshape(labels.shape[0], -1).shape[1]
+                    weights = weights.repeat_interleave(per_image)
+                weights = weights.reshape(-1)
+            valid = lab >= 0
+            counts = torch.bincount(
+                lab[valid],
+                weights=None if weights is None else weights[valid],
+                minlength=len(classes),
+            ).double()
+            present = counts > 0
+            out = torch.ones(len(classes), dtype=torch.float64)
+            out[present] = counts.sum() / (int(present.sum()) * counts[present])
+            return out.numpy()
+        return compute_class_weight(cw, classes=classes, y=classes).astype(np.float64)
 
     def _set_coefficients(
         self,
@@ -459,7 +539,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         }
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> LinearProbe:
+    def partial_fit(
+        self, X: Any, y: Any, classes: Any = None, sample_weight: Any = None
+    ) -> LinearProbe:
         """One epoch of Adam over ``X``, continuing from the current state.
 
         The contract of :meth:`sklearn.linear_model.SGDClassifier.partial_fit`:
@@ -486,6 +568,11 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         classes : array-like of shape (n_classes,), default=None
             Every class of the whole stream; required on the first call for
             1-D labels, checked against ``classes_`` afterwards.
+        sample_weight : array-like or torch.Tensor of shape (n_samples,), \
+(N,) or (N, H, W), default=None
+            Weights of the batch's tokens, images or label pixels, as in
+            :meth:`fit` (in-memory ``X`` only). A dict ``class_weight``
+            multiplies them; ``"balanced"`` raises.
 
         Returns
         -------
@@ -515,16 +602,27 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             )
         if X.ndim == 2:
             classes_, labels = self._encode_partial_labels(y, X.shape[0], classes)
+            w = check_weights(sample_weight, X.shape[0])
         else:
             classes_, labels = self._encode_partial_label_maps(X, y, classes, device)
+            w = check_weights(sample_weight, X.shape[0], tuple(labels.shape))
+        _check_some_weight(w)
         n_classes = len(classes_)
+        class_weight = self._class_weights(classes_, labels, w, X.shape, partial=True)
         moments = None
         if not first:
             moments = tuple(
                 torch.as_tensor(state[key]).to(device) for key in ("mean", "scale")
             )
         objective, counts = _build_objective(
-            X, labels, n_classes, device, moments, self.device
+            X,
+            labels,
+            n_classes,
+            device,
+            moments,
+            self.device,
+            sample_weight=w,
+            class_weight=class_weight,
         )
         if first:
             weight = torch.zeros(n_classes, objective.mean.shape[0], device=device)
@@ -721,7 +819,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             total, count = adam_pass(
                 objective.epoch(gen, batch_size, device), weight, bias, adam, wd
             )
-        loss = float(total / max(float(count), 1.0))
+        loss = float(total / _positive(float(count)))
         if wd:
             loss += 0.5 * wd * float(weight.square().sum())
         if not np.isfinite(loss):
@@ -747,7 +845,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 weight.copy_(xt[:n_w].view_as(weight))
                 bias.copy_(xt[n_w:])
                 total, count, grad_w, grad_b = objective.full_loss_grad(weight, bias)
-                count = count.clamp(min=1)
+                count = _positive(count)
                 loss = total / count
                 grad_w.div_(count)
                 grad_b.div_(count)
@@ -1177,7 +1275,7 @@ def adam_pass(
     count = torch.zeros((), dtype=torch.float64, device=weight.device)
     for part, batch in steps:
         loss, n, grad_w, grad_b = part.loss_grad(batch, weight, bias)
-        n_ = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+        n_ = _positive(n)
         grad_w.div_(n_)
         grad_b.div_(n_)
         if weight_decay:
@@ -1186,6 +1284,13 @@ def adam_pass(
         total += loss
         count += n
     return total, count
+
+
+def _positive(n: Any) -> Any:
+    """``n`` (a count or a sum of weights), or 1 where it is not positive."""
+    if isinstance(n, torch.Tensor):
+        return torch.where(n > 0, n, torch.ones_like(n))
+    return n if n > 0 else 1
 
 
 def _shuffle_generator(
@@ -1208,6 +1313,13 @@ def _shuffle_generator(
     if isinstance(X, LazyFeatures):
         return make_generator(random_state, torch.device("cpu"))
     return make_generator(random_state, device)
+
+
+def _check_some_weight(w: np.ndarray | None) -> None:
+    if w is not None and not np.any(w > 0):
+        raise ValueError(
+            "sample_weight is zero everywhere: no sample would count in the fit."
+        )
 
 
 def _check_n_classes(n_classes: int, classes: np.ndarray) -> None:
@@ -1235,37 +1347,58 @@ def _maps_as_tokens(X: Any, device: torch.device) -> torch.Tensor:
 
 def _scale_from(sq: torch.Tensor, n: int) -> torch.Tensor:
     """Standard deviation from centred sums of squares; 1 for constant features."""
-    scale = (sq / max(n, 1)).sqrt()
+    scale = (sq / (n if n > 0 else 1)).sqrt()
     scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
     return scale.float()
 
 
-def _token_moments(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation per feature, float64 accumulation, chunked."""
+def _token_moments(
+    tokens: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation per feature, float64 accumulation, chunked.
+
+    With ``weights`` (float64, one per token) the weighted moments, so that
+    integer weights standardise as repeated tokens do.
+    """
     n, c = tokens.shape
     step = rows_per_batch(4 * c)
     total = torch.zeros(c, dtype=torch.float64, device=tokens.device)
     for sl in iter_slices(n, step):
-        total += tokens[sl].sum(0, dtype=torch.float64)
-    mean = total / max(n, 1)
+        if weights is None:
+            total += tokens[sl].sum(0, dtype=torch.float64)
+        else:
+            total += weights[sl] @ tokens[sl].double()
+    count = n if weights is None else float(weights.sum())
+    mean = total / (count if count > 0 else 1)
     sq = torch.zeros(c, dtype=torch.float64, device=tokens.device)
     for sl in iter_slices(n, step):
-        sq += (tokens[sl].double() - mean).square().sum(0)
-    return mean.float(), _scale_from(sq, n)
+        dev = (tokens[sl].double() - mean).square()
+        sq += dev.sum(0) if weights is None else weights[sl] @ dev
+    return mean.float(), _scale_from(sq, count)
 
 
-def _map_moments(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation per channel of (N, C, h, w) maps."""
+def _map_moments(
+    maps: torch.Tensor, image_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation per channel of (N, C, h, w) maps.
+
+    With ``image_weights`` (float64, one per image) every pixel of an image
+    counts with the image's weight.
+    """
     n, c, h, w = maps.shape
     step = rows_per_batch(4 * c * h * w)
     total = torch.zeros(c, dtype=torch.float64, device=maps.device)
     for sl in iter_slices(n, step):
-        total += maps[sl].sum((0, 2, 3), dtype=torch.float64)
-    count = n * h * w
-    mean = total / max(count, 1)
+        if image_weights is None:
+            total += maps[sl].sum((0, 2, 3), dtype=torch.float64)
+        else:
+            total += image_weights[sl] @ maps[sl].sum((2, 3), dtype=torch.float64)
+    count = n * h * w if image_weights is None else float(image_weights.sum()) * h * w
+    mean = total / (count if count > 0 else 1)
     sq = torch.zeros(c, dtype=torch.float64, device=maps.device)
     for sl in iter_slices(n, step):
-        sq += (maps[sl].double() - mean[:, None, None]).square().sum((0, 2, 3))
+        dev = (maps[sl].double() - mean[:, None, None]).square().sum((2, 3))
+        sq += dev.sum(0) if image_weights is None else image_weights[sl] @ dev
     return mean.float(), _scale_from(sq, count)
 
 
@@ -1372,9 +1505,11 @@ class _Objective:
 class _TokenObjective(_Objective):
     """(n, C) tokens with a label each; hand-written gradients (no autograd)."""
 
-    def __init__(self, tokens, labels, mean, scale, n_classes):
+    def __init__(self, tokens, labels, mean, scale, n_classes, weights=None):
         super().__init__(mean, scale, n_classes)
         self.tokens, self.labels = tokens, labels
+        #: float32 weight per token (sample and class weights), or None
+        self.weights = None if weights is None else weights.float()
         self.units = self.n_labelled = tokens.shape[0]
         self._minus_one = torch.full((1, 1), -1.0, device=tokens.device)
 
@@ -1388,15 +1523,26 @@ class _TokenObjective(_Objective):
 
     @torch.no_grad()
     def loss_grad(self, batch, weight, bias):
+        wb = None
         if isinstance(batch, slice):
             z = torch.addcmul(self.shift, self.tokens[batch], self.inv)
             yb = self.labels[batch][:, None]
+            if self.weights is not None:
+                wb = self.weights[batch]
         else:
             z = self.tokens.index_select(0, batch)  # a copy: standardise in place
             torch.addcmul(self.shift, z, self.inv, out=z)
             yb = self.labels.index_select(0, batch)[:, None]
+            if self.weights is not None:
+                wb = self.weights.index_select(0, batch)
         rows = z.shape[0]
         logp = torch.log_softmax(torch.addmm(bias, z, weight.T), dim=1)
+        if wb is not None:
+            loss = -(logp.gather(1, yb)[:, 0].double() @ wb.double())
+            p = logp.clamp_(min=-60.0).exp_()
+            p.scatter_add_(1, yb, self._minus_one.expand(rows, 1))
+            p.mul_(wb[:, None])
+            return loss, wb.sum(dtype=torch.float64), p.T @ z, p.sum(0)
         loss = -logp.gather(1, yb).sum()
         # d(cross-entropy)/d(logits) = softmax - one-hot. Probabilities below
         # exp(-60) are raised to it (a negligible change of the gradient):
@@ -1414,9 +1560,11 @@ class _MapObjective(_Objective):
     hold whole images.
     """
 
-    def __init__(self, maps, labels, mean, scale, n_classes):
+    def __init__(self, maps, labels, mean, scale, n_classes, weights=None):
         super().__init__(mean, scale, n_classes)
         self.maps, self.labels = maps, labels
+        #: float32 weight per pixel of the label maps (N, H, W), or None
+        self.weights = None if weights is None else weights.float()
         self.size = tuple(labels.shape[-2:])
         self.units = maps.shape[0]
         self.n_labelled = labels.numel()
@@ -1432,11 +1580,16 @@ class _MapObjective(_Objective):
         yield from iter_slices(self.units, rows_per_batch(per_image))
 
     def loss_grad(self, batch, weight, bias):
+        wb = None
         if isinstance(batch, slice):
             xb, yb = self.maps[batch], self.labels[batch]
+            if self.weights is not None:
+                wb = self.weights[batch]
         else:
             xb = self.maps.index_select(0, batch)
             yb = self.labels.index_select(0, batch)
+            if self.weights is not None:
+                wb = self.weights.index_select(0, batch)
         b, _, h, w = xb.shape
         z = torch.addcmul(self.shift, maps_to_tokens(xb), self.inv)
         with torch.enable_grad():
@@ -1446,9 +1599,18 @@ class _MapObjective(_Objective):
             logits = F.interpolate(
                 logits, size=self.size, mode="bilinear", align_corners=False
             )
-            loss = F.cross_entropy(logits, yb, ignore_index=-1, reduction="sum")
+            if wb is None:
+                loss = F.cross_entropy(logits, yb, ignore_index=-1, reduction="sum")
+                count = (yb >= 0).sum()
+            else:
+                per_pixel = F.cross_entropy(
+                    logits, yb, ignore_index=-1, reduction="none"
+                )
+                wb = torch.where(yb >= 0, wb, 0.0)
+                loss = (per_pixel * wb).sum()
+                count = wb.sum(dtype=torch.float64)
             grad_w, grad_b = torch.autograd.grad(loss, [w_, b_])
-        return loss.detach(), (yb >= 0).sum(), grad_w, grad_b
+        return loss.detach(), count, grad_w, grad_b
 
 
 class _StreamedObjective(_Objective):
@@ -1555,8 +1717,16 @@ def _build_objective(
     device: torch.device,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
     worker_device: Any = "auto",
+    sample_weight: np.ndarray | None = None,
+    class_weight: np.ndarray | None = None,
 ) -> tuple[_Objective, torch.Tensor]:
     """The training objective of encoded ``labels`` and the class counts.
+
+    ``sample_weight`` (checked by :func:`~._weights.check_weights`: one per
+    row of 2-D ``X``, per image or per pixel of the label maps) and
+    ``class_weight`` (one per class) multiply into one weight per labelled
+    token or pixel; the counts are then the weighted class totals. Weights
+    need in-memory ``X``.
 
     ``moments`` (mean, scale) fixes the standardisation; None measures it on
     the data (on the labelled tokens, or every pixel for label maps of
@@ -1564,6 +1734,14 @@ def _build_objective(
     array a :class:`~._linear_dask.DaskObjective` whose tasks resolve
     ``worker_device`` (the estimator's ``device``) on each worker.
     """
+    weighted = sample_weight is not None or class_weight is not None
+    if isinstance(X, LazyFeatures) and weighted:
+        raise ValueError(
+            "sample_weight and class_weight need in-memory input (a NumPy array "
+            "or a torch tensor); the streamed fit of on-disk or dask features "
+            "does not weight samples. Load X into memory (e.g. np.asarray(X)) "
+            "or fit without weights."
+        )
     if isinstance(X, LazyFeatures):
         source = dask_source(X)
         if source is not None:
@@ -1576,7 +1754,11 @@ def _build_objective(
         _Objective.__init__(objective, mean, scale, n_classes)
         return objective, objective.counts.to(device)
     labels = labels.to(device)
+    cw = None
+    if class_weight is not None:
+        cw = torch.as_tensor(class_weight, dtype=torch.float64, device=device)
     if X.ndim == 2 or tuple(labels.shape[-2:]) == tuple(X.shape[-2:]):
+        weights = token_weights(sample_weight, tuple(X.shape), device)
         if X.ndim == 2:
             tokens = as_tensor(X, device)
         else:
@@ -1584,10 +1766,34 @@ def _build_objective(
         keep = labels >= 0
         if not bool(keep.all()):
             tokens, labels = tokens[keep], labels[keep]
-        mean, scale = _token_moments(tokens) if moments is None else moments
-        counts = torch.bincount(labels, minlength=n_classes)
-        return _TokenObjective(tokens, labels, mean, scale, n_classes), counts
+            weights = None if weights is None else weights[keep]
+        if cw is not None:
+            weights = cw[labels] if weights is None else weights * cw[labels]
+        if moments is None:
+            mean, scale = _token_moments(tokens, weights)
+        else:
+            mean, scale = moments
+        counts = torch.bincount(labels, weights=weights, minlength=n_classes)
+        objective = _TokenObjective(tokens, labels, mean, scale, n_classes, weights)
+        return objective, counts
     maps = as_tensor(X, device)
-    mean, scale = _map_moments(maps) if moments is None else moments
-    counts = torch.bincount(labels[labels >= 0], minlength=n_classes)
-    return _MapObjective(maps, labels, mean, scale, n_classes), counts
+    weights = image_weights = None
+    if sample_weight is not None:
+        weights = torch.as_tensor(sample_weight, dtype=torch.float64, device=device)
+        if weights.ndim == 1:
+            image_weights = weights
+            weights = weights[:, None, None].expand(labels.shape)
+    if cw is not None:
+        per_class = cw[labels.clamp(min=0)]
+        weights = per_class if weights is None else weights * per_class
+    if moments is None:
+        mean, scale = _map_moments(maps, image_weights)
+    else:
+        mean, scale = moments
+    valid = labels >= 0
+    counts = torch.bincount(
+        labels[valid],
+        weights=None if weights is None else weights[valid],
+        minlength=n_classes,
+    )
+    return _MapObjective(maps, labels, mean, scale, n_classes, weights), counts

@@ -32,6 +32,8 @@ def check_weights(
     if isinstance(sample_weight, torch.Tensor):
         sample_weight = sample_weight.detach().cpu().numpy()
     w = np.asarray(sample_weight, dtype=np.float64)
+    if not w.flags.writeable:  # a broadcast view: torch wants writable memory
+        w = w.copy()
     allowed = [(n_samples,)]
     if pixel_shape is not None:
         allowed.append(tuple(int(s) for s in pixel_shape))
