@@ -657,3 +657,55 @@ def test_segment_reports_a_huge_strip_instead_of_hanging(scenes, tmp_path, capsy
     err = capsys.readouterr().err
     assert "strip.png" in err and "max_tokens" in err
     assert (out / "imgs" / "photo_label.png").is_file()
+
+
+def test_segment_featurizes_each_image_once(scenes, tmp_path, monkeypatch):
+    from skstego import cli
+    from skstego.features import DinoFeaturizer as Featurizer
+
+    root, _, _ = scenes
+    seen = []
+    forward = Featurizer.transform
+
+    def counting(self, X):
+        seen.append(len(X))
+        return forward(self, X)
+
+    monkeypatch.setattr(Featurizer, "transform", counting)
+    args = ["segment", str(root / "imgs"), *BACKBONE, *RUN, "--k", "3"]
+    args += ["--projector", "pca:4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    once = sum(seen) - 1  # one 8 x 8 image checks the backbone
+    assert once == N_IMAGES
+    # predictions from the kept maps equal a fresh forward pass
+    seen.clear()
+    monkeypatch.setattr(cli, "FEATURE_CACHE_BYTES", 0)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert sum(seen) - 1 == 2 * N_IMAGES
+    for i in range(N_IMAGES):
+        name = f"imgs/scene{i}_label.png"
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "a" / name)),
+            np.asarray(Image.open(tmp_path / "b" / name)),
+        )
+
+
+def test_interrupted_segment_leaves_a_summary(scenes, tmp_path, monkeypatch):
+    from skstego import cli
+
+    root, _, _ = scenes
+    calls = []
+    write = cli._write_outputs
+
+    def interrupt_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(a[0].path)
+        return write(*a, **k)
+
+    monkeypatch.setattr(cli, "_write_outputs", interrupt_after_two)
+    out = tmp_path / "out"
+    args = ["segment", str(root / "imgs"), "--out", str(out), *BACKBONE, *RUN]
+    assert main([*args, "--k", "3", "--projector", "pca:4", "--batch-size", "2"]) == 130
+    rows = _summary(out)
+    assert sorted(r["status"] for r in rows.values()).count("ok") == 2
