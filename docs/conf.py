@@ -185,8 +185,36 @@ class ExampleScript(SphinxDirective):
         return node.children
 
 
+class CliHelp(SphinxDirective):
+    """``.. cli-help:: [COMMAND]``: the command line's own ``--help`` text, so
+    the option reference cannot drift from the parser."""
+
+    optional_arguments = 1
+
+    def run(self):
+        from skstego.cli import _parser
+
+        parser = _parser()
+        if self.arguments:
+            commands = next(
+                a for a in parser._actions if type(a).__name__ == "_SubParsersAction"
+            )
+            parser = commands.choices[self.arguments[0]]
+        saved = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "88"
+        try:
+            text = parser.format_help()
+        finally:
+            if saved is None:
+                os.environ.pop("COLUMNS", None)
+            else:
+                os.environ["COLUMNS"] = saved
+        return [nodes.literal_block(text, text)]
+
+
 def setup(app):
     app.add_directive("example-script", ExampleScript)
+    app.add_directive("cli-help", CliHelp)
     app.connect("autodoc-skip-member", _skip_member)
     # before numpydoc (priority 500) parses the lines
     app.connect("autodoc-process-docstring", _data_docstring, priority=400)
