@@ -47,8 +47,8 @@ ESTIMATORS = [
 # own tests cover the parts of the contract that apply.
 NOT_CHECKED: dict[str, str] = {
     # Takes images (N, H, W, 3) uint8 / paths / PIL, not the 2-D float data the
-    # generic checks feed; tests/test_featurizer.py checks clone, params,
-    # fit-returns-self, no mutation in __init__ and pickling.
+    # generic checks feed; tests/test_featurizer_checks.py runs every API check
+    # that needs no 2-D input (images-based equivalents for the others).
     "DinoFeaturizer": "images in, not 2-D features",
     # Images in, like DinoFeaturizer; tests/test_flip.py checks it against the
     # reference's formula, clone, params and the fitted/prefit paths.

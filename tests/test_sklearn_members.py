@@ -237,3 +237,94 @@ def test_html_repr_doc_link(estimator, monkeypatch):
     assert link in estimator._repr_html_()
     monkeypatch.setenv("SKSTEGO_DOC_URL", "https://example.org/skstego")
     assert estimator._get_doc_link() == f"https://example.org/skstego/{link}"
+
+
+# ---------------------------------------------------------------- dim="mle"
+
+
+def _mle_datasets():
+    from sklearn.datasets import load_diabetes, load_digits, load_iris
+
+    rng = np.random.RandomState(0)
+    low_rank = rng.randn(300, 4) @ rng.randn(4, 12) * 3 + 0.3 * rng.randn(300, 12)
+    square = rng.randn(40, 10) @ rng.randn(10, 40) + 0.2 * rng.randn(40, 40)
+    return {
+        "iris": load_iris().data,
+        "diabetes": load_diabetes().data,
+        "digits": load_digits().data[:400],  # constant pixels: zero eigenvalues
+        "low_rank": low_rank,
+        "square": square,
+    }
+
+
+@pytest.mark.parametrize("solver", ["auto", "covariance_eigh", "full"])
+@pytest.mark.parametrize("name", sorted(_mle_datasets()))
+def test_pca_mle_matches_sklearn(name, solver):
+    from sklearn.decomposition import PCA
+
+    X = _mle_datasets()[name]
+    ref = PCA(n_components="mle").fit(X)
+    pca = TorchPCA(dim="mle", solver=solver, device="cpu").fit(X)
+    assert pca.n_components_ == ref.n_components_
+    signs = np.sign(np.sum(pca.components_ * ref.components_, axis=1))
+    np.testing.assert_allclose(
+        pca.components_ * signs[:, None], ref.components_, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        pca.explained_variance_, ref.explained_variance_, rtol=1e-4
+    )
+    # digits keeps every non-zero eigenvalue: its noise is float32 rounding.
+    atol = 1e-5 * ref.explained_variance_[0]
+    np.testing.assert_allclose(
+        pca.noise_variance_, ref.noise_variance_, rtol=1e-4, atol=atol
+    )
+
+
+def test_pca_mle_infer_dimension_matches_sklearn():
+    # The re-implementation against scikit-learn's private functions.
+    from sklearn.decomposition._pca import _assess_dimension, _infer_dimension
+
+    from skstego.projection import _pca
+
+    rng = np.random.RandomState(1)
+    for _ in range(5):
+        spectrum = np.sort(rng.exponential(size=15))[::-1].copy()
+        spectrum[-2:] = 0.0
+        for n_samples in (20, 500):
+            assert _pca._infer_dimension(spectrum, n_samples) == int(
+                _infer_dimension(spectrum, n_samples)
+            )
+            for rank in range(1, 15):
+                ours = _pca._assess_dimension(spectrum, rank, n_samples)
+                theirs = _assess_dimension(spectrum, rank, n_samples)
+                np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_pca_mle_partial_fit_and_standardize():
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    X = _mle_datasets()["low_rank"]
+    stream = TorchPCA(dim="mle", device="cpu")
+    for batch in np.array_split(X, 3):
+        stream.partial_fit(batch)
+    assert stream.n_components_ == PCA(n_components="mle").fit(X).n_components_
+    std = TorchPCA(dim="mle", standardize=True, device="cpu").fit(X)
+    ref = PCA(n_components="mle").fit(StandardScaler().fit_transform(X))
+    assert std.n_components_ == ref.n_components_
+
+
+def test_pca_mle_errors():
+    X = np.random.RandomState(0).randn(5, 10)
+    with pytest.raises(ValueError, match="n_samples >= n_features"):
+        TorchPCA(dim="mle", device="cpu").fit(X)
+    with pytest.raises(ValueError, match="n_samples >= n_features"):
+        TorchPCA(dim="mle", solver="full", device="cpu").fit(X)
+    pca = TorchPCA(dim="mle", device="cpu")
+    with pytest.raises(ValueError, match="n_samples >= n_features"):
+        pca.partial_fit(X)
+    assert not hasattr(pca, "_stat_n")  # no state left by the failed call
+    with pytest.raises(ValueError, match="randomized"):
+        TorchPCA(dim="mle", solver="randomized", device="cpu").fit(X.T)
+    with pytest.raises(ValueError, match="dim"):
+        TorchPCA(dim="MLE", device="cpu").fit(X.T)

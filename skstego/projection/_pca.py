@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from math import log, pi
+from math import lgamma, log, pi
 from numbers import Integral
 from typing import Any, ClassVar
 
@@ -289,14 +289,89 @@ def _is_fraction(dim: Any) -> bool:
     return isinstance(dim, float) and 0 < dim < 1
 
 
-def _resolve_fraction(n_components: Any, ratio: np.ndarray) -> int:
-    """The number of components of a fractional ``dim``, as scikit-learn's PCA.
+def _needs_spectrum(dim: Any) -> bool:
+    """Whether ``dim`` is resolved from the full spectrum (a fraction or "mle")."""
+    return _is_fraction(dim) or (isinstance(dim, str) and dim == "mle")
 
-    The smallest number of components whose cumulative explained variance
-    ratio exceeds the fraction (``np.searchsorted(..., side="right") + 1``
-    on the float64 cumulative sum of the full spectrum), at most the size
-    of the spectrum. Integers are returned unchanged.
+
+def _check_mle(dim: Any, n_samples: int, n_features: int) -> None:
+    """Minka's MLE needs n_samples >= n_features, as in scikit-learn's PCA."""
+    if isinstance(dim, str) and dim == "mle" and n_samples < n_features:
+        raise ValueError(
+            "dim='mle' is only supported if n_samples >= n_features (as "
+            "scikit-learn's PCA(n_components='mle')); got "
+            f"n_samples={n_samples}, n_features={n_features}."
+        )
+
+
+def _assess_dimension(spectrum: np.ndarray, rank: int, n_samples: int) -> float:
+    """Log-likelihood of rank ``rank`` for the spectrum (T. P. Minka, 2000).
+
+    A re-implementation of scikit-learn's ``_assess_dimension`` (same
+    formula, same ``eps`` guards): the model is a rank-``rank`` signal in
+    isotropic Gaussian noise, and ``rank`` must be in [1, n_features - 1].
     """
+    n_features = spectrum.shape[0]
+    eps = 1e-15
+    if spectrum[rank - 1] < eps:
+        # A negligible eigenvalue: the likelihood would be tiny anyway, and
+        # its logarithms below ill-defined.
+        return -np.inf
+    pu = -rank * log(2.0)
+    for i in range(1, rank + 1):
+        pu += lgamma((n_features - i + 1) / 2.0) - log(pi) * (n_features - i + 1) / 2.0
+    pl = -np.sum(np.log(spectrum[:rank])) * n_samples / 2.0
+    v = max(eps, np.sum(spectrum[rank:]) / (n_features - rank))
+    pv = -log(v) * n_samples * (n_features - rank) / 2.0
+    m = n_features * rank - rank * (rank + 1.0) / 2.0
+    pp = log(2.0 * pi) * (m + rank) / 2.0
+    pa = 0.0
+    spectrum_ = spectrum.copy()
+    spectrum_[rank:n_features] = v
+    for i in range(rank):
+        for j in range(i + 1, n_features):
+            term = (spectrum[i] - spectrum[j]) * (
+                1.0 / spectrum_[j] - 1.0 / spectrum_[i]
+            )
+            if term <= 0:
+                # Tied eigenvalues (rounding noise of a float32 spectrum near
+                # zero, where scikit-learn's float64 SVD gives ~1e-30 and
+                # skips the rank): the rank is not identifiable.
+                return -np.inf
+            pa += log(term) + log(n_samples)
+    return float(pu + pl + pv + pp - pa / 2.0 - rank * log(n_samples) / 2.0)
+
+
+def _infer_dimension(spectrum: np.ndarray, n_samples: int) -> int:
+    """Minka's MLE of the dimension, as scikit-learn's ``_infer_dimension``.
+
+    The rank in [1, n_features - 1] of largest :func:`_assess_dimension`
+    (first one on ties), for the float64 explained variances of the full
+    spectrum (``n_features`` of them).
+    """
+    spectrum = np.asarray(spectrum, dtype=np.float64)
+    ll = np.empty_like(spectrum)
+    ll[0] = -np.inf  # never 0 components
+    for rank in range(1, spectrum.shape[0]):
+        ll[rank] = _assess_dimension(spectrum, rank, n_samples)
+    return int(np.argmax(ll))
+
+
+def _resolve_fraction(
+    n_components: Any, ratio: np.ndarray, spectrum: np.ndarray, n_samples: int
+) -> int:
+    """The number of components of a fractional or "mle" ``dim``, as sklearn.
+
+    A fraction: the smallest number of components whose cumulative explained
+    variance ratio exceeds it (``np.searchsorted(..., side="right") + 1`` on
+    the float64 cumulative sum of the full spectrum), at most the size of the
+    spectrum. ``"mle"``: :func:`_infer_dimension` of the explained variances
+    ``spectrum`` (at least 1: 0 only happens for an all-zero spectrum, where
+    scikit-learn would keep no component). Integers are returned unchanged.
+    """
+    if isinstance(n_components, str) and n_components == "mle":
+        _check_mle(n_components, n_samples, spectrum.shape[0])
+        return max(1, _infer_dimension(spectrum, n_samples))
     if not _is_fraction(n_components):
         return int(n_components)
     k = int(np.searchsorted(np.cumsum(ratio), n_components, side="right")) + 1
@@ -367,7 +442,7 @@ class TorchPCA(
 
     Parameters
     ----------
-    dim : int or float, default=None
+    dim : int, float or "mle", default=None
         Number of components to keep. If None, ``fit`` keeps
         ``min(n_samples, n_features)`` components (like scikit-learn's
         ``n_components=None``), and :meth:`partial_fit` keeps ``n_features``.
@@ -381,6 +456,14 @@ class TorchPCA(
         compute; ``solver="randomized"`` rejects it. "auto" never picks
         "randomized" for a fraction. With ``standardize=True`` the fraction
         is of the standardized variance.
+
+        ``"mle"`` guesses the dimension with Minka's MLE, exactly as
+        scikit-learn's ``n_components="mle"`` (the rank in
+        ``[1, n_features - 1]`` of largest likelihood, computed from the full
+        spectrum of ``explained_variance_``). It needs the full spectrum too
+        (not ``solver="randomized"``) and ``n_samples >= n_features``
+        (a ValueError otherwise; for :meth:`partial_fit`, the samples seen so
+        far).
 
     whiten : bool, default=False
         When True, the projections are divided by the square root of
@@ -546,6 +629,7 @@ class TorchPCA(
         "dim": [
             Interval(Integral, 1, None, closed="left"),
             Interval(RealNotInt, 0, 1, closed="neither"),
+            StrOptions({"mle"}),
             None,
         ],
         "whiten": ["boolean"],
@@ -605,13 +689,17 @@ class TorchPCA(
                 f"TorchPCA needs at least 2 samples; got n_samples = {n_samples}."
             )
         n_components = min(n_samples, n_features) if self.dim is None else self.dim
-        if _is_fraction(n_components) and self.solver == "randomized":
+        if _needs_spectrum(n_components) and self.solver == "randomized":
+            kind = "'mle'" if n_components == "mle" else "a fraction of the variance"
             raise ValueError(
-                f"dim={self.dim} (a fraction of the explained variance) needs the "
+                f"dim={self.dim!r} ({kind}) needs the "
                 "full spectrum: use solver='auto', 'covariance_eigh' or 'full', "
                 "not 'randomized' (as scikit-learn's PCA)."
             )
-        if n_components > min(n_samples, n_features):
+        _check_mle(n_components, n_samples, n_features)
+        if not _needs_spectrum(n_components) and n_components > min(
+            n_samples, n_features
+        ):
             raise ValueError(
                 f"dim={self.dim} must be between 1 and min(n_samples, n_features)="
                 f"{min(n_samples, n_features)} (n_samples={n_samples}, "
@@ -671,7 +759,7 @@ class TorchPCA(
         X = check_features(self, X, reset=first, lazy=True)
         n_features = X.shape[1]
         n_components = n_features if self.dim is None else self.dim
-        if n_components > n_features:
+        if not _needs_spectrum(n_components) and n_components > n_features:
             raise ValueError(
                 f"dim={self.dim} must be between 1 and n_features={n_features}."
             )
@@ -694,6 +782,7 @@ class TorchPCA(
             mean = mean_a + delta * (n_b / n)
             correction = np.outer(delta, delta) * (n_a * n_b / n)
             scatter = self._stat_scatter + scatter_b + correction
+        _check_mle(n_components, n, n_features)  # before any state changes
         self._fit_solver = "covariance_eigh"
         self._store_statistics(n, mean, scatter)
         with _rescale_hint(self):
@@ -717,6 +806,8 @@ class TorchPCA(
             return "covariance_eigh"
         if max(n_samples, n_features) <= 500:
             return "full"
+        if _needs_spectrum(n_components):
+            return "full"  # the full spectrum (as sklearn for a fraction, "mle")
         if 1 <= n_components < 0.8 * min(n_samples, n_features):
             return "randomized"
         return "full"
@@ -743,7 +834,7 @@ class TorchPCA(
         evals = np.clip(evals[::-1], 0.0, None)
         Vt = _svd_flip_rows(evecs[:, ::-1].T)
         total_var = evals.sum()
-        n_components = _resolve_fraction(n_components, evals / total_var)
+        n_components = _resolve_fraction(n_components, evals / total_var, evals, n)
         if n_components < min(n_features, n):
             noise = float(evals[n_components:].mean())
         else:
@@ -773,7 +864,9 @@ class TorchPCA(
         ev = S**2 / (n_samples - 1)
         if solver == "full":
             total_var = ev.sum()
-            n_components = _resolve_fraction(n_components, ev / total_var)
+            n_components = _resolve_fraction(
+                n_components, ev / total_var, ev, n_samples
+            )
             if n_components < min(n_features, n_samples):
                 noise = float(ev[n_components:].mean())
             else:
