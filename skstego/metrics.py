@@ -170,6 +170,7 @@ def confusion_matrix(
     n_classes: int | None = None,
     n_pred: int | None = None,
     ignore_index: int = -1,
+    sample_weight: Any = None,
 ) -> np.ndarray:
     """Count (true class, predicted id) pairs over valid pixels.
 
@@ -193,11 +194,15 @@ def confusion_matrix(
         a ``ValueError``.
     ignore_index : int, default=-1
         Label to ignore (on top of negative labels).
+    sample_weight : array-like of shape of ``y_true``, optional
+        Weight of each pixel (non-negative, finite), as
+        :func:`sklearn.metrics.confusion_matrix` weights samples.
 
     Returns
     -------
-    ndarray of shape (n_classes, n_pred), int64
-        ``C[i, j]`` = number of valid pixels of class ``i`` predicted as ``j``.
+    ndarray of shape (n_classes, n_pred), int64 (float64 when weighted)
+        ``C[i, j]`` = number (or total weight) of valid pixels of class ``i``
+        predicted as ``j``.
 
     Raises
     ------
@@ -212,7 +217,23 @@ def confusion_matrix(
     array([[0, 2],
            [1, 0]])
     """
-    return _count(y_true, y_pred, n_classes, n_pred, ignore_index)[0]
+    return _count(y_true, y_pred, n_classes, n_pred, ignore_index, sample_weight)[0]
+
+
+def _pixel_weights(sample_weight: Any, t: torch.Tensor) -> torch.Tensor | None:
+    """Per-pixel float64 weights as a flat tensor beside the flat labels."""
+    if sample_weight is None:
+        return None
+    w = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64)).to(t.device)
+    if w.numel() != t.numel():
+        raise ValueError(
+            f"sample_weight has {w.numel()} values for {t.numel()} labels: give "
+            "one weight per pixel (the shape of y_true)."
+        )
+    w = w.reshape(-1)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("sample_weight must hold finite, non-negative weights.")
+    return w
 
 
 def _count(
@@ -221,6 +242,7 @@ def _count(
     n_classes: int | None,
     n_pred: int | None,
     ignore_index: int,
+    sample_weight: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Confusion matrix and per-class support (valid pixels of each class).
 
@@ -242,6 +264,7 @@ def _count(
             f"{tuple(p.shape)} are label maps of different shapes (transposed?); "
             "predict at the labels' size (predict(X, size=...)) or flatten both."
         )
+    w = _pixel_weights(sample_weight, t)
     t, p = t.reshape(-1), p.reshape(-1)
     labelled = t[(t >= 0) & (t != ignore_index)]
     top = int(labelled.max()) if labelled.numel() else -1
@@ -263,11 +286,13 @@ def _count(
         )
     check_confusion_size(n_classes, n_pred, top, top_pred)
     valid = (t >= 0) & (t != ignore_index)
-    support = torch.bincount(t[valid], minlength=n_classes)
+    wv = None if w is None else w[valid]
+    support = torch.bincount(t[valid], weights=wv, minlength=n_classes)
     t, p = t[valid], p[valid]
     predicted = p >= 0
     idx = t[predicted] * n_pred + p[predicted]
-    counts = torch.bincount(idx, minlength=n_classes * n_pred)
+    weights = None if wv is None else wv[predicted]
+    counts = torch.bincount(idx, weights=weights, minlength=n_classes * n_pred)
     return counts.reshape(n_classes, n_pred).cpu().numpy(), support.cpu().numpy()
 
 
@@ -355,7 +380,7 @@ def _reference_histogram(
     n, k = conf.shape
     width = max(k, n)
     # ``stats`` of the reference: (n + extra, n), predictions >= n dropped
-    stats = np.zeros((width, n), dtype=np.int64)
+    stats = np.zeros((width, n), dtype=conf.dtype)
     stats[: min(k, n)] = conf[:, : min(k, n)].T
     mapping = None
     if not hungarian:
@@ -370,7 +395,7 @@ def _reference_histogram(
     # and the direct one for the unmatched ("missing") clusters
     _, cluster_of_class = linear_sum_assignment(stats.T, maximize=True)
     missing = sorted(set(range(width)) - set(clusters.tolist()))
-    hist = np.zeros((n + 1, n + 1), dtype=np.int64)
+    hist = np.zeros((n + 1, n + 1), dtype=conf.dtype)
     hist[:n, :n] = stats[cluster_of_class]
     hist[n, :n] = stats[missing].sum(axis=0)
     mapping = np.full(k, -1, dtype=np.int64)
@@ -398,7 +423,7 @@ def _reference_report(conf: np.ndarray, hungarian: bool) -> dict[str, Any]:
         "iou": iou[:n],
         "precision": precision,
         "recall": recall,
-        "support": support[:n].astype(np.int64),
+        "support": support[:n].astype(conf.dtype),
         "confusion": conf,
         "mapping": mapping,
     }
@@ -473,13 +498,17 @@ def report_from_confusion(
             f"matching must be 'identity' or 'hungarian', got {matching!r}."
         )
     _check_extra_clusters(extra_clusters)
-    conf = _checked_confusion(confusion, np.int64)
+    # pixel counts stay integers; weighted counts (sample_weight) stay float64
+    weighted = np.asarray(confusion).dtype.kind == "f"
+    dtype = np.float64 if weighted else np.int64
+    conf = _checked_confusion(confusion, dtype)
     if extra_clusters == "reference":
         return _warn_if_empty(_reference_report(conf, matching == "hungarian"))
     mapping = hungarian_match(conf) if matching == "hungarian" else None
     n_classes = conf.shape[0]
-    support = conf.sum(axis=1) if support is None else np.asarray(support, np.int64)
-    if support.shape != (n_classes,) or np.any(support < conf.sum(axis=1)):
+    support = conf.sum(axis=1) if support is None else np.asarray(support, dtype)
+    slack = 1e-9 * np.maximum(support, 1) if weighted else 0  # float rounding
+    if support.shape != (n_classes,) or np.any(support + slack < conf.sum(axis=1)):
         raise ValueError(
             "support must hold one count per class, at least the row sums of "
             "the confusion matrix."
@@ -488,7 +517,7 @@ def report_from_confusion(
         width = max(n_classes, conf.shape[1])
         mapped = np.pad(conf, ((0, 0), (0, width - conf.shape[1])))[:, :n_classes]
     else:
-        mapped = np.zeros((n_classes, n_classes), dtype=np.int64)
+        mapped = np.zeros((n_classes, n_classes), dtype=dtype)
         matched = mapping >= 0
         np.add.at(mapped.T, mapping[matched], conf[:, matched].T)
     tp = np.diag(mapped).astype(np.float64)
@@ -524,6 +553,7 @@ def segmentation_report(
     matching: str = "identity",
     ignore_index: int = -1,
     extra_clusters: str = "errors",
+    sample_weight: Any = None,
 ) -> dict[str, Any]:
     """All segmentation scores of a prediction in one pass.
 
@@ -547,6 +577,8 @@ def segmentation_report(
         Pixels of clusters beyond the ``n_classes`` matched ones count as
         errors, or are treated as the STEGO reference code does (see the
         module docstring).
+    sample_weight : array-like of the shape of ``y_true``, optional
+        Weight of each pixel: every count becomes a sum of weights.
 
     Returns
     -------
@@ -573,7 +605,9 @@ def segmentation_report(
     ([1, -1, 0], 0.8)
     """
     _check_extra_clusters(extra_clusters)
-    conf, support = _count(y_true, y_pred, n_classes, n_pred, ignore_index)
+    conf, support = _count(
+        y_true, y_pred, n_classes, n_pred, ignore_index, sample_weight
+    )
     return report_from_confusion(
         conf, matching=matching, support=support, extra_clusters=extra_clusters
     )

@@ -464,3 +464,41 @@ def test_default_n_classes_ignores_the_ignore_label():
     conf = confusion_matrix([0, 1, 255, 1], [0, 1, 1, 1], ignore_index=255)
     assert conf.shape == (2, 2)
     np.testing.assert_array_equal(conf, [[1, 0], [0, 2]])
+
+
+def test_sample_weight_against_scikit_learn():
+    from sklearn.metrics import accuracy_score, jaccard_score
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    from skstego.metrics import confusion_matrix, mean_iou, pixel_accuracy
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(-1, 4, size=(3, 5, 7))
+    pred = np.where(rng.random(y.shape) < 0.7, np.maximum(y, 0), 2)
+    w = rng.random(y.shape) * 3
+    keep = y.ravel() >= 0
+    yt, yp, wt = y.ravel()[keep], pred.ravel()[keep], w.ravel()[keep]
+    ours = confusion_matrix(y, pred, n_classes=4, sample_weight=w)
+    np.testing.assert_allclose(
+        ours, sk_confusion(yt, yp, labels=range(4), sample_weight=wt), rtol=1e-12
+    )
+    assert pixel_accuracy(y, pred, sample_weight=w) == pytest.approx(
+        accuracy_score(yt, yp, sample_weight=wt)
+    )
+    assert mean_iou(y, pred, n_classes=4, sample_weight=w) == pytest.approx(
+        jaccard_score(yt, yp, labels=range(4), average="macro", sample_weight=wt)
+    )
+    # integer weights equal repeated pixels
+    reps = rng.integers(0, 3, size=y.shape)
+    np.testing.assert_array_equal(
+        confusion_matrix(y, pred, n_classes=4, sample_weight=reps),
+        confusion_matrix(
+            np.repeat(y.ravel(), reps.ravel()),
+            np.repeat(pred.ravel(), reps.ravel()),
+            n_classes=4,
+        ),
+    )
+    with pytest.raises(ValueError, match="one weight per pixel"):
+        confusion_matrix(y, pred, sample_weight=np.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        confusion_matrix(y, pred, sample_weight=-np.ones(y.shape))

@@ -74,9 +74,12 @@ def _weights(n, seed=1):
     return np.random.default_rng(seed).integers(0, 4, n).astype(float)
 
 
-def test_linear_weighted_score_equals_sklearn(blobs):
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "float"])
+def test_linear_weighted_score_equals_sklearn(blobs, integer):
     X, y = blobs
     w = _weights(len(y))
+    if not integer:  # fractional weights must not be rounded anywhere
+        w = w * np.random.default_rng(2).random(len(y))
     probe = LinearProbe(solver="lbfgs", device="cpu").fit(X[:45], y[:45])
     pred = probe.predict(X)
     assert probe.score(X, y, sample_weight=w) == pytest.approx(
@@ -232,3 +235,21 @@ def test_label_free_grid_search(blobs, cls):
         ]
     )
     assert scores[1] == pytest.approx(by_hand)
+
+
+def test_cluster_probe_fractional_weights_are_not_rounded():
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 200)
+    X[:, 0] += 3 * y
+    w = rng.random(200) * 2
+    probe = KMeansProbe(k=3, metric="euclidean", random_state=0, device="cpu").fit(X)
+    pred = probe.predict(X)
+    weighted = np.zeros((3, 3))
+    np.add.at(weighted, (y, pred), w)  # the weighted confusion, by hand
+    rows, cols = linear_sum_assignment(weighted, maximize=True)
+    expected = weighted[rows, cols].sum() / w.sum()
+    got = probe.score(X, y, sample_weight=w, metric="accuracy")
+    assert got == pytest.approx(expected, rel=1e-9)
