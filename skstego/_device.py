@@ -495,9 +495,10 @@ class LazyFeatures:
         if length <= 0 or stop >= self.shape[0]:
             return
         at = stop if self._rest is None else self._rest[0] + self._rest[1].shape[0]
-        lo, hi = self._cover(at, min(self.shape[0], stop + length))
-        if hi <= lo or at >= stop + length:
+        end = min(self.shape[0], stop + length)
+        if at >= end:  # the kept rows already hold it (or nothing is left)
             return
+        lo, hi = self._cover(at, end)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending = ((lo, hi), self._pool.submit(self._read, slice(lo, hi)))
