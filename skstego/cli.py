@@ -828,23 +828,29 @@ def _n_labels(probe: Any) -> int:
     return int(probe.k)
 
 
-def _predict(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _predict(
+    probe: Any, codes: np.ndarray, size: tuple[int, int], upsample: str = "scores"
+) -> np.ndarray:
     """Label maps (N, H, W) at ``size``: class values, -1 for none."""
-    ids = np.asarray(probe.predict(codes, size=size))
+    ids = np.asarray(probe.predict(codes, size=size, upsample=upsample))
     table = _label_ids(probe)
     return table[ids] if table is not None else ids
 
 
-def _probabilities(probe: Any, codes: np.ndarray, size: tuple[int, int]) -> Any:
+def _probabilities(
+    probe: Any, codes: np.ndarray, size: tuple[int, int], upsample: str = "scores"
+) -> Any:
     """Class (or cluster) probabilities (N, K, H, W), a float32 NumPy array.
 
-    The probe's ``predict_proba`` with scores upsampled to ``size`` first:
+    The probe's ``predict_proba`` with scores (or, with
+    ``upsample="codes"``, the codes) upsampled to ``size`` first:
     for KMeansProbe a softmax of twice the cosine similarities to the
     centroids (the STEGO reference's scale, ``temperature=0.5``), summed into
     classes when it was fitted with labels; for LinearProbe the softmax of
     the logits.
     """
-    return np.asarray(probe.predict_proba(codes, size=size), dtype=np.float32)
+    proba = probe.predict_proba(codes, size=size, upsample=upsample)
+    return np.asarray(proba, dtype=np.float32)
 
 
 def _proba_labels(probe: Any, proba: np.ndarray) -> np.ndarray:
@@ -1583,15 +1589,6 @@ def _evaluation_model(args: argparse.Namespace) -> tuple[Any, str]:
     return load(args.model, device=args.device), args.model
 
 
-def _upsampled(codes: Any, size: tuple[int, int]) -> np.ndarray:
-    """Codes (N, D, h, w) bilinearly resized to ``size`` (align_corners=False)."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.as_tensor(np.ascontiguousarray(codes))
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False).numpy()
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
@@ -1661,17 +1658,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         codes = np.asarray(encoder.transform(batch))
         y = np.stack(labels)
         size = tuple(y.shape[-2:])
-        if stego:  # the reference upsamples codes, then applies the probe
-            codes, size = _upsampled(codes, size), None
+        # the reference upsamples the codes, then applies the probe
+        upsample = "codes" if stego else "scores"
         if crf is not None:
-            proba = _probabilities(probe, codes, size)
+            proba = _probabilities(probe, codes, size, upsample)
             ids = crf(batch, proba).argmax(1)
             table = None if clusters else _label_ids(probe)
             pred = table[ids] if table is not None else ids
         elif clusters:
-            pred = np.asarray(probe.predict(codes, size=size))
+            pred = np.asarray(probe.predict(codes, size=size, upsample=upsample))
         else:
-            pred = _predict(probe, codes, size)
+            pred = _predict(probe, codes, size, upsample)
         chunks.append((y, pred))
     bar.close()
     if not chunks:
