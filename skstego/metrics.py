@@ -61,6 +61,7 @@ from ._cluster_metrics import (
     silhouette_samples,
     silhouette_score,
 )
+from ._weights import check_weights
 
 __all__ = [
     "accuracy_scorer",
@@ -221,19 +222,10 @@ def confusion_matrix(
 
 
 def _pixel_weights(sample_weight: Any, t: torch.Tensor) -> torch.Tensor | None:
-    """Per-pixel float64 weights as a flat tensor beside the flat labels."""
-    if sample_weight is None:
-        return None
-    w = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64)).to(t.device)
-    if w.numel() != t.numel():
-        raise ValueError(
-            f"sample_weight has {w.numel()} values for {t.numel()} labels: give "
-            "one weight per pixel (the shape of y_true)."
-        )
-    w = w.reshape(-1)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("sample_weight must hold finite, non-negative weights.")
-    return w
+    """Per-pixel float64 weights (one per label, or of the labels' shape) as a
+    flat tensor beside the flat labels."""
+    w = check_weights(sample_weight, t.numel(), pixel_shape=tuple(t.shape))
+    return None if w is None else torch.from_numpy(w).to(t.device).reshape(-1)
 
 
 def _count(

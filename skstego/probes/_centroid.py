@@ -30,6 +30,7 @@ from .._device import (
     maps_to_tokens,
     rows_per_batch,
 )
+from .._weights import check_weights, token_weights
 from ..metrics import confusion_matrix, hungarian_match, report_from_confusion
 from ._base import (
     check_targets,
@@ -38,7 +39,6 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
-from ._weights import check_weights, token_weights
 
 __all__ = ["CentroidProbeMixin"]
 

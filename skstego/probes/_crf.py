@@ -23,7 +23,7 @@ from sklearn.utils._param_validation import HasMethods
 from sklearn.utils.validation import check_is_fitted
 
 from .._device import _DocLinkMixin, is_torch
-from ._weights import check_weights
+from .._weights import check_weights
 
 __all__ = ["CRFProbe"]
 

@@ -47,6 +47,7 @@ from .._device import (
     resolve_device,
     rows_per_batch,
 )
+from .._weights import check_weights, token_weights
 from ._base import check_targets
 from ._centroid import (
     CentroidProbeMixin,
@@ -54,7 +55,6 @@ from ._centroid import (
     _overflow_scale,
     _similarity,
 )
-from ._weights import check_weights, token_weights
 
 __all__ = ["KMeansProbe"]
 

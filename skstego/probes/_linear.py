@@ -37,6 +37,7 @@ from .._device import (
     rows_per_batch,
     tokens_to_maps,
 )
+from .._weights import check_weights, token_weights
 from ..metrics import report_from_confusion
 from ._base import (
     check_targets,
@@ -45,7 +46,6 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
-from ._weights import check_weights, token_weights
 
 __all__ = ["LinearProbe"]
 

@@ -3,7 +3,8 @@
 A sample is a token for 2-D input and an image for 4-D maps. Weights are one
 per sample (an image's weight then weights each of its pixels alike) or, for
 maps, one per pixel: of the label maps' shape when scoring, of the feature
-maps' (N, h, w) when fitting a cluster probe.
+maps' (N, h, w) when fitting a cluster probe. The probes and
+:mod:`skstego.metrics` all check weights here.
 """
 
 from __future__ import annotations
