@@ -1111,14 +1111,7 @@ def _segment(args: argparse.Namespace) -> int:
             if args.random_weights and args.weights:
                 raise UsageError("--random-weights and --weights exclude each other.")
             if args.checkpoint:
-                from .io import load_stego_checkpoint
-
-                try:
-                    model = load_stego_checkpoint(
-                        args.checkpoint, probe=args.probe, device=args.device
-                    )
-                except (OSError, ValueError) as exc:
-                    raise UsageError(str(exc)) from None
+                model = _checkpoint_pipeline(args)
             else:
                 from .io import load
 
@@ -1569,9 +1562,21 @@ _LOADERS = {
 }
 
 
+def _checkpoint_pipeline(args: argparse.Namespace) -> Any:
+    """``--checkpoint FILE`` (with ``--probe``) as a fitted pipeline."""
+    from .io import load_stego_checkpoint
+
+    try:
+        return load_stego_checkpoint(
+            args.checkpoint, probe=args.probe, device=args.device
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _evaluation_model(args: argparse.Namespace) -> tuple[Any, str]:
     """The pipeline to score and its name: a model file or a STEGO checkpoint."""
-    from .io import load, load_stego_checkpoint
+    from .io import load
 
     if (args.model is None) == (args.checkpoint is None):
         raise UsageError(
@@ -1579,13 +1584,7 @@ def _evaluation_model(args: argparse.Namespace) -> tuple[Any, str]:
             "or neither."
         )
     if args.checkpoint is not None:
-        try:
-            pipe = load_stego_checkpoint(
-                args.checkpoint, probe=args.probe, device=args.device
-            )
-        except (OSError, ValueError) as exc:
-            raise UsageError(str(exc)) from None
-        return pipe, args.checkpoint
+        return _checkpoint_pipeline(args), args.checkpoint
     return load(args.model, device=args.device), args.model
 
 
