@@ -731,10 +731,11 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device: {exc}") from None
 
 
-def _check_backbone(featurizer: Any) -> None:
-    """Build the backbone now, so that setup errors are not per-image errors."""
+def _check_backbone(featurizer: Any) -> int:
+    """Build the backbone now, so that setup errors are not per-image errors;
+    return its number of feature channels."""
     try:
-        featurizer.transform(np.zeros((1, 8, 8, 3), dtype=np.uint8))
+        return int(featurizer.transform(np.zeros((1, 8, 8, 3), np.uint8)).shape[1])
     except RuntimeError as exc:  # weights unavailable (offline)
         raise UsageError(
             f"{exc} On the command line: --weights FILE for a local checkpoint, "
@@ -1849,9 +1850,8 @@ def _sweep(args: argparse.Namespace) -> int:
         reducers = [("stego", stego) if r == "stego" else r for r in reducers]
     resolution = args.resolution or 224
     featurizer = _featurizer(args, resolution)
-    _check_backbone(featurizer)
+    n_features = _check_backbone(featurizer)
     if not isinstance(dims, str):
-        n_features = featurizer.transform(np.zeros((1, 8, 8, 3), np.uint8)).shape[1]
         too_big = [d for d in dims if d > n_features]
         if too_big:
             raise UsageError(
