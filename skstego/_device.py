@@ -37,6 +37,7 @@ __all__ = [
     "TorchEstimatorMixin",
     "apply_tokenwise",
     "as_tensor",
+    "batch_elements",
     "check_features",
     "check_finite_tensor",
     "is_dask",
@@ -56,6 +57,42 @@ __all__ = [
 #: Number of float32 values one batch of :func:`apply_tokenwise` may hold
 #: (input plus output), about 256 MiB.
 DEFAULT_BATCH_ELEMENTS = 64 * 1024 * 1024
+
+#: The one streaming-memory policy: float32 values per block of work, by
+#: purpose, on the CPU. Every estimator that walks its input in slices asks
+#: :func:`batch_elements`; on a GPU every purpose gets
+#: ``DEFAULT_BATCH_ELEMENTS`` (one big block keeps the device busy).
+#:
+#: - ``"read"``: slices read from on-disk or dask input. Kept below glibc's
+#:   largest mmap threshold (32 MiB), slice buffers are recycled from the heap
+#:   instead of being mapped and page-faulted afresh each time (streamed
+#:   k-means passes measured 1.5-1.8x faster than with 256 MiB slices).
+#: - ``"distances"``: token x centre blocks of the k-means assignment step.
+#:   2**22 (60k rows of 70 features) was measured as fast as cache-sized
+#:   blocks on an idle core and several times faster on a shared machine:
+#:   every block costs three OpenMP barriers.
+#: - ``"gram"``: token chunks of the PCA scatter (Gram) accumulation. On
+#:   1M x 384, 16M values were 5-10% faster than 8M; smaller chunks slower.
+#: - ``"compute"``: anything else (per-chunk objectives, metric passes).
+CPU_BATCH_ELEMENTS = {
+    "read": 4 * 1024 * 1024,
+    "distances": 1 << 22,
+    "gram": 16 * 1024 * 1024,
+    "compute": DEFAULT_BATCH_ELEMENTS,
+}
+
+
+def batch_elements(device: torch.device, purpose: str = "read") -> int:
+    """Float32 values one block of ``purpose`` may hold on ``device``.
+
+    The single place that sizes streamed work; see ``CPU_BATCH_ELEMENTS``
+    for the measured reason behind each CPU budget.
+    """
+    if purpose not in CPU_BATCH_ELEMENTS:
+        raise ValueError(f"unknown purpose {purpose!r}")
+    if device.type == "cpu":
+        return CPU_BATCH_ELEMENTS[purpose]
+    return DEFAULT_BATCH_ELEMENTS
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
