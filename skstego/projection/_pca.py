@@ -25,7 +25,7 @@ from sklearn.base import (
 )
 from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 
 from .._dask import is_dask, map_method, pca_statistics
 from .._device import (
@@ -34,7 +34,6 @@ from .._device import (
     apply_tokenwise,
     as_tensor,
     check_features,
-    check_finite_tensor,
     dask_source,
     is_torch,
     iter_slices,
@@ -43,6 +42,7 @@ from .._device import (
     resolve_device,
     rows_per_batch,
 )
+from .._validation import check_codes
 
 __all__ = ["TorchPCA"]
 
@@ -1175,28 +1175,9 @@ class TorchPCA(
             scale = scale.clamp(min=torch.finfo(torch.float32).eps)
         return scale
 
-    def _check_codes(self, X):
-        """Validate the input of :meth:`inverse_transform`."""
-        if is_torch(X):
-            if X.ndim not in (2, 4):
-                raise ValueError(
-                    f"Expected 2-D codes (n_samples, n_components) or 4-D maps "
-                    f"(N, n_components, h, w), got shape {tuple(X.shape)}."
-                )
-            check_finite_tensor(X)
-        else:
-            X = check_array(X, allow_nd=True, dtype=[np.float32, np.float64])
-            if X.ndim not in (2, 4):
-                raise ValueError(
-                    f"Expected 2-D codes (n_samples, n_components) or 4-D maps "
-                    f"(N, n_components, h, w), got shape {X.shape}."
-                )
-        if X.shape[1] != self.n_components_:
-            raise ValueError(
-                f"X has {X.shape[1]} components, but {type(self).__name__} has "
-                f"n_components_={self.n_components_}."
-            )
-        return X
+    def _check_codes(self, X: Any) -> np.ndarray | torch.Tensor:
+        """Validate codes for :meth:`inverse_transform`; never modifies X."""
+        return check_codes(X, self.n_components_, type(self).__name__)
 
     @property
     def _n_features_out(self) -> int:

@@ -23,7 +23,7 @@ from sklearn.base import (
 from sklearn.exceptions import DataDimensionalityWarning
 from sklearn.random_projection import johnson_lindenstrauss_min_dim
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 
 from .._dask import map_method
 from .._device import (
@@ -31,7 +31,6 @@ from .._device import (
     apply_tokenwise,
     as_tensor,
     check_features,
-    check_finite_tensor,
     is_dask,
     is_lazy,
     is_torch,
@@ -41,6 +40,7 @@ from .._device import (
     rows_per_batch,
     to_output,
 )
+from .._validation import check_codes
 
 __all__ = ["RandomProjection"]
 
@@ -412,29 +412,7 @@ class RandomProjection(
 
     def _check_codes(self, X: Any) -> np.ndarray | torch.Tensor:
         """Validate codes for :meth:`inverse_transform`; never modifies X."""
-        if is_torch(X):
-            if X.ndim not in (2, 4):
-                raise ValueError(
-                    "Expected 2-D codes (n_samples, n_components) or 4-D code maps "
-                    f"(N, n_components, h, w), got a tensor of shape "
-                    f"{tuple(X.shape)}."
-                )
-            if X.is_complex() or X.dtype == torch.bool:
-                raise ValueError(f"Expected a real-valued tensor, got dtype {X.dtype}.")
-            check_finite_tensor(X)
-        else:
-            X = check_array(X, dtype=[np.float32, np.float64], allow_nd=True)
-            if X.ndim not in (2, 4):
-                raise ValueError(
-                    "Expected 2-D codes (n_samples, n_components) or 4-D code maps "
-                    f"(N, n_components, h, w), got an array of shape {X.shape}."
-                )
-        if X.shape[1] != self.n_components_:
-            raise ValueError(
-                f"X has {X.shape[1]} components, but {type(self).__name__} "
-                f"projects to {self.n_components_}."
-            )
-        return X
+        return check_codes(X, self.n_components_, type(self).__name__)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
