@@ -12,6 +12,7 @@ Every estimator runs on the GPU when one is present (``device="auto"``) and
 returns NumPy for NumPy input, torch for torch input.
 """
 
+from ._version import __version__
 from .features import DinoFeaturizer, FeatureStore, FlipAveraged
 from .postprocess import DenseCRF, crf_refine
 from .probes import CRFProbe, HNNEClusterProbe, KMeansProbe, LinearProbe
@@ -22,8 +23,6 @@ from .projection import (
     TokenStandardScaler,
     TorchPCA,
 )
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "CRFProbe",

@@ -21,7 +21,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import timm
 import torch
+
+from ._safe_pickle import plain, safe_torch_load
+from .features import DinoFeaturizer
+from .features._dino import load_backbone_state
+from .probes import KMeansProbe, LinearProbe
+from .projection import StegoProjector
 
 __all__ = ["PUBLISHED_RESULTS", "load_stego_checkpoint", "read_stego_checkpoint"]
 
@@ -98,7 +105,6 @@ def read_stego_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ValueError
         If the file cannot be read or is not such a checkpoint.
     """
-    from ._safe_pickle import plain, safe_torch_load
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -157,10 +163,6 @@ def _timm_name(cfg: Mapping, path: str) -> str:
 def _backbone(
     name: str, state: Mapping[str, torch.Tensor], path: str
 ) -> torch.nn.Module:
-    import timm
-
-    from .features._dino import load_backbone_state
-
     net = timm.create_model(
         name, pretrained=False, num_classes=0, dynamic_img_size=True
     )
@@ -185,7 +187,6 @@ def _probe(
     device: Any,
     path: str,
 ) -> Any:
-    from .probes import KMeansProbe, LinearProbe
 
     if kind == "cluster":
         if "cluster_probe.clusters" not in state:
@@ -284,9 +285,6 @@ def load_stego_checkpoint(
             --dataset cocostuff27 --root data/cocostuff
     """
     from sklearn.pipeline import Pipeline
-
-    from .features import DinoFeaturizer
-    from .projection import StegoProjector
 
     path = os.fspath(path)
     parts = read_stego_checkpoint(path)

@@ -35,7 +35,20 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .datasets._loaders import _IMAGE_EXTENSIONS
+from . import datasets
+from ._device import maps_to_tokens, resolve_device
+from ._version import __version__
+from .datasets import ImageCollection, default_palette
+from .datasets._collection import _read_image
+from .datasets._loaders import _IMAGE_EXTENSIONS, _KeepBut255
+from .features import DinoFeaturizer, FlipAveraged
+from .features._dino import _check_torch_file
+from .io import PUBLISHED_RESULTS, load, load_stego_checkpoint, save
+from .metrics import confusion_matrix, report_from_confusion
+from .postprocess import crf_refine
+from .probes import KMeansProbe, LinearProbe
+from .projection import RandomProjection, StegoProjector, TorchPCA
+from .study import run_sweep, save_sweep_figures, summarize_sweep
 
 __all__ = ["main"]
 
@@ -151,8 +164,6 @@ def _check_files(args: argparse.Namespace) -> None:
                 f"{os.getcwd()!r})."
             )
         if option != "pipeline" and not value.endswith(".safetensors"):
-            from .features._dino import _check_torch_file
-
             what = "checkpoint" if option == "checkpoint" else "weights file"
             try:
                 _check_torch_file(Path(value), what)
@@ -182,7 +193,6 @@ def _one_line(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
 
     parser = _ArgumentParser(
         prog="skstego",
@@ -688,7 +698,6 @@ def _image_size(path: str) -> tuple[int, int] | None:
 
 
 def _read(path: str) -> np.ndarray:
-    from .datasets._collection import _read_image
 
     return _read_image(path)
 
@@ -697,7 +706,6 @@ def _read(path: str) -> np.ndarray:
 # building models
 # --------------------------------------------------------------------------
 def _featurizer(args: argparse.Namespace, resolution: int) -> Any:
-    from .features import DinoFeaturizer
 
     if args.random_weights and args.weights:
         raise UsageError("--random-weights and --weights exclude each other.")
@@ -723,7 +731,6 @@ def _warn_random_weights(args: argparse.Namespace) -> None:
 
 
 def _check_device(device: str) -> None:
-    from ._device import resolve_device
 
     try:
         resolve_device(device)
@@ -745,7 +752,6 @@ def _check_backbone(featurizer: Any) -> int:
 
 def _reducer(spec: str, seed: int, device: str, steps: int | None = None) -> Any:
     """``pca:DIM``, ``rp:DIM``, ``stego:DIM``, ``none`` or a model file."""
-    from . import RandomProjection, StegoProjector, TorchPCA
 
     kind, _, dim = spec.partition(":")
     kinds = {"pca": TorchPCA, "rp": RandomProjection, "stego": StegoProjector}
@@ -763,8 +769,6 @@ def _reducer(spec: str, seed: int, device: str, steps: int | None = None) -> Any
     if spec == "none":
         return "passthrough"
     if os.path.isfile(spec):
-        from .io import load
-
         reducer = load(spec, device=device)
         if not hasattr(reducer, "transform") or hasattr(reducer, "steps"):
             raise UsageError(
@@ -781,8 +785,6 @@ def _reducer(spec: str, seed: int, device: str, steps: int | None = None) -> Any
 def _split_pipeline(pipe: Any, where: str) -> tuple[Any, Any, Any]:
     """(featurizer, reducer or "passthrough", probe) of a saved pipeline."""
     from sklearn.pipeline import Pipeline
-
-    from . import DinoFeaturizer, KMeansProbe, LinearProbe
 
     steps = [s for _, s in pipe.steps] if isinstance(pipe, Pipeline) else []
     if (
@@ -866,13 +868,6 @@ def _proba_labels(probe: Any, proba: np.ndarray) -> np.ndarray:
 
 def _load_crf(device: str) -> Callable:
     """``crf_refine`` on ``device``: NumPy probabilities in, NumPy out."""
-    try:
-        from .postprocess import crf_refine
-    except ImportError as exc:
-        raise UsageError(
-            f"--crf needs skstego.postprocess.crf_refine, which cannot be imported "
-            f"({exc})."
-        ) from None
     return functools.partial(crf_refine, device=device)
 
 
@@ -880,7 +875,6 @@ def _load_crf(device: str) -> Callable:
 # writing
 # --------------------------------------------------------------------------
 def _palette(n_labels: int) -> np.ndarray:
-    from .datasets import default_palette
 
     return default_palette(max(1, min(n_labels, IGNORE_VALUE)))
 
@@ -1114,8 +1108,6 @@ def _segment(args: argparse.Namespace) -> int:
             if args.checkpoint:
                 model = _checkpoint_pipeline(args)
             else:
-                from .io import load
-
                 model = load(args.pipeline, device=args.device)
             featurizer, reducer, probe = _split_pipeline(
                 model, args.checkpoint or args.pipeline
@@ -1336,9 +1328,6 @@ def _fit_on(
     feature maps kept in ``cache`` for the predictions that follow)."""
     import torch
 
-    from . import KMeansProbe
-    from ._device import maps_to_tokens
-
     tokens = []
     bar = _progress(len(items), "featurize", args.quiet)
     for part in _chunks(items, chunk):
@@ -1389,8 +1378,6 @@ def _save_pipeline(
 ) -> None:
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
-
-    from .io import save
 
     features = clone(featurizer).set_params(crop="center", resolution=resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1458,11 +1445,6 @@ def _predict_items(
 # --------------------------------------------------------------------------
 def _fit(args: argparse.Namespace) -> int:
     from sklearn.pipeline import Pipeline
-
-    from . import KMeansProbe, LinearProbe
-    from .datasets import ImageCollection
-    from .datasets._loaders import _KeepBut255
-    from .io import save
 
     out = Path(args.out)
     if not out.parent.is_dir() and str(out.parent):
@@ -1565,7 +1547,6 @@ _LOADERS = {
 
 def _checkpoint_pipeline(args: argparse.Namespace) -> Any:
     """``--checkpoint FILE`` (with ``--probe``) as a fitted pipeline."""
-    from .io import load_stego_checkpoint
 
     try:
         return load_stego_checkpoint(
@@ -1577,7 +1558,6 @@ def _checkpoint_pipeline(args: argparse.Namespace) -> Any:
 
 def _evaluation_model(args: argparse.Namespace) -> tuple[Any, str]:
     """The pipeline to score and its name: a model file or a STEGO checkpoint."""
-    from .io import load
 
     if (args.model is None) == (args.checkpoint is None):
         raise UsageError(
@@ -1592,9 +1572,6 @@ def _evaluation_model(args: argparse.Namespace) -> tuple[Any, str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
-
-    from . import FlipAveraged, KMeansProbe, datasets
-    from .metrics import confusion_matrix, report_from_confusion
 
     _check_device(args.device)
     stego = args.protocol == "stego"
@@ -1701,7 +1678,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _print_published(dataset: str, kind: str, report: dict) -> None:
     """STEGO's published numbers (with CRF) beside ours."""
-    from .io import PUBLISHED_RESULTS
 
     published = PUBLISHED_RESULTS.get(dataset, {}).get(kind)
     if not published:
@@ -1798,7 +1774,6 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
 def _split_data(
     args: argparse.Namespace, split: str | None, resolution: int
 ) -> tuple[Any, np.ndarray]:
-    from . import datasets
 
     loader = getattr(datasets, _LOADERS[args.dataset])
     kwargs = {} if split is None else {"split": split}
@@ -1823,8 +1798,6 @@ _SWEEP_PRESETS = {
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .projection import StegoProjector
-    from .study import run_sweep, save_sweep_figures, summarize_sweep
 
     _check_device(args.device)
     reducers: list[Any] = _names(

@@ -44,6 +44,7 @@ from ._stego_checkpoint import (
     load_stego_checkpoint,
     read_stego_checkpoint,
 )
+from ._version import __version__
 
 __all__ = [
     "FORMAT_NAME",
@@ -130,7 +131,6 @@ def save(estimator: Any, path: str | os.PathLike) -> Path:
     path = Path(os.fspath(path))
     arrays: dict[str, np.ndarray] = {}
     root = _encode_estimator(estimator, "root", arrays)
-    from . import __version__
 
     manifest = {
         "format": FORMAT_NAME,

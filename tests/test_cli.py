@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import skstego.cli as cli_module
 from skstego import DinoFeaturizer, KMeansProbe, TorchPCA
 from skstego._device import maps_to_tokens
 from skstego.cli import main
@@ -249,14 +250,13 @@ def test_corrupt_files_are_reported_and_the_rest_written(
 def test_crf_gets_softmax_of_twice_the_cosine_similarities(
     scenes, tmp_path, fitted_model, monkeypatch
 ):
-    postprocess = pytest.importorskip("skstego.postprocess")
     calls = []
 
     def recording_crf(images, proba, **kwargs):
         calls.append((images.copy(), proba.copy(), kwargs))
         return proba[:, ::-1]  # labels must come from what the CRF returns
 
-    monkeypatch.setattr(postprocess, "crf_refine", recording_crf)
+    monkeypatch.setattr(cli_module, "crf_refine", recording_crf)
     _, images, _ = scenes
     image = np.ascontiguousarray(images[1][:24, :32])
     Image.fromarray(image).save(tmp_path / "small.png")
@@ -333,13 +333,12 @@ def test_confidence_maps_are_the_quantised_predict_proba(
 
 
 def test_confidence_comes_after_the_crf(scenes, tmp_path, fitted_model, monkeypatch):
-    postprocess = pytest.importorskip("skstego.postprocess")
 
     def sharpening_crf(images, proba, **kwargs):
         sharp = proba.astype(np.float64) ** 3
         return (sharp / sharp.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    monkeypatch.setattr(postprocess, "crf_refine", sharpening_crf)
+    monkeypatch.setattr(cli_module, "crf_refine", sharpening_crf)
     _, images, _ = scenes
     image = np.ascontiguousarray(images[2][:24, :32])
     Image.fromarray(image).save(tmp_path / "small.png")

@@ -91,7 +91,7 @@ def test_sweep_usage_errors(dataset, tmp_path, capsys, extra, message):
 
 
 def test_sweep_reproduction_flags_reach_run_sweep(dataset, tmp_path, monkeypatch):
-    import skstego.study
+    import skstego.cli
 
     seen = {}
 
@@ -99,7 +99,7 @@ def test_sweep_reproduction_flags_reach_run_sweep(dataset, tmp_path, monkeypatch
         seen.update(kwargs)
         raise SystemExit(0)
 
-    monkeypatch.setattr(skstego.study, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(skstego.cli, "run_sweep", fake_run_sweep)
     argv = [
         *("sweep", "--dataset", "folder", "--root", str(dataset)),
         *("--out", str(tmp_path / "o"), *BACKBONE, "--device", "cpu", "--quiet"),

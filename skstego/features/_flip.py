@@ -23,6 +23,7 @@ from sklearn.utils._param_validation import HasMethods
 from sklearn.utils.validation import check_is_fitted
 
 from .._device import _DocLinkMixin, is_torch
+from ..datasets._collection import _read_image
 
 __all__ = ["FlipAveraged"]
 
@@ -46,8 +47,6 @@ def _mirror_one(image: Any) -> Any:
     from PIL import Image, ImageOps
 
     if isinstance(image, str | Path | os.PathLike):
-        from ..datasets._collection import _read_image
-
         # PIL out, as a path in: the featurizer returns torch for both
         return Image.fromarray(
             np.ascontiguousarray(_read_image(os.fspath(image))[:, ::-1])
