@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 
 from ._safe_pickle import plain, safe_torch_load
@@ -163,6 +162,8 @@ def _timm_name(cfg: Mapping, path: str) -> str:
 def _backbone(
     name: str, state: Mapping[str, torch.Tensor], path: str
 ) -> torch.nn.Module:
+    import timm  # imported on use, as in DinoFeaturizer: slow to import
+
     net = timm.create_model(
         name, pretrained=False, num_classes=0, dynamic_img_size=True
     )
