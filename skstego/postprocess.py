@@ -1,9 +1,19 @@
-"""Dense CRF refinement of segmentation probabilities, in-process on torch.
+"""Dense CRF refinement of segmentation probabilities, in-process.
 
 STEGO refines its predictions with the fully connected CRF of Krähenbühl and
 Koltun (2011), through pydensecrf in a process pool. This module runs the same
-mean-field inference on torch, batched over images, on the CPU or a GPU, with
-no worker processes.
+mean-field inference in the calling process, with no worker processes, on one
+of two backends:
+
+* ``"torch"``: batched over images, on the CPU or a GPU (below);
+* ``"pydensecrf"``: the C++ implementation of Krähenbühl and Koltun's
+  permutohedral-lattice CRF (``pip install pydensecrf2``), on the CPU, one
+  image at a time, with the same model and parameters as STEGO's call.
+
+``backend="auto"`` (the default) takes pydensecrf for the lattice on the CPU
+when it can be imported (its C++ lattice is about twice as fast per core as
+the torch one), and torch everywhere else: on CUDA, for the exact method, and
+on the CPU without pydensecrf.
 
 The model is the one pydensecrf builds for STEGO. With ``p`` the input
 probabilities at image size, the unary is ``U = -log(clip(p, 1e-5, 1))``
@@ -28,7 +38,7 @@ kernel matrix ``K`` with densecrf's default symmetric normalisation,
 ``D = diag(K 1)``. As in densecrf, the sums run over *all* pixels, the pixel
 itself included (``k(i, i) = 1``); the paper's update leaves ``j = i`` out.
 
-Two ways to apply the bilateral matrix:
+The torch backend has two ways to apply the bilateral matrix:
 
 * ``method="exact"`` computes ``K`` block by block (rows of pixels against
   the whole image, a bounded block at a time, never the whole ``N x N``
@@ -39,8 +49,10 @@ Two ways to apply the bilateral matrix:
   ``[1/2, 1, 1/2]``, slice back. ``O(N)`` work per iteration.
 
 The Gaussian (appearance-free) kernel lives on the pixel grid, so it is
-separable; both methods apply it exactly, as two 1-D filters (densecrf also
-puts it on a lattice).
+separable; both torch methods apply it exactly, as two 1-D filters. The
+pydensecrf backend (``method="approx"`` only) puts it on a lattice too, as
+densecrf does, with the features of densecrf's ``addPairwiseGaussian`` and
+``addPairwiseBilateral`` (x, y; x, y and the colours in STEGO's BGR order).
 """
 
 from __future__ import annotations
@@ -93,6 +105,7 @@ _CONSTRAINTS: dict = {
     "bilateral_srgb": [Interval(Real, 0, None, closed="neither")],
     "bilateral_compat": [Interval(Real, None, None, closed="neither")],
     "method": [StrOptions({"auto", "exact", "approx"})],
+    "backend": [StrOptions({"auto", "torch", "pydensecrf"})],
     "device": [str, torch.device, None],
 }
 
@@ -567,8 +580,57 @@ def _images_per_batch(n_pixels: int, n_classes: int, method: str) -> int:
     return max(1, _BLOCK_ELEMENTS // per_image)
 
 
-def _refine(images: Any, proba: Any, params: dict) -> np.ndarray | torch.Tensor:
-    """Validated parameters; checks the arrays and runs mean-field in batches."""
+def _pydensecrf() -> Any:
+    """The ``pydensecrf.densecrf`` module, or None when it cannot be imported."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        return None
+    return dcrf
+
+
+def _resolve(params: dict, n_pixels: int) -> tuple[str, str, torch.device]:
+    """The backend, the method and the device a call runs with.
+
+    ``"auto"`` takes pydensecrf where it applies (the lattice, on the CPU,
+    pydensecrf importable) and torch everywhere else.
+    """
+    device = resolve_device(params["device"])
+    method, backend = params["method"], params["backend"]
+    if backend == "pydensecrf":
+        if method == "exact":
+            raise ValueError(
+                "backend='pydensecrf' has only the permutohedral lattice; pass "
+                "method='approx' (or 'auto'), or backend='torch' for the exact "
+                "method."
+            )
+        if device.type != "cpu":
+            raise ValueError(
+                f"backend='pydensecrf' runs on the CPU, but device is {device}; "
+                "pass device='cpu', or backend='torch' (or 'auto') to run on "
+                f"{device}."
+            )
+        if _pydensecrf() is None:
+            raise ImportError(
+                "backend='pydensecrf' needs pydensecrf, which is not installed: "
+                "pip install pydensecrf2 (it builds the C++ extension), or pass "
+                "backend='torch'."
+            )
+        return "pydensecrf", "approx", device
+    if method == "auto":
+        method = "exact" if n_pixels <= _AUTO_EXACT_PIXELS else "approx"
+    if (
+        backend == "auto"
+        and method == "approx"
+        and device.type == "cpu"
+        and _pydensecrf() is not None
+    ):
+        return "pydensecrf", method, device
+    return "torch", method, device
+
+
+def _check_inputs(images: Any, proba: Any) -> tuple[Any, bool, Any, bool]:
+    """Validated images (NHWC or not) and (N, K, h, w) probabilities."""
     images, nhwc = _check_images(images)
     proba = _check_proba_shape(proba)
     single = proba.ndim == 3
@@ -582,28 +644,101 @@ def _refine(images: Any, proba: Any, params: dict) -> np.ndarray | torch.Tensor:
     h, w = images.shape[1:3] if nhwc else images.shape[2:4]
     if h * w == 0:
         raise ValueError(f"images are empty (size {h} x {w}).")
-    device = resolve_device(params["device"])
-    method = params["method"]
-    if method == "auto":
-        method = "exact" if h * w <= _AUTO_EXACT_PIXELS else "approx"
+    return images, nhwc, proba4, single
+
+
+def _colours(img: Any, nhwc: bool, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) float32 colours in 0-255 on ``device``."""
+    if nhwc:
+        return as_tensor(img, device).contiguous()
+    colours = as_tensor(img, device).permute(0, 2, 3, 1)
+    if img.is_floating_point():
+        colours = colours * 255.0
+    return colours.contiguous()
+
+
+def _refine_torch(
+    images: Any, nhwc: bool, proba4: Any, params: dict, method: str, device
+) -> torch.Tensor:
+    """Mean-field on torch, in batches of images; (N, K, H, W) float32."""
+    h, w = images.shape[1:3] if nhwc else images.shape[2:4]
     n, k = proba4.shape[0], proba4.shape[1]
     outputs = []
+    for sl in iter_slices(n, _images_per_batch(h * w, k, method)):
+        colours = _colours(images[sl], nhwc, device)
+        pb = as_tensor(proba4[sl], device)
+        Q = _mean_field(colours, pb, params, method)
+        outputs.append(Q if is_torch(proba4) else Q.cpu())
+    return torch.cat(outputs) if len(outputs) != 1 else outputs[0]
+
+
+def _refine_pydensecrf(
+    images: Any, nhwc: bool, proba4: Any, params: dict
+) -> torch.Tensor:
+    """Mean-field in pydensecrf's C++ code, image by image; (N, K, H, W) float32.
+
+    The model is the one STEGO's ``dense_crf`` builds: ``unary_from_softmax``
+    (``-log(clip(p, 1e-5, 1))``), ``addPairwiseGaussian`` and
+    ``addPairwiseBilateral`` (the BGR image), Potts compatibilities, diagonal
+    kernels, symmetric normalisation. The kernels are added through
+    ``addPairwiseEnergy`` with the very features those two methods compute
+    (float32 ``x / sxy``, ``y / sxy``, ``colour / srgb``), so that float
+    images keep their fractional colours; for uint8 images the result is
+    bit for bit STEGO's.
+    """
+    dcrf = _pydensecrf()
+    cpu = torch.device("cpu")
+    h, w = images.shape[1:3] if nhwc else images.shape[2:4]
+    n, k = proba4.shape[0], proba4.shape[1]
+    n_pixels = h * w
+    rows, cols = np.mgrid[:h, :w].astype(np.float32)
+    xy = np.stack([cols.ravel(), rows.ravel()])  # (2, N): x (column), then y
+    gauss_compat = float(params["gaussian_compat"])
+    bilateral_compat = float(params["bilateral_compat"])
+    gauss = np.ascontiguousarray(xy / np.float32(params["gaussian_sxy"]))
+    bilateral = np.empty((5, n_pixels), dtype=np.float32)
+    bilateral[:2] = xy / np.float32(params["bilateral_sxy"])
+    srgb = np.float32(params["bilateral_srgb"])
+    out = torch.empty(n, k, h, w)
+    for i in range(n):
+        p = as_tensor(proba4[i : i + 1], cpu)
+        if p.shape[-2:] != (h, w):
+            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        # NumPy's log, as unary_from_softmax (torch's may differ in the last bit)
+        p = np.ascontiguousarray(p[0].detach().reshape(k, n_pixels).numpy())
+        unary = np.log(np.clip(p, _CLIP, 1.0))
+        crf = dcrf.DenseCRF(n_pixels, k)
+        crf.setUnaryEnergy(np.negative(unary, out=unary))
+        if gauss_compat != 0:
+            crf.addPairwiseEnergy(gauss, compat=gauss_compat)
+        if bilateral_compat != 0:
+            # colours in STEGO's (BGR) order, as pydensecrf's features
+            bgr = _colours(images[i : i + 1], nhwc, cpu)[0].flip(-1)
+            bilateral[2:] = bgr.reshape(n_pixels, 3).T.numpy() / srgb
+            crf.addPairwiseEnergy(bilateral, compat=bilateral_compat)
+        Q = np.asarray(crf.inference(int(params["n_iter"])), dtype=np.float32)
+        out[i] = torch.from_numpy(Q.reshape(k, h, w))
+    return out
+
+
+def _refine(
+    images: Any, proba: Any, params: dict
+) -> tuple[np.ndarray | torch.Tensor, str]:
+    """Validated parameters; checks the arrays and runs mean-field.
+
+    Returns the refined probabilities and the backend that computed them.
+    """
+    images, nhwc, proba4, single = _check_inputs(images, proba)
+    h, w = images.shape[1:3] if nhwc else images.shape[2:4]
+    backend, method, device = _resolve(params, h * w)
     with torch.no_grad():
-        for sl in iter_slices(n, _images_per_batch(h * w, k, method)):
-            img = images[sl]
-            if nhwc:
-                colours = as_tensor(img, device)
-            else:
-                colours = as_tensor(img, device).permute(0, 2, 3, 1)
-                if img.is_floating_point():
-                    colours = colours * 255.0
-            pb = as_tensor(proba4[sl], device)
-            Q = _mean_field(colours.contiguous(), pb, params, method)
-            outputs.append(Q if is_torch(proba) else Q.cpu())
-    out = torch.cat(outputs) if len(outputs) != 1 else outputs[0]
+        if backend == "pydensecrf":
+            out = _refine_pydensecrf(images, nhwc, proba4, params)
+        else:
+            out = _refine_torch(images, nhwc, proba4, params, method, device)
     if single:
         out = out[0]
-    return to_output(out.contiguous(), proba)
+    return to_output(out.contiguous(), proba), backend
 
 
 def _label_output(Q: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -630,6 +765,7 @@ def crf_refine(
     bilateral_srgb: float = 3.0,
     bilateral_compat: float = 4.0,
     method: str = "auto",
+    backend: str = "auto",
     device: str | torch.device | None = "auto",
 ) -> np.ndarray | torch.Tensor:
     """Refine segmentation probabilities with a fully connected CRF.
@@ -637,8 +773,10 @@ def crf_refine(
     Mean-field inference of the dense CRF of Krähenbühl and Koltun (2011) with
     a Potts model, an appearance-free Gaussian kernel and a bilateral kernel,
     as STEGO's post-processing runs it with pydensecrf (the defaults are
-    STEGO's). Runs in-process, batched over images, on ``device``. See
-    :class:`DenseCRF` for the model, the methods and their accuracy.
+    STEGO's). Runs in-process: in pydensecrf's C++ code on the CPU when it
+    is installed, else on torch, batched over images, on ``device`` (see
+    ``backend``). See :class:`DenseCRF` for the model, the backends, the
+    methods and their accuracy.
 
     Parameters
     ----------
@@ -669,6 +807,13 @@ def crf_refine(
         iteration in ``N = H * W`` pixels, in bounded blocks), on a
         permutohedral lattice (``O(N)``), or ``"auto"``: exact up to 1024
         pixels (32 x 32), the lattice above.
+    backend : {"auto", "torch", "pydensecrf"}, default="auto"
+        Who computes. ``"pydensecrf"``: pydensecrf's C++ lattice, on the
+        CPU, one image at a time (``method`` ``"approx"`` or ``"auto"``;
+        needs ``pip install pydensecrf2``). ``"torch"``: this module's torch
+        code, batched, on ``device``. ``"auto"``: pydensecrf when the
+        lattice runs on the CPU and pydensecrf can be imported, torch
+        otherwise (on CUDA, for the exact method, without pydensecrf).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where to compute; ``"auto"`` is CUDA when available, else the CPU.
 
@@ -677,6 +822,15 @@ def crf_refine(
     refined : ndarray or torch.Tensor of shape (N, K, H, W) or (K, H, W), float32
         Refined probabilities, summing to 1 over the classes; NumPy for NumPy
         ``proba``, torch on ``device`` for torch ``proba``.
+
+    Raises
+    ------
+    ValueError
+        For images or probabilities of the wrong shape, type or values, and
+        for ``backend="pydensecrf"`` with ``method="exact"`` or a device other
+        than the CPU.
+    ImportError
+        For ``backend="pydensecrf"`` when pydensecrf is not installed.
 
     See Also
     --------
@@ -712,9 +866,10 @@ def crf_refine(
         "bilateral_srgb": bilateral_srgb,
         "bilateral_compat": bilateral_compat,
         "method": method,
+        "backend": backend,
         "device": device,
     }
-    return _refine(images, proba, params)
+    return _refine(images, proba, params)[0]
 
 
 class DenseCRF(BaseEstimator):
@@ -730,6 +885,14 @@ class DenseCRF(BaseEstimator):
     compatibility, ``Q <- softmax(-U + sum_k compat_k A_k Q)`` with
     ``A = D^(-1/2) K D^(-1/2)`` (symmetric normalisation) and the pixel's own
     term included in ``K Q``.
+
+    Two backends compute it. On the CPU, when pydensecrf is installed
+    (``pip install pydensecrf2``), ``backend="auto"`` hands the lattice to
+    pydensecrf's C++ code, one image at a time, with STEGO's very calls;
+    :attr:`backend_` then reads ``"pydensecrf"``. Elsewhere (on CUDA, for
+    the exact method of small images, without pydensecrf) the torch code of
+    this module runs, batched over images, and :attr:`backend_` reads
+    ``"torch"``.
 
     Parameters
     ----------
@@ -750,8 +913,20 @@ class DenseCRF(BaseEstimator):
         about 2^25 float32 values at once), ``O(N^2)`` per iteration.
         ``"approx"``: a permutohedral lattice, ``O(N)``. ``"auto"``: exact up
         to 1024 pixels (32 x 32), the lattice above.
+    backend : {"auto", "torch", "pydensecrf"}, default="auto"
+        ``"pydensecrf"``: pydensecrf's C++ lattice, on the CPU only, image by
+        image, single-threaded (``method`` must be ``"approx"`` or
+        ``"auto"``). ``"torch"``: the torch code, batched, on ``device``.
+        ``"auto"``: pydensecrf when the lattice runs on the CPU and
+        pydensecrf can be imported, else torch.
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where to compute, resolved at each call.
+
+    Attributes
+    ----------
+    backend_ : {"torch", "pydensecrf"}
+        The backend of the last :meth:`refine` or :meth:`predict` call (set
+        by the call; there is no ``fit``).
 
     See Also
     --------
@@ -759,7 +934,8 @@ class DenseCRF(BaseEstimator):
 
     Notes
     -----
-    The Gaussian kernel is applied exactly by both methods: it is separable
+    The torch code applies the Gaussian kernel exactly with both methods
+    (pydensecrf puts it on a lattice of its own): it is separable
     on the pixel grid (two 1-D filters; weights below ``1e-8`` of the centre
     are dropped, below float32 resolution of the sums).
 
@@ -779,16 +955,23 @@ class DenseCRF(BaseEstimator):
     difference is close to 1); at 64 x 64 and 96 x 96 (27 classes) labels
     agree on 99.98 % and 99.995 %.
 
-    Images are processed in batches (one lattice for the batch, images never
-    mixed); memory per batch is bounded by about 2^25 float32 values per
-    block plus the lattice itself. Everything runs in the calling process:
-    no worker pool.
+    The torch backend processes images in batches (one lattice for the
+    batch, images never mixed); memory per batch is bounded by about 2^25
+    float32 values per block plus the lattice itself. The pydensecrf
+    backend refines one image at a time on one thread (pydensecrf holds
+    the GIL, so threads would not help). Everything runs in the calling
+    process: no worker pool.
 
     Speed (``benchmarks/bench_crf.py``, 320 x 320, 27 classes, 10
-    iterations, shared 2-core CPU): about 1.75 s of CPU time per image on
-    one thread, pydensecrf 0.93 s (its C++ lattice is about twice as fast
-    on a CPU core); the torch code runs unchanged on a GPU (sparse matrix
-    products for the lattice), batched over images.
+    iterations, shared 2-core CPU, CPU time per image, one thread):
+    pydensecrf about 0.7 s, the torch lattice about 1.5 s. Per phase, the
+    torch lattice is construction 0.32 s (pydensecrf 0.12 s) and 0.085 s
+    per bilateral iteration (pydensecrf about 0.045 s for both kernels);
+    its six blur directions alone cost as much as the gathers they need
+    (about 0.05 s), so no rearrangement of the torch code reaches the C++
+    lattice on a CPU core, hence ``backend="auto"``. The torch code runs
+    unchanged on a GPU (sparse matrix products for the lattice), batched
+    over images.
 
     Examples
     --------
@@ -824,6 +1007,7 @@ class DenseCRF(BaseEstimator):
         bilateral_srgb: float = 3.0,
         bilateral_compat: float = 4.0,
         method: str = "auto",
+        backend: str = "auto",
         device: str | torch.device | None = "auto",
     ) -> None:
         self.n_iter = n_iter
@@ -833,6 +1017,7 @@ class DenseCRF(BaseEstimator):
         self.bilateral_srgb = bilateral_srgb
         self.bilateral_compat = bilateral_compat
         self.method = method
+        self.backend = backend
         self.device = device
 
     def refine(self, images: Any, proba: Any) -> np.ndarray | torch.Tensor:
@@ -853,7 +1038,8 @@ class DenseCRF(BaseEstimator):
             float32 probabilities, the array type of ``proba``.
         """
         self._validate_params()
-        return _refine(images, proba, self.get_params())
+        refined, self.backend_ = _refine(images, proba, self.get_params())
+        return refined
 
     def predict(self, images: Any, proba: Any) -> np.ndarray | torch.Tensor:
         """Label maps: the class of highest refined probability.

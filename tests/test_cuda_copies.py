@@ -99,7 +99,7 @@ def _run_metrics(X, labels, device):
 
 def _run_crf(proba, device):
     images = np.random.RandomState(1).randint(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    crf_refine(images, proba, n_iter=2, method="approx", device=device)
+    crf_refine(images, proba, n_iter=2, method="approx", device=device, backend="torch")
 
 
 def _run_knn(descriptors, device):

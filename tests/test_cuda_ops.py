@@ -196,7 +196,9 @@ def test_crf_refine_and_probe():
     codes = (images.transpose(0, 3, 1, 2)[:, :, ::4, ::4] / 255.0).astype(np.float32)
     with no_cuda_missing_ops():
         for method in ("exact", "approx"):
-            crf_refine(images, proba, n_iter=2, method=method, device="cpu")
+            crf_refine(
+                images, proba, n_iter=2, method=method, device="cpu", backend="torch"
+            )
         crf_refine(
             torch.from_numpy(images).permute(0, 3, 1, 2), proba, n_iter=2, device="cpu"
         )
