@@ -233,7 +233,8 @@ def compare_reducers() -> None:
 
 # %%
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # __doc__ is empty when sphinx-gallery runs the script for the docs
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--images", type=Path, help="segment this folder instead")
     parser.add_argument("--weights", help="local DINO checkpoint (.pth/.safetensors)")
     parser.add_argument("--model", default="vit_small_patch8_224.dino")

@@ -889,9 +889,9 @@ class DenseCRF(BaseEstimator):
     Two backends compute it. On the CPU, when pydensecrf is installed
     (``pip install pydensecrf2``), ``backend="auto"`` hands the lattice to
     pydensecrf's C++ code, one image at a time, with STEGO's very calls;
-    :attr:`backend_` then reads ``"pydensecrf"``. Elsewhere (on CUDA, for
+    ``backend_`` then reads ``"pydensecrf"``. Elsewhere (on CUDA, for
     the exact method of small images, without pydensecrf) the torch code of
-    this module runs, batched over images, and :attr:`backend_` reads
+    this module runs, batched over images, and ``backend_`` reads
     ``"torch"``.
 
     Parameters

@@ -134,3 +134,22 @@ def test_scale_out_quick_featurizes_on_two_dask_workers(tmp_path):
     miou = float(result.stdout.split("unsupervised mIoU ")[1].split(",")[0])
     assert 0.0 <= miou <= 100.0
     assert "peak RSS: client" in result.stdout
+
+
+def test_quickstart_runs_without_its_docstring_as_the_docs_gallery_runs_it(
+    monkeypatch, capsys
+):
+    # sphinx-gallery shows the module docstring as text and runs the rest
+    # with __doc__ = "" and __name__ = "__main__"
+    import ast
+
+    path = ROOT / "examples" / "quickstart.py"
+    module = ast.parse(path.read_text())
+    assert isinstance(module.body[0], ast.Expr)  # the docstring
+    module.body = module.body[1:]
+    code = compile(module, str(path), "exec")
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        exec(code, {"__name__": "__main__", "__doc__": ""})
+    assert exit_.value.code == 0
+    assert "--images" in capsys.readouterr().out

@@ -21,7 +21,9 @@ from skstego.datasets import (
     load_potsdam3,
 )
 
-# COCO-Stuff-27, written out again from STEGO.md 6b, independently of the package
+# COCO-Stuff-27, written out again from the reference implementation's
+# `fine_to_coarse` table (mhamilton723/STEGO, src/data.py, class `Coco`),
+# independently of the package
 COCO_TABLE = """
 electronic: 71-76
 appliance: 77-82
