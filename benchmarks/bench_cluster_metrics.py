@@ -15,6 +15,7 @@ Run::
 
     python benchmarks/bench_cluster_metrics.py                 # CPU: 20k / 1M x 70
     python benchmarks/bench_cluster_metrics.py --device cuda --sil-n 100000
+    python benchmarks/bench_cluster_metrics.py --only centroid  # DB and CH only
 """
 
 from __future__ import annotations
@@ -123,13 +124,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=27)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        choices=("silhouette", "centroid"),
+        default=None,
+        help="run one part only (centroid: Davies-Bouldin and Calinski-Harabasz)",
+    )
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"CUDA available: {torch.cuda.is_available()}"
     )
-    silhouette(args)
-    centroid_scores(args)
+    if args.only in (None, "silhouette"):
+        silhouette(args)
+    if args.only in (None, "centroid"):
+        centroid_scores(args)
 
 
 if __name__ == "__main__":

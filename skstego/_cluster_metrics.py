@@ -1,4 +1,4 @@
-"""Cluster-quality, seed-stability and calibration metrics on torch.
+"""Cluster-quality and seed-stability metrics on torch.
 
 Silhouette, Davies-Bouldin and Calinski-Harabasz scores give scikit-learn's
 results (:mod:`sklearn.metrics`) on any device, for 2-D tokens or 4-D maps:
@@ -14,29 +14,31 @@ at a time (memory O(chunk_size x n), never n x n), visits each pair once (the
 upper triangle; each block adds its row sums and its column sums), and sums
 distances per cluster with a matrix product against the one-hot labels into
 float64 accumulators. Davies-Bouldin and Calinski-Harabasz stream the tokens
-twice (centroids, then distances to them), accumulating partial sums in
-float64, so a NumPy array or memory map never has to fit on the device at
-once. float64 input is computed in float64, everything else in float32.
+twice in slices (per-cluster sums of the tokens sorted by cluster, then each
+token's distance to its centroid), accumulating in float64, so a NumPy array
+or memory map never has to fit on the device at once. float64 input is
+computed in float64, everything else in float32.
 
 :func:`clustering_stability` compares the clusterings of several seeds with
-the adjusted Rand index; :func:`expected_calibration_error` measures how far
-a classifier's confidence is from its accuracy.
+the adjusted Rand index. The expected calibration error lives in
+:mod:`skstego._calibration`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from itertools import combinations
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy.spatial.distance import cdist
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 from ._device import (
-    DEFAULT_BATCH_ELEMENTS,
     as_tensor,
+    batch_elements,
     check_features,
     is_torch,
     iter_slices,
@@ -45,20 +47,15 @@ from ._device import (
     rows_per_batch,
     to_output,
 )
+from ._validation import dense_codes, integer_labels, label_codes
 
 __all__ = [
     "calinski_harabasz_score",
     "clustering_stability",
     "davies_bouldin_score",
-    "expected_calibration_error",
     "silhouette_samples",
     "silhouette_score",
 ]
-
-#: Values a streaming chunk may hold (Davies-Bouldin, Calinski-Harabasz).
-_STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS // 4
-#: Rows summed in the compute dtype before the float64 accumulation.
-_PARTIAL_ROWS = 8192
 
 
 class _MetricInput(BaseEstimator):
@@ -105,46 +102,6 @@ def _check_number_of_labels(n_labels: int, n_samples: int) -> None:
         )
 
 
-def _dense_codes(t: torch.Tensor) -> torch.Tensor:
-    """Integer labels -> codes 0..k-1 in sorted label order, where ``t`` lives.
-
-    Labels spanning a short range are mapped through a table of the values
-    present (O(n), no sort); others go through :func:`torch.unique`.
-    """
-    t = t.reshape(-1).long()
-    if t.numel() == 0:
-        return t
-    lo, hi = int(t.min()), int(t.max())
-    if hi - lo <= max(4 * t.numel(), 1024):
-        present = torch.bincount(t - lo, minlength=hi - lo + 1) > 0
-        return (present.cumsum(0) - 1)[t - lo]
-    return torch.unique(t, return_inverse=True)[1]
-
-
-def _encode_flat(labels: Any, name: str, device: torch.device) -> torch.Tensor:
-    """Any 1-D labels -> int64 codes 0..k-1 (sorted label order) on ``device``."""
-    if is_torch(labels):
-        if labels.is_complex():
-            raise ValueError(f"{name} must hold real labels, got dtype {labels.dtype}.")
-        if labels.is_floating_point():
-            if bool(torch.isnan(labels).any()):
-                raise ValueError(f"{name} contains NaN; every sample needs a label.")
-            return torch.unique(labels.to(device), return_inverse=True)[1].reshape(-1)
-        return _dense_codes(labels.to(device))
-    arr = np.asarray(labels)
-    if arr.dtype.kind == "f" and np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN; every sample needs a label.")
-    if arr.dtype.kind == "c":
-        raise ValueError(f"{name} must hold real labels, got dtype {arr.dtype}.")
-    try:
-        inverse = np.unique(arr, return_inverse=True)[1]
-    except TypeError as exc:
-        raise ValueError(
-            f"{name} mixes label types that cannot be sorted ({exc})."
-        ) from None
-    return torch.from_numpy(inverse.reshape(-1).astype(np.int64)).to(device)
-
-
 def _encode_labels(labels: Any, X: Any, device: torch.device) -> _Clusters:
     """Check ``labels`` against ``X`` and encode them on ``device``."""
     shape = tuple(labels.shape) if hasattr(labels, "shape") else np.shape(labels)
@@ -154,7 +111,7 @@ def _encode_labels(labels: Any, X: Any, device: torch.device) -> _Clusters:
                 f"labels must have shape ({X.shape[0]},), one label per row of X "
                 f"{tuple(X.shape)}; got shape {shape}."
             )
-        codes = _encode_flat(labels, "labels", device)
+        codes = label_codes(labels, "labels", device)
     else:
         expected = (X.shape[0], X.shape[2], X.shape[3])
         if shape != expected:
@@ -163,23 +120,29 @@ def _encode_labels(labels: Any, X: Any, device: torch.device) -> _Clusters:
                 f"{tuple(X.shape)} (N, C, h, w); got shape {shape}. Resize the "
                 "labels to the feature size first."
             )
-        from .metrics import integer_labels  # metrics imports this module
-
         raw = integer_labels(labels, "labels")
         raw = raw if is_torch(raw) else torch.from_numpy(np.ascontiguousarray(raw))
         raw = raw.to(device).reshape(-1)
         valid = raw >= 0
         codes = torch.full_like(raw, -1)
-        codes[valid] = _dense_codes(raw[valid])
+        codes[valid] = dense_codes(raw[valid])
     valid_codes = codes[codes >= 0] if X.ndim == 4 else codes
-    counts = torch.bincount(valid_codes)
+    counts = _bincount(valid_codes)
     return _Clusters(codes, counts.numel(), counts, int(valid_codes.numel()))
+
+
+def _bincount(codes: torch.Tensor, minlength: int = 0) -> torch.Tensor:
+    """``torch.bincount`` where ``codes`` live; NumPy's on the CPU (one thread,
+    measured 15-25x faster than torch's on two busy cores)."""
+    if codes.device.type == "cpu":
+        return torch.from_numpy(np.bincount(codes.numpy(), minlength=minlength))
+    return torch.bincount(codes, minlength=minlength)
 
 
 def _recount(codes: torch.Tensor) -> _Clusters:
     """Re-encode codes of a subsample (some clusters may be absent)."""
-    codes = _dense_codes(codes)
-    counts = torch.bincount(codes)
+    codes = dense_codes(codes)
+    counts = _bincount(codes)
     return _Clusters(codes, counts.numel(), counts, int(codes.numel()))
 
 
@@ -217,7 +180,8 @@ def _gather_tokens(X, codes, device, dtype) -> tuple[torch.Tensor, torch.Tensor]
     """All labelled tokens as one (n, C) tensor (read-only) and their codes."""
     if X.ndim == 2:
         return as_tensor(X, device, dtype), codes
-    parts = list(_iter_tokens(X, codes, device, dtype, DEFAULT_BATCH_ELEMENTS))
+    budget = batch_elements(device, "compute")
+    parts = list(_iter_tokens(X, codes, device, dtype, budget))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -240,7 +204,7 @@ def _silhouette_values(
         T = T / torch.where(norms == 0, torch.ones_like(norms), norms)
     onehot = torch.nn.functional.one_hot(codes, k).to(T.dtype)
     sums = torch.zeros(n, k, dtype=torch.float64, device=T.device)
-    rows = chunk_size or rows_per_batch(n, DEFAULT_BATCH_ELEMENTS)
+    rows = chunk_size or rows_per_batch(n, batch_elements(T.device, "compute"))
     for sl in iter_slices(n, rows):
         s, e = sl.start, sl.stop
         D = T[s:e] @ T[s:].T  # the block's pairs (i, j >= s): upper triangle
@@ -435,39 +399,119 @@ def silhouette_score(
 # --------------------------------------------------------------------------
 # centroid-based scores
 # --------------------------------------------------------------------------
-def _centroid_stats(X: Any, labels: Any, device: Any) -> dict[str, torch.Tensor]:
-    """Counts, centroids and per-cluster sums of |x - c| and |x - c|^2 (float64)."""
+def _centroid_stats(X: Any, labels: Any, device: Any) -> dict[str, np.ndarray]:
+    """Counts, centroids and per-cluster sums of |x - c| and |x - c|^2.
+
+    All float64 NumPy arrays (a few values per cluster, brought to the host
+    for the final formulas, as scikit-learn writes them).
+
+    Two passes over the labelled tokens: per-cluster sums
+    (:func:`_cluster_sums`), then each token's distance to its centroid
+    (:func:`_distance_sums`). Both are memory-bound streams of slices with a
+    few temporaries per slice, sized as reads (``batch_elements(device,
+    "read")``): on the CPU those stay below glibc's mmap threshold and are
+    recycled from the heap instead of being page-faulted afresh per slice.
+    """
     X = _check_X(X)
     dev = resolve_device(device)
     clusters = _encode_labels(labels, X, dev)
     _check_number_of_labels(clusters.n_labels, clusters.n_samples)
     k, c = clusters.n_labels, X.shape[1]
     dtype, f64 = _compute_dtype(X), torch.float64
+    budget = batch_elements(dev, "read")
     sums = torch.zeros(k, c, dtype=f64, device=dev)
     dist = torch.zeros(k, dtype=f64, device=dev)
     sqdist = torch.zeros(k, dtype=f64, device=dev)
     with torch.no_grad():
-        for xb, cb in _iter_tokens(X, clusters.codes, dev, dtype, _STREAM_ELEMENTS):
-            # partial sums of 8192 rows in the compute dtype, accumulated in
-            # float64: centroids within about an ulp of the data of float64
-            # sums, several times faster than converting every token
-            for sl in iter_slices(xb.shape[0], _PARTIAL_ROWS):
-                part = torch.zeros(k, c, dtype=dtype, device=dev)
-                sums += part.index_add_(0, cb[sl], xb[sl])
+        for xb, cb in _iter_tokens(X, clusters.codes, dev, dtype, budget):
+            sums += _cluster_sums(xb, cb, k)
         counts = clusters.counts.to(f64)
         centroids = sums / counts[:, None]
         near = centroids.to(dtype)  # its rounding moves |x - c|^2 at second order
-        for xb, cb in _iter_tokens(X, clusters.codes, dev, dtype, _STREAM_ELEMENTS):
-            d = torch.linalg.vector_norm(xb - near[cb], dim=1).to(f64)
-            dist.index_add_(0, cb, d)
-            sqdist.index_add_(0, cb, d.square_())
-    return {
+        for xb, cb in _iter_tokens(X, clusters.codes, dev, dtype, budget):
+            d, d2 = _distance_sums(xb, cb, near)
+            dist += d
+            sqdist += d2
+    stats = {
         "counts": counts,
         "centroids": centroids,
         "mean": sums.sum(dim=0) / counts.sum(),
         "dist": dist,
         "sqdist": sqdist,
     }
+    return {key: value.cpu().numpy() for key, value in stats.items()}
+
+
+# On the CPU the two passes run in NumPy: a radix sort of the small cluster
+# codes, one row gather, and contiguous per-cluster reductions, each on one
+# thread. The same steps in torch open a parallel region per operation; on
+# two cores shared with other work (load average 12) each region waits for a
+# scheduler slice, and the torch steps measured 4-5x slower than these NumPy
+# ones on 1M x 70 float32 tokens. The work is memory-bound: a second thread
+# has little to gain. Other devices run the same steps in torch.
+def _sort_keys(codes: np.ndarray, k: int) -> np.ndarray:
+    """Cluster codes as the narrowest unsigned type (NumPy radix-sorts those)."""
+    if k <= 1 << 8:
+        return codes.astype(np.uint8)
+    if k <= 1 << 16:
+        return codes.astype(np.uint16)
+    return codes
+
+
+def _cluster_sums(
+    tokens: torch.Tensor, codes: torch.Tensor, k: int, in_numpy: bool | None = None
+) -> torch.Tensor:
+    """Per-cluster sums of ``tokens`` (n, C) by ``codes`` (0..k-1), float64 (k, C).
+
+    The rows are sorted by cluster (a copy), so that each cluster's sum is one
+    contiguous reduction accumulated in float64. ``in_numpy`` (default: on
+    the CPU) picks the NumPy steps over the torch ones.
+    """
+    if in_numpy is None:
+        in_numpy = tokens.device.type == "cpu"
+    if in_numpy:
+        cb = codes.numpy()
+        bounds = np.cumsum(np.bincount(cb, minlength=k)).tolist()
+        order = np.argsort(_sort_keys(cb, k), kind="stable")
+        rows, f64 = np.take(tokens.detach().numpy(), order, axis=0), np.float64
+    else:
+        bounds = _bincount(codes, minlength=k).cumsum(0).tolist()
+        rows, f64 = tokens.index_select(0, torch.argsort(codes)), torch.float64
+    pairs = itertools.pairwise([0, *bounds])
+    parts = [rows[a:b].sum(0, dtype=f64) for a, b in pairs]
+    if in_numpy:
+        return torch.from_numpy(np.stack(parts))
+    return torch.stack(parts)
+
+
+def _distance_sums(
+    tokens: torch.Tensor,
+    codes: torch.Tensor,
+    centroids: torch.Tensor,
+    in_numpy: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums of |x - c| and of |x - c|^2 (float64, shape (k,)).
+
+    Each token's squared distance to its centroid is computed directly (no
+    |x|^2 - 2 x.c + |c|^2 expansion, which cancels for tokens far from the
+    origin) in the dtype of ``tokens``, and summed per cluster in float64.
+    ``in_numpy`` as in :func:`_cluster_sums`.
+    """
+    k = centroids.shape[0]
+    if in_numpy is None:
+        in_numpy = tokens.device.type == "cpu"
+    if in_numpy:
+        cb = codes.numpy()
+        diff = np.take(centroids.numpy(), cb, axis=0)
+        np.subtract(tokens.detach().numpy(), diff, out=diff)
+        sq = np.einsum("ij,ij->i", diff, diff)
+        dist = np.bincount(cb, weights=np.sqrt(sq), minlength=k)
+        sqdist = np.bincount(cb, weights=sq, minlength=k)
+        return torch.from_numpy(dist), torch.from_numpy(sqdist)
+    diff = tokens - centroids.index_select(0, codes)
+    sq = diff.mul_(diff).sum(1).double()
+    dist = torch.bincount(codes, weights=sq.sqrt(), minlength=k)
+    return dist, torch.bincount(codes, weights=sq, minlength=k)
 
 
 def davies_bouldin_score(
@@ -511,17 +555,11 @@ def davies_bouldin_score(
     """
     stats = _centroid_stats(X, labels, device)
     intra = stats["dist"] / stats["counts"]
-    centroids = stats["centroids"]
-    between = torch.cdist(
-        centroids, centroids, compute_mode="donot_use_mm_for_euclid_dist"
-    )
-    zero = torch.zeros((), dtype=torch.float64, device=intra.device)
-    if bool(torch.isclose(intra, zero).all()) or bool(
-        torch.isclose(between, zero).all()
-    ):
+    between = cdist(stats["centroids"], stats["centroids"])  # differences, float64
+    if np.allclose(intra, 0) or np.allclose(between, 0):
         return 0.0
-    between[between == 0] = torch.inf
-    scores = ((intra[:, None] + intra[None, :]) / between).max(dim=1).values
+    between[between == 0] = np.inf
+    scores = ((intra[:, None] + intra[None, :]) / between).max(axis=1)
     return float(scores.mean())
 
 
@@ -567,10 +605,9 @@ def calinski_harabasz_score(
     """
     stats = _centroid_stats(X, labels, device)
     counts = stats["counts"]
-    n, k = float(counts.sum()), counts.numel()
-    between = float(
-        (counts * (stats["centroids"] - stats["mean"]).square().sum(1)).sum()
-    )
+    n, k = float(counts.sum()), counts.size
+    spread = np.square(stats["centroids"] - stats["mean"]).sum(axis=1)
+    between = float(np.sum(counts * spread))
     within = float(stats["sqdist"].sum())
     if within == 0.0:
         return 1.0
@@ -659,7 +696,7 @@ def clustering_stability(labelings: Sequence[Any]) -> dict[str, Any]:
         if lab.ndim == 0:
             raise ValueError(f"labelings[{i}] is a scalar, not an array of labels.")
         flat = lab.reshape(-1)
-        codes.append(_encode_flat(flat, f"labelings[{i}]", device))
+        codes.append(label_codes(flat, f"labelings[{i}]", device))
     sizes = [int(c.numel()) for c in codes]
     if len(set(sizes)) != 1:
         raise ValueError(
@@ -669,7 +706,7 @@ def clustering_stability(labelings: Sequence[Any]) -> dict[str, Any]:
         raise ValueError("The labelings hold no samples.")
     m = len(codes)
     pairwise = np.eye(m)
-    for i, j in combinations(range(m), 2):
+    for i, j in itertools.combinations(range(m), 2):
         pairwise[i, j] = pairwise[j, i] = _adjusted_rand(codes[i], codes[j])
     upper = pairwise[np.triu_indices(m, k=1)]
     return {
@@ -677,151 +714,3 @@ def clustering_stability(labelings: Sequence[Any]) -> dict[str, Any]:
         "std": float(upper.std()),
         "pairwise": pairwise,
     }
-
-
-# --------------------------------------------------------------------------
-# calibration
-# --------------------------------------------------------------------------
-def _check_n_bins(n_bins: Any) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)):
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
-    return int(n_bins)
-
-
-def _confidence_and_correct(
-    y_true: Any, proba: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max probability (float64) and whether its class is right, labelled pixels.
-
-    Accepts (n,) labels with (n, K) probabilities, or label maps (N, H, W)
-    with (N, K, H, W) probabilities (NumPy or torch). Both results stay on
-    the device of ``proba``. Negative labels are left out.
-    """
-    from .metrics import integer_labels  # metrics imports this module
-
-    y = integer_labels(y_true, "y_true")
-    p = proba if is_torch(proba) else torch.from_numpy(np.asarray(proba))
-    y = y if is_torch(y) else torch.from_numpy(np.ascontiguousarray(y))
-    y = y.to(p.device)
-    if y.ndim not in (1, 3) or p.ndim != y.ndim + 1:
-        raise ValueError(
-            "Expected y_true (n,) with proba (n, K), or label maps (N, H, W) with "
-            f"proba (N, K, H, W); got y_true {tuple(y.shape)} and proba "
-            f"{tuple(p.shape)}."
-        )
-    if p.shape[0] != y.shape[0] or tuple(p.shape[2:]) != tuple(y.shape[1:]):
-        raise ValueError(
-            f"y_true {tuple(y.shape)} and proba {tuple(p.shape)} do not match: "
-            "proba needs the class axis at position 1 and the same other sizes "
-            "(resize the probabilities to the label size first)."
-        )
-    if not (p.is_floating_point() and p.shape[1] > 0):
-        raise ValueError(
-            f"proba must hold float probabilities for K >= 1 classes, got dtype "
-            f"{p.dtype} and shape {tuple(p.shape)}."
-        )
-    if p.numel() and not bool(
-        torch.isfinite(p).all() & (p >= 0).all() & (p <= 1).all()
-    ):
-        raise ValueError(
-            "proba must hold probabilities in [0, 1] (e.g. predict_proba), not "
-            "logits or NaN."
-        )
-    n_classes = p.shape[1]
-    if y.numel() and int(y.max()) >= n_classes:
-        raise ValueError(
-            f"y_true holds label {int(y.max())} but proba has only {n_classes} classes."
-        )
-    with torch.no_grad():
-        conf, pred = p.max(dim=1)
-        valid = y >= 0
-        conf, correct = conf[valid], pred[valid] == y[valid]
-    if conf.numel() == 0:
-        raise ValueError("y_true holds no labelled pixels (all negative).")
-    return conf.to(torch.float64), correct
-
-
-def _calibration_bins(
-    confidence: Any, correct: Any, n_bins: int
-) -> dict[str, np.ndarray]:
-    """Equal-width bins of confidence: edges, counts, accuracy and confidence.
-
-    Bin ``b`` holds confidences in ``(edges[b], edges[b + 1]]`` (the first bin
-    also 0), as :func:`sklearn.calibration.calibration_curve`. Empty bins get
-    NaN accuracy and confidence. Counting runs where ``confidence`` lives.
-    """
-    conf = torch.as_tensor(confidence, dtype=torch.float64)
-    hit = torch.as_tensor(correct, device=conf.device).to(torch.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    inner = torch.as_tensor(edges[1:-1], dtype=torch.float64, device=conf.device)
-    ids = torch.bucketize(conf, inner, right=False)
-    counts = torch.bincount(ids, minlength=n_bins).cpu().numpy()
-    hits = torch.bincount(ids, weights=hit, minlength=n_bins).cpu().numpy()
-    sums = torch.bincount(ids, weights=conf, minlength=n_bins).cpu().numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accuracy = np.where(counts > 0, hits / counts, np.nan)
-        mean_conf = np.where(counts > 0, sums / counts, np.nan)
-    return {
-        "edges": edges,
-        "counts": counts,
-        "accuracy": accuracy,
-        "confidence": mean_conf,
-    }
-
-
-def _ece_from_bins(bins: dict[str, np.ndarray]) -> float:
-    """``sum_b (n_b / n) * |accuracy_b - confidence_b|`` over non-empty bins."""
-    counts = bins["counts"]
-    filled = counts > 0
-    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
-    return float(np.sum(counts[filled] * gaps) / counts.sum())
-
-
-def expected_calibration_error(y_true: Any, proba: Any, *, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-class confidence, a fraction.
-
-    Samples (or pixels) are grouped in ``n_bins`` equal-width bins of their
-    maximum probability, bin ``b`` holding confidences in
-    ``(b / n_bins, (b + 1) / n_bins]`` (the first also 0, as
-    :func:`sklearn.calibration.calibration_curve`); then
-    ``ECE = sum_b (n_b / n) * |acc_b - conf_b|`` (Guo et al., 2017), where
-    ``acc_b`` is the fraction of bin ``b`` whose top class is right and
-    ``conf_b`` its mean confidence. 0 is perfect calibration.
-
-    Parameters
-    ----------
-    y_true : array-like or torch.Tensor of int, (n,) or (N, H, W)
-        True classes; negative labels (-1) are ignored.
-    proba : array-like or torch.Tensor, (n, K) or (N, K, H, W)
-        Class probabilities in [0, 1], e.g. ``LinearProbe.predict_proba``
-        resized to the label size. Counting runs on its device.
-    n_bins : int, default=15
-        Number of bins (1 compares the overall accuracy with the mean
-        confidence).
-
-    Returns
-    -------
-    float
-        In [0, 1].
-
-    See Also
-    --------
-    skstego.plotting.plot_reliability_diagram : The bins drawn.
-
-    References
-    ----------
-    .. [1] C. Guo, G. Pleiss, Y. Sun and K. Q. Weinberger (2017). "On
-       calibration of modern neural networks". ICML.
-
-    Examples
-    --------
-    >>> from skstego.metrics import expected_calibration_error
-    >>> proba = [[0.9, 0.1], [0.7, 0.3], [0.3, 0.7], [0.42, 0.58]]
-    >>> round(expected_calibration_error([0, 1, 1, 1], proba, n_bins=5), 4)
-    0.23
-    """
-    n_bins = _check_n_bins(n_bins)
-    conf, correct = _confidence_and_correct(y_true, proba)
-    return _ece_from_bins(_calibration_bins(conf, correct, n_bins))

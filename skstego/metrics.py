@@ -53,14 +53,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import UndefinedMetricWarning
 
+from ._calibration import expected_calibration_error
 from ._cluster_metrics import (
     calinski_harabasz_score,
     clustering_stability,
     davies_bouldin_score,
-    expected_calibration_error,
     silhouette_samples,
     silhouette_score,
 )
+from ._validation import integer_labels
 from ._weights import check_weights
 
 __all__ = [
@@ -81,39 +82,6 @@ __all__ = [
     "silhouette_samples",
     "silhouette_score",
 ]
-
-
-def integer_labels(y: Any, name: str = "y") -> np.ndarray | torch.Tensor:
-    """Check that ``y`` holds integer labels; return it as int64, same shape.
-
-    Float arrays of whole, finite numbers are accepted and converted; the input
-    is never modified. NumPy stays NumPy, torch stays torch.
-
-    Raises
-    ------
-    ValueError
-        "Unknown label type" (scikit-learn's wording) for anything else.
-    """
-    if isinstance(y, torch.Tensor):
-        if y.is_floating_point() and not bool(
-            torch.all(torch.isfinite(y) & (y == torch.round(y)))
-        ):
-            raise ValueError(
-                f"Unknown label type: {name} must hold integer labels (class ids, "
-                f"-1 to ignore), got {y.dtype} values that are not whole numbers."
-            )
-        if y.is_complex():
-            raise ValueError(f"Unknown label type: {name} is complex.")
-        return y.long()
-    arr = np.asarray(y)
-    if arr.dtype.kind in "iub":
-        return arr.astype(np.int64, copy=False)
-    if arr.dtype.kind == "f" and np.all(np.isfinite(arr) & (arr == np.round(arr))):
-        return arr.astype(np.int64)
-    raise ValueError(
-        f"Unknown label type: {name} must hold integer labels (class ids, -1 to "
-        f"ignore), got dtype {arr.dtype}."
-    )
 
 
 #: Most cells a confusion matrix may have (int64: 512 MiB). A label id far
@@ -608,6 +576,24 @@ def segmentation_report(
 def mean_iou(y_true: Any, y_pred: Any, **kwargs: Any) -> float:
     """Mean intersection over union; keyword arguments as :func:`segmentation_report`.
 
+    Parameters
+    ----------
+    y_true, y_pred : array-like or torch.Tensor of int
+        Ground truth and predictions (class ids, or cluster ids with
+        ``matching="hungarian"``), same number of elements; pixels labelled
+        ``ignore_index`` (-1) in ``y_true`` are left out.
+    **kwargs
+        ``n_classes``, ``n_pred``, ``matching``, ``ignore_index``,
+        ``extra_clusters`` and ``sample_weight``, as in
+        :func:`segmentation_report`.
+
+    Returns
+    -------
+    float
+        Mean over classes of IoU = tp / (tp + fp + fn), in [0, 1]; classes
+        whose IoU is undefined are left out; NaN, with a warning, when no
+        pixel is valid.
+
     Examples
     --------
     >>> from skstego.metrics import mean_iou
@@ -619,6 +605,23 @@ def mean_iou(y_true: Any, y_pred: Any, **kwargs: Any) -> float:
 
 def pixel_accuracy(y_true: Any, y_pred: Any, **kwargs: Any) -> float:
     """Fraction of valid pixels predicted right; see :func:`segmentation_report`.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like or torch.Tensor of int
+        Ground truth and predictions (class ids, or cluster ids with
+        ``matching="hungarian"``), same number of elements; pixels labelled
+        ``ignore_index`` (-1) in ``y_true`` are left out.
+    **kwargs
+        ``n_classes``, ``n_pred``, ``matching``, ``ignore_index``,
+        ``extra_clusters`` and ``sample_weight``, as in
+        :func:`segmentation_report`.
+
+    Returns
+    -------
+    float
+        Correctly predicted (matched) pixels over valid pixels, in [0, 1];
+        NaN, with a warning, when no pixel is valid.
 
     Examples
     --------

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._cluster_metrics import (
-    _calibration_bins,
-    _check_n_bins,
-    _confidence_and_correct,
-    _ece_from_bins,
+from ._calibration import (
+    calibration_bins,
+    check_n_bins,
+    confidence_and_correct,
+    ece_from_bins,
     expected_calibration_error,
 )
 from ._device import is_torch
+from ._validation import integer_labels
 from .datasets import default_palette
-from .metrics import integer_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -915,7 +915,7 @@ def plot_mechanisms(
 # --------------------------------------------------------------------------
 # calibration
 # --------------------------------------------------------------------------
-# The computation lives in skstego._cluster_metrics (public as
+# The computation lives in skstego._calibration (public as
 # skstego.metrics.expected_calibration_error); the diagram draws its bins.
 def _expected_calibration_error(y_true: Any, proba: Any, *, n_bins: int = 15) -> float:
     """ECE; see :func:`~skstego.metrics.expected_calibration_error`."""
@@ -965,10 +965,10 @@ def plot_reliability_diagram(
     >>> [float(p.get_height()) for p in ax.patches]
     [1.0, 0.5, 1.0]
     """
-    n_bins = _check_n_bins(n_bins)
-    conf, correct = _confidence_and_correct(y_true, proba)
-    bins = _calibration_bins(conf, correct, n_bins)
-    ece = _ece_from_bins(bins)
+    n_bins = check_n_bins(n_bins)
+    conf, correct = confidence_and_correct(y_true, proba)
+    bins = calibration_bins(conf, correct, n_bins)
+    ece = ece_from_bins(bins)
     filled = bins["counts"] > 0
     if ax is None:
         _, ax = _pyplot().subplots(figsize=(3.8, 3.8))

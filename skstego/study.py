@@ -45,16 +45,20 @@ the paper, several seeds per cell, and resumption after an interruption.
 from __future__ import annotations
 
 import copy
+import csv
+import hashlib
 import json
 import os
 import time
 import urllib.parse
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, clone, is_classifier
 
+from ._calibration import calibration_bins, confidence_and_correct, ece_from_bins
 from ._device import (
     apply_tokenwise,
     as_tensor,
@@ -64,6 +68,22 @@ from ._device import (
     resolve_device,
     rows_per_batch,
 )
+from .metrics import (
+    clustering_stability,
+    davies_bouldin_score,
+    segmentation_report,
+    silhouette_score,
+)
+from .plotting import plot_dimension_sweep, plot_mechanisms
+from .probes import HNNEClusterProbe, KMeansProbe, LinearProbe
+from .projection import (
+    HNNEProjector,
+    RandomProjection,
+    StegoProjector,
+    TokenStandardScaler,
+    TorchPCA,
+)
+from .projection._stego import PRESETS
 
 __all__ = [
     "DEFAULT_DIMS",
@@ -135,8 +155,6 @@ def _named_reducer(
     preset: str | None = None,
 ) -> Any:
     """The estimator behind a reducer name, standardised as asked."""
-    from .projection import RandomProjection, StegoProjector, TorchPCA
-
     if name == "stego":  # the head is trained on raw features, as in STEGO
         return (
             StegoProjector() if preset is None else StegoProjector.from_preset(preset)
@@ -146,8 +164,6 @@ def _named_reducer(
     elif name == "rp":
         est = RandomProjection(kind="gaussian")
     elif name == "hnne":
-        from .projection import HNNEProjector
-
         est = HNNEProjector(metric="cosine")
     else:
         raise ValueError(
@@ -191,13 +207,9 @@ class _Standardized:
         return out
 
     def _pca(self) -> bool:
-        from .projection import TorchPCA
-
         return isinstance(self.reducer, TorchPCA)
 
     def fit(self, F: Any) -> _Standardized:
-        from .projection import RandomProjection, TokenStandardScaler
-
         dev = getattr(self, "_device", None) or "auto"
         self.scaler_ = None
         if self.mode == "none":
@@ -215,8 +227,6 @@ class _Standardized:
         return self
 
     def transform(self, F: Any, split: str) -> Any:
-        from .projection import TokenStandardScaler
-
         if self.mode == "none":
             return self.reducer.transform(F)
         if self.mode == "train":
@@ -254,15 +264,11 @@ class _Standardized:
 
 
 def _named_probe(name: str, k: int) -> Any:
-    from .probes import KMeansProbe, LinearProbe
-
     if name == "kmeans":
         return KMeansProbe(k=k)
     if name == "linear":
         return LinearProbe()
     if name == "hnne_cluster":
-        from .probes import HNNEClusterProbe
-
         return HNNEClusterProbe(k=k)
     raise ValueError(
         f"Unknown probe {name!r}: use 'kmeans', 'linear', 'hnne_cluster' or pass "
@@ -303,8 +309,6 @@ def _as_named(spec: Any, make: Any, what: str) -> list[tuple[str, Any]]:
 
 def _truncatable(est: Any) -> bool:
     """PCA codes at dim d are the first d codes at any larger dim."""
-    from .projection import TorchPCA
-
     if isinstance(est, _Standardized):
         est = est.reducer
     return isinstance(est, TorchPCA)
@@ -364,8 +368,6 @@ def _settings(est: Any) -> Any:
 
 
 def _hash(obj: Any) -> str:
-    import hashlib
-
     text = json.dumps(obj, sort_keys=True, default=repr)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -378,8 +380,6 @@ def _data_id(X: Any, n_samples: int = 16) -> str:
     order change (a change confined to unsampled images goes unnoticed:
     pass ``features_key`` for certainty).
     """
-    import hashlib
-
     if X is None:
         return "none"
     shape = tuple(int(v) for v in X.shape)
@@ -395,8 +395,6 @@ def _data_id(X: Any, n_samples: int = 16) -> str:
 
 def _images_id(X: Any) -> str:
     """Identity of the images a featurizer reads, for the feature cache."""
-    import hashlib
-
     paths = getattr(X, "paths", None)
     if paths is not None:  # ImageCollection: its files and its settings
         return _hash([[str(p) for p in paths], repr(X)])
@@ -492,8 +490,6 @@ def _set_aside_unversioned(path: str | None) -> None:
         header = f.readline().strip().split(",")
     if "fingerprint" in header:
         return
-    import warnings
-
     root, ext = os.path.splitext(path)
     target, i = f"{root}.unversioned{ext}", 1
     while os.path.exists(target):
@@ -546,8 +542,6 @@ def _warn_stale(rows: list[dict], todo: set, known: dict) -> None:
     ``todo``: keys (with fingerprint) of the requested cells not yet done.
     The warning names every setting that differs.
     """
-    import warnings
-
     todo_fp = {k[:4]: k[4] for k in todo}
     stale: dict[tuple, str] = {}  # (reducer, probe, fp) -> latest other fp
     for row in rows:
@@ -575,8 +569,6 @@ def _warn_stale(rows: list[dict], todo: set, known: dict) -> None:
 def _append(path: str | None, row: dict) -> None:
     if path is None:
         return
-    import csv
-
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
@@ -588,8 +580,6 @@ def _append(path: str | None, row: dict) -> None:
 def _evaluate(probe: Any, codes: Any, y: Any) -> dict:
     if hasattr(probe, "score_report"):
         return probe.score_report(codes, y)
-    from .metrics import segmentation_report
-
     size = tuple(np.shape(y)[-2:]) if np.ndim(codes) == 4 else None
     pred = probe.predict(codes, size=size) if size else probe.predict(codes)
     return segmentation_report(y, pred)
@@ -696,12 +686,6 @@ def _ece(probe: Any, codes: Any, y: Any, n_bins: int = 15) -> float:
     Maps are scored at the label size; the bins are summed over image
     chunks so that the upsampled probabilities never exist all at once.
     """
-    from ._cluster_metrics import (
-        _calibration_bins,
-        _confidence_and_correct,
-        _ece_from_bins,
-    )
-
     classes = getattr(probe, "classes_", None)
     columns = None
     if classes is not None and not np.array_equal(classes, np.arange(len(classes))):
@@ -732,8 +716,8 @@ def _ece(probe: Any, codes: Any, y: Any, n_bins: int = 15) -> float:
             full = proba.new_zeros(shape) if is_torch(proba) else np.zeros(shape)
             full[:, columns] = proba
             proba = full
-        conf, correct = _confidence_and_correct(yb, proba)
-        bins = _calibration_bins(conf, correct, n_bins)
+        conf, correct = confidence_and_correct(yb, proba)
+        bins = calibration_bins(conf, correct, n_bins)
         counts += bins["counts"]
         hits += np.nan_to_num(bins["accuracy"]) * bins["counts"]
         sums += np.nan_to_num(bins["confidence"]) * bins["counts"]
@@ -745,7 +729,7 @@ def _ece(probe: Any, codes: Any, y: Any, n_bins: int = 15) -> float:
             "accuracy": np.where(counts > 0, hits / counts, np.nan),
             "confidence": np.where(counts > 0, sums / counts, np.nan),
         }
-    return _ece_from_bins(bins)
+    return ece_from_bins(bins)
 
 
 def _mechanisms(
@@ -761,12 +745,6 @@ def _mechanisms(
     device: Any,
 ) -> dict:
     """The :data:`MECHANISM_COLUMNS` of one fitted probe on the test codes."""
-    from ._cluster_metrics import (
-        clustering_stability,
-        davies_bouldin_score,
-        silhouette_score,
-    )
-
     nan = float("nan")
     out = dict.fromkeys(MECHANISM_COLUMNS, nan)
     dev = "auto" if device is None else device
@@ -1024,8 +1002,6 @@ def run_sweep(
         )
     batch_images = _check_batch_images(batch_images)
     if preset is not None:
-        from .projection._stego import PRESETS
-
         if preset not in PRESETS:
             raise ValueError(
                 f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}."
@@ -1347,8 +1323,6 @@ def save_sweep_figures(
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import plot_dimension_sweep
-
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -1363,8 +1337,6 @@ def save_sweep_figures(
     if mechanisms is None:
         mechanisms = "n_iter" in getattr(results, "columns", ())
     if mechanisms:
-        from .plotting import plot_mechanisms
-
         fig = plot_mechanisms(results)
         for fmt in formats:
             path = os.path.join(out_dir, f"sweep_mechanisms.{fmt}")

@@ -153,6 +153,113 @@ def test_centroid_scores_float32_and_degenerate_cases():
     assert davies_bouldin_score(Xd, yd) == skm.davies_bouldin_score(Xd, yd) == 0.0
 
 
+def _centroid_pair_equal_sklearn(X, y, rel, **kwargs):
+    X64 = np.asarray(X, dtype=np.float64)
+    y_np = _numpy(y)
+    assert davies_bouldin_score(X, y, device="cpu", **kwargs) == pytest.approx(
+        skm.davies_bouldin_score(X64, y_np), rel=rel
+    )
+    assert calinski_harabasz_score(X, y, device="cpu", **kwargs) == pytest.approx(
+        skm.calinski_harabasz_score(X64, y_np), rel=rel
+    )
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [3, 7, 100],  # gaps: cluster ids 0-2, 4-6, 8-99 are empty
+        [-5, 10, 2_000_000_000],  # negative first, and a range too wide to table
+        [250, 251, 252],  # int labels not starting at 0
+    ],
+)
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_centroid_scores_with_sparse_integer_label_ids(ids, kind):
+    X, y = DATA["blobs"]
+    y_ids = np.asarray(ids, dtype=np.int64)[y % 3]
+    _centroid_pair_equal_sklearn(_as(kind, X), _as(kind, y_ids), rel=1e-10)
+
+
+def test_centroid_scores_of_one_cluster_raise_like_sklearn():
+    X, _ = DATA["blobs"]
+    y = np.full(len(X), 7)
+    for fn in (davies_bouldin_score, calinski_harabasz_score):
+        with pytest.raises(ValueError, match="Number of labels is 1"):
+            getattr(skm, fn.__name__)(X, y)
+        with pytest.raises(ValueError, match="Number of labels is 1"):
+            fn(X, y)
+
+
+def test_centroid_scores_float32_far_from_the_origin():
+    # per-token distances to the centroid are computed directly, not from
+    # |x|^2 - 2 x.c + |c|^2, which cancels in float32 at an offset of 1e3
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 5, size=3000)
+    X = (1e3 + rng.normal(size=(5, 8))[y] + rng.normal(size=(3000, 8))).astype(
+        np.float32
+    )
+    _centroid_pair_equal_sklearn(X, y, rel=1e-5)
+
+
+def test_centroid_scores_over_many_chunks_equal_sklearn(monkeypatch):
+    import skstego._device as device_module
+
+    # 300 clusters (16-bit sort keys), chunks of 37 rows split every cluster
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "compute", 37 * 6)
+    X, y = make_blobs(n_samples=3000, n_features=6, centers=300, random_state=1)
+    _centroid_pair_equal_sklearn(X.astype(np.float32), y, rel=1e-5)
+    _centroid_pair_equal_sklearn(_as("torch", X), _as("torch", y), rel=1e-10)
+
+
+def test_calinski_harabasz_with_more_clusters_than_16_bit_ids():
+    # 70 000 clusters of 2 to 3 points: the 64-bit sort keys; reference: the
+    # variance ratio in NumPy float64 (scikit-learn loops once per cluster)
+    rng = np.random.default_rng(5)
+    k = 70_000
+    y = np.concatenate([np.arange(k), rng.integers(0, k, size=k)])
+    X = rng.normal(size=(2 * k, 2)) + 10 * rng.normal(size=(k, 2))[y]
+    counts = np.bincount(y)
+    centroids = np.zeros((k, 2))
+    np.add.at(centroids, y, X)
+    centroids /= counts[:, None]
+    within = np.sum((X - centroids[y]) ** 2)
+    between = np.sum(counts * np.sum((centroids - X.mean(axis=0)) ** 2, axis=1))
+    expected = between * (len(X) - k) / (within * (k - 1))
+    assert calinski_harabasz_score(X, y, device="cpu") == pytest.approx(
+        expected, rel=1e-10
+    )
+
+
+@pytest.mark.parametrize("in_numpy", [True, False])
+def test_centroid_kernels_equal_float64_sums(in_numpy):
+    # the NumPy steps (CPU) and the torch steps (other devices), both run here
+    from skstego._cluster_metrics import _cluster_sums, _distance_sums
+
+    rng = np.random.default_rng(6)
+    k = 300
+    codes = rng.integers(0, k, size=5000)
+    codes[codes == 7] = 8  # an empty cluster
+    X = (50 + rng.normal(size=(5000, 6))).astype(np.float32)
+    sums = np.zeros((k, 6))
+    np.add.at(sums, codes, X.astype(np.float64))
+    got = _cluster_sums(torch.from_numpy(X), torch.from_numpy(codes), k, in_numpy)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), sums, rtol=1e-12, atol=1e-9)
+    centroids = sums / np.maximum(np.bincount(codes, minlength=k), 1)[:, None]
+    sq = np.sum((X - centroids[codes]) ** 2, axis=1)
+    dist, sqdist = _distance_sums(
+        torch.from_numpy(X),
+        torch.from_numpy(codes),
+        torch.from_numpy(centroids.astype(np.float32)),
+        in_numpy,
+    )
+    np.testing.assert_allclose(
+        dist.numpy(), np.bincount(codes, np.sqrt(sq), minlength=k), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        sqdist.numpy(), np.bincount(codes, sq, minlength=k), rtol=1e-5
+    )
+
+
 # --------------------------------------------------------------------------
 # maps vs tokens
 # --------------------------------------------------------------------------

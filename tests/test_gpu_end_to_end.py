@@ -235,14 +235,15 @@ def test_linear_probe_dask_fit_equals_streamed_fit_on_cuda(tmp_path, monkeypatch
     import dask
     import dask.array as da
 
-    import skstego.probes._linear as linear_module
+    import skstego._device as device_module
 
     rng = np.random.default_rng(8)
     X = (rng.normal(size=(420, 4)) * [1.0, 3.0, 0.5, 2.0] + 1.0).astype(np.float32)
     y = (X[:, 0] + 0.5 * X[:, 1] > 1.5).astype(int) + (X[:, 2] > 1.5)
     y = np.where(np.arange(len(y)) % 7 == 0, -1, y)
     params = dict(ignore_index=-1, max_iter=20, device="cuda", random_state=0)
-    monkeypatch.setattr(linear_module, "_STREAM_ELEMENTS", 2 * 60 * 5)  # 60 rows
+    # chunks of 60 rows
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "compute", 2 * 60 * 5)
     np.save(tmp_path / "x.npy", X)
     streamed = LinearProbe(**params).fit(np.load(tmp_path / "x.npy", mmap_mode="r"), y)
     with dask.config.set(scheduler="synchronous"):

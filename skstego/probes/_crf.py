@@ -24,6 +24,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._device import _DocLinkMixin, is_torch
 from .._weights import check_weights
+from ..metrics import report_from_confusion, segmentation_report
+from ..postprocess import DenseCRF
 
 __all__ = ["CRFProbe"]
 
@@ -132,7 +134,8 @@ class CRFProbe(MetaEstimatorMixin, _DocLinkMixin, BaseEstimator):
         """How metadata is routed: ``fit`` parameters go to the probe's ``fit``.
 
         :meth:`score` consumes ``sample_weight`` (and ``images``) itself;
-        request them with :meth:`set_score_request`.
+        request them with ``set_score_request`` (scikit-learn's metadata
+        routing).
 
         Returns
         -------
@@ -149,8 +152,6 @@ class CRFProbe(MetaEstimatorMixin, _DocLinkMixin, BaseEstimator):
         )
 
     def _crf(self) -> Any:
-        from ..postprocess import DenseCRF
-
         return DenseCRF() if self.crf is None else self.crf
 
     def predict_proba(self, X: Any, *, images: Any = None) -> Any:
@@ -249,8 +250,6 @@ class CRFProbe(MetaEstimatorMixin, _DocLinkMixin, BaseEstimator):
         score : float
             In [0, 1].
         """
-        from ..metrics import segmentation_report
-
         if metric not in ("miou", "accuracy"):
             raise ValueError(f"metric must be 'miou' or 'accuracy', got {metric!r}.")
         check_is_fitted(self)
@@ -278,8 +277,6 @@ def _weighted_report(y: Any, pred: Any, w: np.ndarray, matching: str) -> dict:
     """``segmentation_report(y, pred)`` with every pixel weighted by ``w``
     (one weight per image or per pixel): a float64 confusion matrix and
     support, negative predictions counted as misses."""
-    from ..metrics import report_from_confusion
-
     t = torch.as_tensor(np.asarray(y) if not is_torch(y) else y.cpu())
     t = t.to(torch.int64)
     p = (pred.cpu() if is_torch(pred) else torch.as_tensor(pred)).to(torch.int64)

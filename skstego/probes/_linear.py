@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
@@ -21,7 +20,6 @@ from tqdm.auto import tqdm
 
 from .._dask import map_method
 from .._device import (
-    DEFAULT_BATCH_ELEMENTS,
     LazyFeatures,
     TorchEstimatorMixin,
     apply_tokenwise,
@@ -30,12 +28,8 @@ from .._device import (
     dask_source,
     is_dask,
     is_torch,
-    iter_slices,
     make_generator,
     maps_to_tokens,
-    resolve_device,
-    rows_per_batch,
-    tokens_to_maps,
 )
 from .._weights import check_weights, token_weights
 from ..metrics import report_from_confusion
@@ -46,12 +40,20 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
+from ._linear_dask import DaskObjective
+from ._linear_objective import (
+    Adam,
+    MapObjective,
+    Objective,
+    StreamedObjective,
+    TokenObjective,
+    adam_pass,
+    map_standardization,
+    positive,
+    token_standardization,
+)
 
 __all__ = ["LinearProbe"]
-
-#: Values read at a time from on-disk input (a FeatureStore, zarr, dask or
-#: memmap) when ``fit`` / ``partial_fit`` stream it chunk by chunk.
-_STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS
 
 
 class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
@@ -435,7 +437,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             The fitted probe.
         """
         X = check_features(self, X, reset=True, lazy=True)
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         if y is None:
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y "
@@ -466,7 +468,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         weight = torch.zeros(n_classes, mean.shape[0], device=device)
         prior = (counts.double() + 1.0) / (counts.sum().double() + n_classes)
         bias = prior.log().float()
-        adam = _Adam([weight, bias], lr=self.lr)
+        adam = Adam([weight, bias], lr=self.lr)
         if self.solver == "adam":
             gen = _shuffle_generator(self.random_state, X, device)
             self._fit_adam(objective, weight, bias, gen, device, adam)
@@ -518,10 +520,10 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
     def _set_coefficients(
         self,
-        objective: _Objective,
+        objective: Objective,
         weight: torch.Tensor,
         bias: torch.Tensor,
-        adam: _Adam,
+        adam: Adam,
     ) -> None:
         """``coef_`` / ``intercept_`` on raw features; the state partial_fit needs."""
         coef, intercept = objective.raw(weight, bias)
@@ -628,10 +630,10 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             weight = torch.zeros(n_classes, objective.mean.shape[0], device=device)
             prior = (counts.double() + 1.0) / (counts.sum().double() + n_classes)
             bias = prior.log().float()
-            adam = _Adam([weight, bias], lr=self.lr)
+            adam = Adam([weight, bias], lr=self.lr)
         else:
             weight, bias = (torch.tensor(p, device=device) for p in state["params"])
-            adam = _Adam([weight, bias], lr=self.lr)
+            adam = Adam([weight, bias], lr=self.lr)
             adam.load(state)
         gen = _shuffle_generator(self.random_state, X, device)
         loss = self._adam_epoch(
@@ -757,12 +759,12 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
     def _fit_adam(
         self,
-        objective: _Objective,
+        objective: Objective,
         weight: torch.Tensor,
         bias: torch.Tensor,
         gen: torch.Generator,
         device: torch.device,
-        adam: _Adam,
+        adam: Adam,
     ) -> None:
         """Mini-batch Adam epochs, updating ``weight`` and ``bias`` in place."""
         batch_size = self._batch(objective.n_labelled)
@@ -802,10 +804,10 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
 
     def _adam_epoch(
         self,
-        objective: _Objective,
+        objective: Objective,
         weight: torch.Tensor,
         bias: torch.Tensor,
-        adam: _Adam,
+        adam: Adam,
         gen: torch.Generator,
         device: torch.device,
         batch_size: int,
@@ -819,7 +821,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             total, count = adam_pass(
                 objective.epoch(gen, batch_size, device), weight, bias, adam, wd
             )
-        loss = float(total / _positive(float(count)))
+        loss = float(total / positive(float(count)))
         if wd:
             loss += 0.5 * wd * float(weight.square().sum())
         if not np.isfinite(loss):
@@ -827,7 +829,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         return loss
 
     def _fit_lbfgs(
-        self, objective: _Objective, weight: torch.Tensor, bias: torch.Tensor
+        self, objective: Objective, weight: torch.Tensor, bias: torch.Tensor
     ) -> None:
         """Full-batch L-BFGS (SciPy's L-BFGS-B, as scikit-learn uses).
 
@@ -845,7 +847,7 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
                 weight.copy_(xt[:n_w].view_as(weight))
                 bias.copy_(xt[n_w:])
                 total, count, grad_w, grad_b = objective.full_loss_grad(weight, bias)
-                count = _positive(count)
+                count = positive(count)
                 loss = total / count
                 grad_w.div_(count)
                 grad_b.div_(count)
@@ -1259,40 +1261,6 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
         return y_enc
 
 
-def adam_pass(
-    steps: Any,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    adam: _Adam,
-    weight_decay: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam steps over ``(objective, batch)`` pairs; summed loss and count.
-
-    ``weight`` and ``bias`` are updated in place. Used by every fit and, on
-    dask input, by each chunk's task on the worker holding the chunk.
-    """
-    total = torch.zeros((), dtype=torch.float64, device=weight.device)
-    count = torch.zeros((), dtype=torch.float64, device=weight.device)
-    for part, batch in steps:
-        loss, n, grad_w, grad_b = part.loss_grad(batch, weight, bias)
-        n_ = _positive(n)
-        grad_w.div_(n_)
-        grad_b.div_(n_)
-        if weight_decay:
-            grad_w.add_(weight, alpha=weight_decay)
-        adam.step([grad_w, grad_b])
-        total += loss
-        count += n
-    return total, count
-
-
-def _positive(n: Any) -> Any:
-    """``n`` (a count or a sum of weights), or 1 where it is not positive."""
-    if isinstance(n, torch.Tensor):
-        return torch.where(n > 0, n, torch.ones_like(n))
-    return n if n > 0 else 1
-
-
 def _shuffle_generator(
     random_state: Any, X: Any, device: torch.device
 ) -> torch.Generator:
@@ -1345,371 +1313,6 @@ def _maps_as_tokens(X: Any, device: torch.device) -> torch.Tensor:
     return as_tensor(tokens.reshape(-1, c), device)
 
 
-def _scale_from(sq: torch.Tensor, n: int) -> torch.Tensor:
-    """Standard deviation from centred sums of squares; 1 for constant features."""
-    scale = (sq / (n if n > 0 else 1)).sqrt()
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
-    return scale.float()
-
-
-def _token_moments(
-    tokens: torch.Tensor, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation per feature, float64 accumulation, chunked.
-
-    With ``weights`` (float64, one per token) the weighted moments, so that
-    integer weights standardise as repeated tokens do.
-    """
-    n, c = tokens.shape
-    step = rows_per_batch(4 * c)
-    total = torch.zeros(c, dtype=torch.float64, device=tokens.device)
-    for sl in iter_slices(n, step):
-        if weights is None:
-            total += tokens[sl].sum(0, dtype=torch.float64)
-        else:
-            total += weights[sl] @ tokens[sl].double()
-    count = n if weights is None else float(weights.sum())
-    mean = total / (count if count > 0 else 1)
-    sq = torch.zeros(c, dtype=torch.float64, device=tokens.device)
-    for sl in iter_slices(n, step):
-        dev = (tokens[sl].double() - mean).square()
-        sq += dev.sum(0) if weights is None else weights[sl] @ dev
-    return mean.float(), _scale_from(sq, count)
-
-
-def _map_moments(
-    maps: torch.Tensor, image_weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation per channel of (N, C, h, w) maps.
-
-    With ``image_weights`` (float64, one per image) every pixel of an image
-    counts with the image's weight.
-    """
-    n, c, h, w = maps.shape
-    step = rows_per_batch(4 * c * h * w)
-    total = torch.zeros(c, dtype=torch.float64, device=maps.device)
-    for sl in iter_slices(n, step):
-        if image_weights is None:
-            total += maps[sl].sum((0, 2, 3), dtype=torch.float64)
-        else:
-            total += image_weights[sl] @ maps[sl].sum((2, 3), dtype=torch.float64)
-    count = n * h * w if image_weights is None else float(image_weights.sum()) * h * w
-    mean = total / (count if count > 0 else 1)
-    sq = torch.zeros(c, dtype=torch.float64, device=maps.device)
-    for sl in iter_slices(n, step):
-        dev = (maps[sl].double() - mean[:, None, None]).square().sum((2, 3))
-        sq += dev.sum(0) if image_weights is None else image_weights[sl] @ dev
-    return mean.float(), _scale_from(sq, count)
-
-
-class _Adam:
-    """Adam (Kingma and Ba) on a few tensors, updated in place.
-
-    The same update as :class:`torch.optim.Adam` (checked: identical loss
-    curves) without its per-step Python overhead, which dominates the small
-    steps of a linear model, nor its first-use import of ``torch._dynamo``
-    (about 2 s).
-    """
-
-    def __init__(
-        self,
-        params: list[torch.Tensor],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ):
-        self.params = params
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    def state(self) -> dict[str, Any]:
-        """Parameters, moments and step count as NumPy (to store or send)."""
-        return {
-            "params": [p.cpu().numpy() for p in self.params],
-            "m": [m.cpu().numpy() for m in self.m],
-            "v": [v.cpu().numpy() for v in self.v],
-            "t": self.t,
-        }
-
-    @torch.no_grad()
-    def load(self, state: dict[str, Any]) -> None:
-        """Copy a :meth:`state` into the parameters and moments, in place."""
-        for mine, theirs in zip(
-            self.params + self.m + self.v,
-            state["params"] + state["m"] + state["v"],
-            strict=True,
-        ):
-            mine.copy_(torch.as_tensor(theirs))
-        self.t = state["t"]
-
-    @torch.no_grad()
-    def step(self, grads: list[torch.Tensor]) -> None:
-        self.t += 1
-        beta1, beta2 = self.betas
-        step = self.lr / (1.0 - beta1**self.t)
-        root = (1.0 - beta2**self.t) ** 0.5
-        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-            m.lerp_(g, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            p.addcdiv_(m, v.sqrt().div_(root).add_(self.eps), value=-step)
-
-
-class _Objective:
-    """Cross-entropy of a linear model on standardised features.
-
-    The model is ``logits = z @ weight.T + bias`` with ``z = (x - mean) / scale``;
-    :meth:`loss_grad` returns sums over a batch (loss, labelled count,
-    gradients), so mini-batch steps and full-batch passes share one code path.
-    """
-
-    units: int
-    n_labelled: int
-    #: True when the objective runs Adam's steps itself, chunk by chunk
-    #: where the data live (:class:`~._linear_dask.DaskObjective`).
-    remote_steps: ClassVar[bool] = False
-
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, n_classes: int):
-        self.n_classes = n_classes
-        self.mean, self.scale = mean, scale
-        self.inv = 1.0 / scale
-        self.shift = -mean * self.inv
-
-    def epoch(self, gen: torch.Generator, batch_size: int, device: torch.device):
-        """``(objective, batch)`` pairs of one shuffled pass."""
-        perm = torch.randperm(self.units, generator=gen, device=gen.device)
-        for batch in self.batches(perm.to(device), batch_size):
-            yield self, batch
-
-    def raw(
-        self, weight: torch.Tensor, bias: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Parameters on raw features: (coef, intercept)."""
-        return weight * self.inv, bias + weight @ self.shift
-
-    def full_loss_grad(self, weight, bias):
-        """Sums over all the data, in memory-bounded batches."""
-        total = torch.zeros((), dtype=torch.float64, device=weight.device)
-        count = torch.zeros((), dtype=torch.float64, device=weight.device)
-        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
-        for batch in self.full_batches():
-            loss, n, gw, gb = self.loss_grad(batch, weight, bias)
-            total += loss
-            count += n
-            grad_w += gw
-            grad_b += gb
-        return total, count, grad_w, grad_b
-
-
-class _TokenObjective(_Objective):
-    """(n, C) tokens with a label each; hand-written gradients (no autograd)."""
-
-    def __init__(self, tokens, labels, mean, scale, n_classes, weights=None):
-        super().__init__(mean, scale, n_classes)
-        self.tokens, self.labels = tokens, labels
-        #: float32 weight per token (sample and class weights), or None
-        self.weights = None if weights is None else weights.float()
-        self.units = self.n_labelled = tokens.shape[0]
-        self._minus_one = torch.full((1, 1), -1.0, device=tokens.device)
-
-    def batches(self, perm, batch_size):
-        for sl in iter_slices(self.units, batch_size):
-            yield perm[sl]
-
-    def full_batches(self):
-        per_row = 2 * self.tokens.shape[1] + 3 * self.n_classes
-        yield from iter_slices(self.units, rows_per_batch(per_row))
-
-    @torch.no_grad()
-    def loss_grad(self, batch, weight, bias):
-        wb = None
-        if isinstance(batch, slice):
-            z = torch.addcmul(self.shift, self.tokens[batch], self.inv)
-            yb = self.labels[batch][:, None]
-            if self.weights is not None:
-                wb = self.weights[batch]
-        else:
-            z = self.tokens.index_select(0, batch)  # a copy: standardise in place
-            torch.addcmul(self.shift, z, self.inv, out=z)
-            yb = self.labels.index_select(0, batch)[:, None]
-            if self.weights is not None:
-                wb = self.weights.index_select(0, batch)
-        rows = z.shape[0]
-        logp = torch.log_softmax(torch.addmm(bias, z, weight.T), dim=1)
-        if wb is not None:
-            loss = -(logp.gather(1, yb)[:, 0].double() @ wb.double())
-            p = logp.clamp_(min=-60.0).exp_()
-            p.scatter_add_(1, yb, self._minus_one.expand(rows, 1))
-            p.mul_(wb[:, None])
-            return loss, wb.sum(dtype=torch.float64), p.T @ z, p.sum(0)
-        loss = -logp.gather(1, yb).sum()
-        # d(cross-entropy)/d(logits) = softmax - one-hot. Probabilities below
-        # exp(-60) are raised to it (a negligible change of the gradient):
-        # smaller ones lead to subnormal floats in exp() and in the matrix
-        # product, tens of times slower on CPUs once the model is confident.
-        p = logp.clamp_(min=-60.0).exp_()
-        p.scatter_add_(1, yb, self._minus_one.expand(rows, 1))
-        return loss, rows, p.T @ z, p.sum(0)
-
-
-class _MapObjective(_Objective):
-    """(N, C, h, w) maps with (N, H, W) label maps of another size.
-
-    Logits are upsampled bilinearly to the label size before the loss; batches
-    hold whole images.
-    """
-
-    def __init__(self, maps, labels, mean, scale, n_classes, weights=None):
-        super().__init__(mean, scale, n_classes)
-        self.maps, self.labels = maps, labels
-        #: float32 weight per pixel of the label maps (N, H, W), or None
-        self.weights = None if weights is None else weights.float()
-        self.size = tuple(labels.shape[-2:])
-        self.units = maps.shape[0]
-        self.n_labelled = labels.numel()
-
-    def batches(self, perm, batch_size):
-        images = max(1, batch_size // (self.size[0] * self.size[1]))
-        for sl in iter_slices(self.units, images):
-            yield perm[sl]
-
-    def full_batches(self):
-        _, c, h, w = self.maps.shape
-        per_image = 2 * c * h * w + 4 * self.n_classes * self.size[0] * self.size[1]
-        yield from iter_slices(self.units, rows_per_batch(per_image))
-
-    def loss_grad(self, batch, weight, bias):
-        wb = None
-        if isinstance(batch, slice):
-            xb, yb = self.maps[batch], self.labels[batch]
-            if self.weights is not None:
-                wb = self.weights[batch]
-        else:
-            xb = self.maps.index_select(0, batch)
-            yb = self.labels.index_select(0, batch)
-            if self.weights is not None:
-                wb = self.weights.index_select(0, batch)
-        b, _, h, w = xb.shape
-        z = torch.addcmul(self.shift, maps_to_tokens(xb), self.inv)
-        with torch.enable_grad():
-            w_ = weight.detach().requires_grad_()
-            b_ = bias.detach().requires_grad_()
-            logits = tokens_to_maps(torch.addmm(b_, z, w_.T), b, h, w)
-            logits = F.interpolate(
-                logits, size=self.size, mode="bilinear", align_corners=False
-            )
-            if wb is None:
-                loss = F.cross_entropy(logits, yb, ignore_index=-1, reduction="sum")
-                count = (yb >= 0).sum()
-            else:
-                per_pixel = F.cross_entropy(
-                    logits, yb, ignore_index=-1, reduction="none"
-                )
-                wb = torch.where(yb >= 0, wb, 0.0)
-                loss = (per_pixel * wb).sum()
-                count = wb.sum(dtype=torch.float64)
-            grad_w, grad_b = torch.autograd.grad(loss, [w_, b_])
-        return loss.detach(), count, grad_w, grad_b
-
-
-class _StreamedObjective(_Objective):
-    """The objective over on-disk features, read chunk by chunk.
-
-    Each chunk (consecutive rows or images, about ``_STREAM_ELEMENTS``
-    values) becomes an in-memory :class:`_TokenObjective` (its labelled
-    tokens) or :class:`_MapObjective` (label maps of another size); an epoch
-    shuffles within each chunk, chunks in order. ``labels`` (encoded, -1
-    ignored) stay where they are and are moved per chunk.
-    """
-
-    def __init__(self, X, labels, n_classes, device):
-        self.X, self.labels, self.device = X, labels, device
-        self.n_classes = n_classes
-        self.units = X.shape[0]
-        self.same_size = X.ndim == 2 or tuple(labels.shape[-2:]) == tuple(X.shape[-2:])
-        per_row = int(np.prod(X.shape[1:])) + int(np.prod(labels.shape[1:]))
-        self.rows = rows_per_batch(2 * per_row, _STREAM_ELEMENTS)
-        valid = labels >= 0
-        self.n_labelled = int(valid.sum()) if self.same_size else labels.numel()
-        self.counts = torch.bincount(labels[valid].reshape(-1), minlength=n_classes)
-
-    def chunks(self):
-        """(tokens, labels) of the labelled tokens, or (maps, label maps)."""
-        for sl in iter_slices(self.units, self.rows):
-            xb = as_tensor(self.X[sl], self.device)
-            yield chunk_training_data(xb, self.labels[sl], self.same_size)
-
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation per feature: two streamed passes."""
-        c = self.X.shape[1]
-        total = torch.zeros(c, dtype=torch.float64, device=self.device)
-        n = 0
-        for xb, _ in self.chunks():
-            tokens = maps_to_tokens(xb) if xb.ndim == 4 else xb
-            total += tokens.sum(0, dtype=torch.float64)
-            n += tokens.shape[0]
-        mean = total / max(n, 1)
-        sq = torch.zeros(c, dtype=torch.float64, device=self.device)
-        for xb, _ in self.chunks():
-            tokens = maps_to_tokens(xb) if xb.ndim == 4 else xb
-            sq += (tokens.double() - mean).square().sum(0)
-        return mean.float(), _scale_from(sq, n)
-
-    def parts(self):
-        for xb, yb in self.chunks():
-            yield chunk_objective(
-                xb, yb, self.same_size, self.mean, self.scale, self.n_classes
-            )
-
-    def epoch(self, gen, batch_size, device):
-        for part in self.parts():
-            yield from part.epoch(gen, batch_size, device)
-
-    def full_loss_grad(self, weight, bias):
-        total = torch.zeros((), dtype=torch.float64, device=weight.device)
-        count = torch.zeros((), dtype=torch.float64, device=weight.device)
-        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
-        for part in self.parts():
-            loss, n, gw, gb = part.full_loss_grad(weight, bias)
-            total += loss
-            count += n
-            grad_w += gw
-            grad_b += gb
-        return total, count, grad_w, grad_b
-
-
-def chunk_training_data(
-    xb: torch.Tensor, yb: torch.Tensor, same_size: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's (labelled tokens, labels), or (maps, label maps) of another size.
-
-    ``yb`` (encoded, -1 ignored) is moved to the device of ``xb``.
-    """
-    yb = yb.to(xb.device)
-    if not same_size:
-        return xb, yb
-    if xb.ndim == 4:
-        xb, yb = maps_to_tokens(xb), yb.reshape(-1)
-    keep = yb >= 0
-    if not bool(keep.all()):
-        xb, yb = xb[keep], yb[keep]
-    return xb, yb
-
-
-def chunk_objective(
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    same_size: bool,
-    mean: torch.Tensor,
-    scale: torch.Tensor,
-    n_classes: int,
-) -> _Objective:
-    """The in-memory objective of one chunk from :func:`chunk_training_data`."""
-    cls = _TokenObjective if same_size else _MapObjective
-    return cls(xb, yb, mean, scale, n_classes)
-
-
 def _build_objective(
     X: Any,
     labels: torch.Tensor,
@@ -1719,7 +1322,7 @@ def _build_objective(
     worker_device: Any = "auto",
     sample_weight: np.ndarray | None = None,
     class_weight: np.ndarray | None = None,
-) -> tuple[_Objective, torch.Tensor]:
+) -> tuple[Objective, torch.Tensor]:
     """The training objective of encoded ``labels`` and the class counts.
 
     ``sample_weight`` (checked by :func:`~._weights.check_weights`: one per
@@ -1730,7 +1333,7 @@ def _build_objective(
 
     ``moments`` (mean, scale) fixes the standardisation; None measures it on
     the data (on the labelled tokens, or every pixel for label maps of
-    another size). On-disk ``X`` gives a :class:`_StreamedObjective`, a dask
+    another size). On-disk ``X`` gives a :class:`StreamedObjective`, a dask
     array a :class:`~._linear_dask.DaskObjective` whose tasks resolve
     ``worker_device`` (the estimator's ``device``) on each worker.
     """
@@ -1745,13 +1348,11 @@ def _build_objective(
     if isinstance(X, LazyFeatures):
         source = dask_source(X)
         if source is not None:
-            from ._linear_dask import DaskObjective
-
-            objective = DaskObjective(source, labels, n_classes, device, worker_device)
+            objective = DaskObjective(
+                source, labels, n_classes, device, worker_device, moments
+            )
         else:
-            objective = _StreamedObjective(X, labels, n_classes, device)
-        mean, scale = objective.moments() if moments is None else moments
-        _Objective.__init__(objective, mean, scale, n_classes)
+            objective = StreamedObjective(X, labels, n_classes, device, moments)
         return objective, objective.counts.to(device)
     labels = labels.to(device)
     cw = None
@@ -1770,11 +1371,11 @@ def _build_objective(
         if cw is not None:
             weights = cw[labels] if weights is None else weights * cw[labels]
         if moments is None:
-            mean, scale = _token_moments(tokens, weights)
+            mean, scale = token_standardization(tokens, weights)
         else:
             mean, scale = moments
         counts = torch.bincount(labels, weights=weights, minlength=n_classes)
-        objective = _TokenObjective(tokens, labels, mean, scale, n_classes, weights)
+        objective = TokenObjective(tokens, labels, mean, scale, n_classes, weights)
         return objective, counts
     maps = as_tensor(X, device)
     weights = image_weights = None
@@ -1787,7 +1388,7 @@ def _build_objective(
         per_class = cw[labels.clamp(min=0)]
         weights = per_class if weights is None else weights * per_class
     if moments is None:
-        mean, scale = _map_moments(maps, image_weights)
+        mean, scale = map_standardization(maps, image_weights)
     else:
         mean, scale = moments
     valid = labels >= 0
@@ -1796,4 +1397,4 @@ def _build_objective(
         weights=None if weights is None else weights[valid],
         minlength=n_classes,
     )
-    return _MapObjective(maps, labels, mean, scale, n_classes, weights), counts
+    return MapObjective(maps, labels, mean, scale, n_classes, weights), counts

@@ -46,13 +46,13 @@ import torch
 
 from .._dask import _blocks, _by_rows, _checked, _compute, merge_moments, token_moments
 from .._device import as_tensor, maps_to_tokens, resolve_device
-from ._linear import (
-    _Adam,
-    _Objective,
-    _scale_from,
+from ._linear_objective import (
+    Adam,
+    Objective,
     adam_pass,
     chunk_objective,
     chunk_training_data,
+    scale_from,
 )
 
 __all__ = ["DaskObjective"]
@@ -73,7 +73,7 @@ def _block_moments(
     return token_moments(maps_to_tokens(xb) if xb.ndim == 4 else xb)
 
 
-def _part(block: Any, labels: np.ndarray, spec: dict) -> tuple[_Objective, Any]:
+def _part(block: Any, labels: np.ndarray, spec: dict) -> tuple[Objective, Any]:
     """The chunk's in-memory objective on the worker's device."""
     device = resolve_device(spec["device"])
     xb, yb = _chunk_data(block, labels, spec["same_size"], device)
@@ -99,7 +99,7 @@ def _block_adam(block: Any, labels: np.ndarray, carry: dict, spec: dict) -> dict
     """Adam's steps over one chunk, continuing from ``carry``; the new carry."""
     part, device = _part(block, labels, spec)
     weight, bias = (torch.tensor(p, device=device) for p in carry["params"])
-    adam = _Adam([weight, bias], lr=spec["lr"])
+    adam = Adam([weight, bias], lr=spec["lr"])
     adam.load(carry)
     gen = torch.Generator()
     gen.set_state(torch.from_numpy(carry["gen"]))
@@ -119,7 +119,7 @@ def _block_adam(block: Any, labels: np.ndarray, carry: dict, spec: dict) -> dict
     }
 
 
-class DaskObjective(_Objective):
+class DaskObjective(Objective):
     """The cross-entropy objective over a dask array, computed on its workers.
 
     Parameters
@@ -132,7 +132,10 @@ class DaskObjective(_Objective):
     device : torch.device
         The client's device, where the parameters live between passes.
     worker_device : str or torch.device
-        The estimator's ``device`` parameter, resolved on each worker.
+        The estimator's ``device`` parameter, resolved on each worker (a
+        worker may have a GPU where the client has none).
+    moments : (mean, scale) or None, default=None
+        The standardisation; None measures it from per-chunk moments.
     """
 
     remote_steps: ClassVar[bool] = True
@@ -144,12 +147,12 @@ class DaskObjective(_Objective):
         n_classes: int,
         device: torch.device,
         worker_device: Any,
+        moments: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         import dask
 
         X = _by_rows(X)
         self.blocks = _blocks(X)
-        self.n_classes = n_classes
         self.device = device
         self.worker_device = worker_device
         self.units = X.shape[0]
@@ -161,8 +164,11 @@ class DaskObjective(_Objective):
         bounds = np.cumsum(X.chunks[0])[:-1]
         parts = np.split(labels.numpy(), bounds)
         self.label_parts = dask.persist(*[dask.delayed(p) for p in parts])
+        mean, scale = self._measure_moments() if moments is None else moments
+        super().__init__(mean, scale, n_classes)
 
     def _spec(self, **extra: Any) -> dict:
+        """What every task needs besides its chunk (small, sent per task)."""
         return {
             "device": self.worker_device,
             "same_size": self.same_size,
@@ -172,7 +178,7 @@ class DaskObjective(_Objective):
             **extra,
         }
 
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _measure_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation per feature, from per-chunk moments."""
         import dask
 
@@ -185,7 +191,7 @@ class DaskObjective(_Objective):
         )
         n, mean, m2 = merge_moments(parts)
         mean = torch.as_tensor(mean, device=self.device)
-        return mean.float(), _scale_from(torch.as_tensor(m2, device=self.device), n)
+        return mean.float(), scale_from(torch.as_tensor(m2, device=self.device), n)
 
     def full_loss_grad(self, weight: torch.Tensor, bias: torch.Tensor):
         """Summed loss, count and gradients over every chunk, in parallel."""
@@ -210,7 +216,7 @@ class DaskObjective(_Objective):
         self,
         weight: torch.Tensor,
         bias: torch.Tensor,
-        adam: _Adam,
+        adam: Adam,
         gen: torch.Generator,
         batch_size: int,
         weight_decay: float,
