@@ -7,23 +7,28 @@ normalises with the model's data config and calls ``forward_features`` under
 ``torch.no_grad`` in float32, then drops the prefix tokens and reshapes to
 (N, C, h, w) on the CPU, as a user would write it. The featurizer runs with its
 defaults (bf16 autocast on CUDA, inference mode, batch size "auto" unless
-``--batch-size`` is given). Each is timed ``--repeats`` times, alternating,
-and the best time kept. Printed: images/s of each, the ratio
-featurizer / plain loop (above 1: the featurizer is faster) and, on CUDA, the
-fraction of the bf16 peak that the featurizer's throughput amounts to, from
-the model's FLOPs per image (ViT-S/8 at 224 px: 44.9 GFLOP, ViT-B/8: 156).
+``--batch-size`` is given). Each is timed ``--repeats`` times, alternating
+(plain, featurizer, plain, ...), so that both see the same load. Printed:
+the load average, images/s of each (best run), the ratio featurizer / plain
+loop of each pair of runs and their median (above 1: the featurizer is
+faster) and, on CUDA, the fraction of the bf16 peak that the featurizer's
+throughput amounts to, from the model's FLOPs per image (ViT-S/8 at 224 px:
+44.9 GFLOP, ViT-B/8: 156).
 
 Run::
 
     python benchmarks/bench_featurize.py                       # ViT-S/8, 224 px
     python benchmarks/bench_featurize.py --model vit_base_patch8_224 --n 512
     python benchmarks/bench_featurize.py --n 8 --resolution 64  # smoke run
+    python benchmarks/bench_featurize.py --threads 1 --cpu-time  # robust on a
+                                                                 # shared CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,14 +71,29 @@ def plain_timm_loop(net, images: np.ndarray, batch_size: int, device) -> torch.T
     return torch.cat(out)
 
 
-def timed(fn, device) -> tuple[float, object]:
+def timed(fn, device, clock=time.perf_counter) -> tuple[float, object]:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+    return clock() - t0, out
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def feat_batch_size(feat: DinoFeaturizer, net, device) -> int:
+    """The batch size the featurizer runs with (resolved from "auto")."""
+    from skstego.features._dino import _Runner
+
+    return _Runner(feat, net, device).batch_size
 
 
 def main() -> None:
@@ -90,12 +110,26 @@ def main() -> None:
         action="store_true",
         help="load timm's pretrained weights (needs the hub or its cache)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each, alternating"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: default)"
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time CPU seconds of this process instead of wall-clock seconds "
+        "(with --threads 1: insensitive to other jobs on a shared machine)",
+    )
     parser.add_argument(
         "--peak-tflops", type=float, default=790.0, help="bf16 peak of the GPU"
     )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     device = resolve_device(args.device)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     plain_batch = (
@@ -117,22 +151,33 @@ def main() -> None:
     plain_timm_loop(net, warm, plain_batch, device)
     feat.transform(warm)
 
-    t_plain, ref = timed(
-        lambda: plain_timm_loop(net, images, plain_batch, device), device
-    )
-    t_feat, out = timed(lambda: feat.transform(images), device)
+    load_before = load_average()
+    plain_times, feat_times = [], []
+    for _ in range(max(1, args.repeats)):
+        t_plain, ref = timed(
+            lambda: plain_timm_loop(net, images, plain_batch, device), device, clock
+        )
+        t_feat, out = timed(lambda: feat.transform(images), device, clock)
+        plain_times.append(t_plain)
+        feat_times.append(t_feat)
     err = float(np.abs(out - ref.numpy()).max() / ref.abs().max())
+    ratios = [p / f for p, f in zip(plain_times, feat_times, strict=True)]
+    t_plain, t_feat = min(plain_times), min(feat_times)
+    runner_batch = feat_batch_size(feat, net, device)
 
     gflop = vit_gflop(net, args.resolution)
     name = f"{args.model} @ {args.resolution}px"
     print(
         f"== {name}, {args.n} images, device {device}, {gflop:.1f} GFLOP/image, "
-        f"best of {args.repeats} =="
+        f"{args.repeats} alternating runs, {torch.get_num_threads()} threads, "
+        f"{'CPU' if args.cpu_time else 'wall'} time =="
     )
-    print(f"plain timm loop (fp32, batch {plain_batch})  {args.n / t_plain:9.1f} img/s")
-    print(f"DinoFeaturizer (batch {batch_size})        {args.n / t_feat:9.1f} img/s")
-    print(f"ratio DinoFeaturizer / plain loop     {t_plain / t_feat:9.2f}x")
-    print(f"max rel. diff of the feature maps     {err:9.1e}")
+    print(f"load average before / after        {load_before} / {load_average()}")
+    print(f"plain timm loop (fp32, batch {plain_batch})  {args.n / t_plain:9.2f} img/s")
+    print(f"DinoFeaturizer (batch {runner_batch})         {args.n / t_feat:9.2f} img/s")
+    print(f"ratio of each run                  {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"median ratio DinoFeaturizer / plain {statistics.median(ratios):9.2f}x")
+    print(f"max rel. diff of the feature maps  {err:9.1e}")
     if device.type == "cuda":
         achieved = args.n * gflop / t_feat / 1e3
         print(

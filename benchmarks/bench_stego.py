@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -151,22 +152,31 @@ def compare(args: argparse.Namespace) -> None:
     skstego_train(X[: 4 * args.batch], args.dim, 2, args.batch, device)
     # Marginal rate: time fits of s and 2s steps; their difference is s
     # training steps, free of the one-off setup (validation, K-NN step).
-    rates, setups = {}, {}
-    for name, train in (("plain", plain_train), ("skstego", skstego_train)):
-        short = min(
-            train(X, args.dim, args.steps, args.batch, device)
-            for _ in range(args.repeats)
-        )
-        long = min(
-            train(X, args.dim, 2 * args.steps, args.batch, device)
-            for _ in range(args.repeats)
-        )
-        rates[name] = args.steps / max(long - short, 1e-9)
-        setups[name] = max(2 * short - long, 0.0)
+    # The two alternate (plain, skstego, plain, ...) so that both see the
+    # same load on a shared machine; one ratio per repeat, and their median.
+    with open("/proc/loadavg") as f:
+        print("load average before:", " ".join(f.read().split()[:3]))
+    rates = {"plain": [], "skstego": []}
+    setups = {"plain": [], "skstego": []}
+    for _ in range(max(1, args.repeats)):
+        for name, train in (("plain", plain_train), ("skstego", skstego_train)):
+            short = train(X, args.dim, args.steps, args.batch, device)
+            long = train(X, args.dim, 2 * args.steps, args.batch, device)
+            rates[name].append(args.steps / max(long - short, 1e-9))
+            setups[name].append(max(2 * short - long, 0.0))
     for label, name in (("plain PyTorch loop", "plain"), ("StegoProjector", "skstego")):
-        print(f"{label:<19} {rates[name]:8.2f} steps/s   setup {setups[name]:6.2f} s")
-    ratio = rates["skstego"] / rates["plain"]
-    print(f"ratio (skstego steps/s / plain steps/s): {ratio:.2f}x")
+        print(
+            f"{label:<19} {max(rates[name]):8.2f} steps/s (best)   setup "
+            f"{min(setups[name]):6.2f} s"
+        )
+    ratios = [s / p for s, p in zip(rates["skstego"], rates["plain"], strict=True)]
+    print("ratio of each repeat:", " ".join(f"{r:.2f}" for r in ratios))
+    print(
+        "median ratio (skstego steps/s / plain steps/s): "
+        f"{statistics.median(ratios):.2f}x"
+    )
+    with open("/proc/loadavg") as f:
+        print("load average after:", " ".join(f.read().split()[:3]))
 
 
 # ----------------------------------------------------------------- K-NN memory
@@ -238,7 +248,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=70)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating timed pairs of fits"
+    )
     parser.add_argument(
         "--knn",
         default="10000,30000,100000",

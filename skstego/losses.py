@@ -288,6 +288,141 @@ def correlation_loss(
     )
 
 
+def _bilinear_taps(
+    coords: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four pixels and weights that :func:`sample_points` blends per point.
+
+    Bilinear sampling with ``align_corners=True`` and border padding, as
+    :func:`sample_points`: ``x = -1`` is the centre of column 0 and
+    ``x = 1`` that of column ``width - 1``, positions outside are clamped.
+    A point reads ``sum_k weights[..., k] * map[index[..., k]]`` from the
+    map flattened to ``height * width`` pixels (row-major); the weights of a
+    point sum to 1. Taps that fall off the map's last row or column carry
+    weight 0 and are redirected to the border pixel.
+
+    Parameters
+    ----------
+    coords : torch.Tensor of shape (B, S, S2, 2)
+        Coordinates in ``[-1, 1]``, ``(x, y)`` order.
+    height, width : int
+        Size of the maps that are read.
+
+    Returns
+    -------
+    index : torch.Tensor of shape (B, S * S2, 4), int64
+        Flat pixel index of each tap, within its own map.
+    weights : torch.Tensor of shape (B, S * S2, 4)
+        Bilinear weight of each tap, in the dtype of ``coords``.
+    """
+    x = ((coords[..., 0] + 1) * (0.5 * (width - 1))).clamp(0, width - 1)
+    y = ((coords[..., 1] + 1) * (0.5 * (height - 1))).clamp(0, height - 1)
+    x0, y0 = x.floor(), y.floor()
+    wx, wy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    x1 = (x0 + 1).clamp(max=width - 1)
+    y1 = (y0 + 1).clamp(max=height - 1)
+    index = torch.stack(
+        [y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1], dim=-1
+    )
+    weights = torch.stack(
+        [(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], dim=-1
+    )
+    batch = coords.shape[0]
+    return index.reshape(batch, -1, 4), weights.reshape(batch, -1, 4)
+
+
+def _draw_loss_samples(
+    batch: int,
+    feature_samples: int,
+    neg_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The random draws of :func:`stego_loss`, in its order.
+
+    Returns the images' coordinates, the partners' coordinates (both
+    ``(batch, S, S, 2)``) and ``neg_samples`` derangements of
+    ``range(batch)``.
+    """
+    coords1 = random_coords(batch, feature_samples, generator=generator, device=device)
+    coords2 = random_coords(batch, feature_samples, generator=generator, device=device)
+    perms = [
+        derangement(batch, generator=generator, device=device)
+        for _ in range(neg_samples)
+    ]
+    return coords1, coords2, perms
+
+
+def _negative_coords(coords2: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
+    """Where :func:`stego_loss` reads each image for its negatives.
+
+    Negative ``n`` pairs image ``b`` with image ``perms[n][b]`` read at
+    ``coords2[b]``, that is image ``j`` read at ``coords2[inverse(p)[j]]``:
+    reading the images (not permuted copies) at these coordinates and then
+    reordering each block by ``perms[n]`` gives the partners' points. The
+    blocks are stacked along the rows: (B, n_neg * S, S, 2).
+    """
+    return torch.cat([coords2[torch.argsort(p)] for p in perms], dim=1)
+
+
+def _negative_keys(
+    blocks: torch.Tensor, perms: list[torch.Tensor], dim: int
+) -> list[torch.Tensor]:
+    """Split points read at :func:`negative_coords` into one block per
+    negative (``P`` points each along ``dim``), each reordered by its
+    derangement so that row ``b`` holds image ``b``'s negative partner."""
+    size = blocks.shape[dim] // max(len(perms), 1)
+    return [
+        blocks.narrow(dim, i * size, size).index_select(0, perm)
+        for i, perm in enumerate(perms)
+    ]
+
+
+def _stacked_loss(
+    feat_corr: torch.Tensor,
+    code_corr: torch.Tensor,
+    shifts: tuple[float, float, float],
+    *,
+    pointwise: bool,
+    zero_clamp: bool,
+    stabilize: bool,
+) -> torch.Tensor:
+    """:func:`correlation_loss` of several terms at once, from correlations.
+
+    ``feat_corr`` and ``code_corr`` of shape (B, P, T, Q) hold, for each of
+    ``T`` terms, the correlation of the ``P`` query points of each image
+    with the ``Q`` points of its partner in that term (the feature
+    correlation without gradient). Returns the ``T`` losses
+    ``mean(-clamp(Cc_t) * (F_t - shift_t))``, each a mean over batch and
+    point pairs, with ``F_t`` centred per query point when ``pointwise``
+    exactly as the reference does it. The terms are ordered intra, inter,
+    then the negatives: ``shifts`` = (intra, inter, negative) give
+    ``shift_t``.
+    """
+    terms = feat_corr.shape[2]
+    with torch.no_grad():
+        fd = feat_corr
+        if pointwise:
+            whole = (0, 1, 3)
+            old_mean = fd.mean(dim=whole, keepdim=True)
+            fd = fd - fd.mean(dim=3, keepdim=True)
+            fd = fd - fd.mean(dim=whole, keepdim=True) + old_mean
+        # shifts (intra, inter, negatives...) set on the device: no copy
+        # from the host, which would wait for the GPU
+        shift = code_corr.new_full((terms,), float(shifts[-1]))
+        shift[0] = float(shifts[0])
+        shift[1] = float(shifts[1])
+        target = fd.to(code_corr.dtype) - shift.view(1, 1, terms, 1)
+    cd = code_corr
+    lo = 0.0 if zero_clamp else None
+    hi = 0.8 if stabilize else None
+    if lo is not None or hi is not None:
+        cd = cd.clamp(min=lo, max=hi)
+    return -(cd * target).mean(dim=(0, 1, 3))
+
+
 def _normalized_loss(
     feats1: torch.Tensor,
     feats2: torch.Tensor,
@@ -512,45 +647,41 @@ def stego_loss(
         )
 
     device = feats.device
-    coords1 = random_coords(batch, feature_samples, generator=generator, device=device)
-    coords2 = random_coords(batch, feature_samples, generator=generator, device=device)
+    coords1, coords2, perms = _draw_loss_samples(
+        batch, feature_samples, neg_samples, generator=generator, device=device
+    )
     flags = {"pointwise": pointwise, "zero_clamp": zero_clamp, "stabilize": stabilize}
 
-    feats = feats.detach()
-    knn_feats = knn_feats.detach()
-    # Every sampled map is normalised once and shared by the terms using it.
+    # Each map is read once: the images at coords1 and, below them, at the
+    # points of all their negatives (see _negative_coords: no permuted
+    # copies of the maps), the partners at coords2. Each sampled map is
+    # normalised once.
+    grid = coords1
+    if perms:
+        grid = torch.cat([coords1, _negative_coords(coords2, perms)], dim=1)
+    n_points = coords1.shape[1] * coords1.shape[2]
     with torch.no_grad():
-        f1 = F.normalize(sample_points(feats, coords1), dim=1)
-        f_knn = F.normalize(sample_points(knn_feats, coords2), dim=1)
-    c1 = F.normalize(sample_points(codes, coords1), dim=1)
+        f_img = F.normalize(sample_points(feats.detach(), grid), dim=1).flatten(2)
+        f_knn = F.normalize(sample_points(knn_feats.detach(), coords2), dim=1)
+    c_img = F.normalize(sample_points(codes, grid), dim=1).flatten(2)
     c_knn = F.normalize(sample_points(knn_codes, coords2), dim=1)
 
-    pos_intra = _normalized_loss(f1, f1, c1, c1, pos_intra_shift, **flags)
-    pos_inter = _normalized_loss(f1, f_knn, c1, c_knn, pos_inter_shift, **flags)
+    def stacked(img: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+        # (B, P, T, P): the queries against every term's partner points
+        query = img[:, :, :n_points]
+        rest = img[:, :, n_points:]
+        keys = torch.cat(
+            [query, knn.flatten(2), *_negative_keys(rest, perms, dim=2)], dim=2
+        )
+        corr = torch.bmm(query.transpose(1, 2), keys)
+        return corr.view(batch, n_points, -1, n_points)
 
-    neg_losses = []
-    if neg_samples:
-        # Negative n pairs image b with image perm_n[b] read at coords2[b].
-        # Reading image j at coords2[inverse(perm_n)[j]] and then reordering
-        # by perm_n gives exactly that without copying the permuted maps,
-        # and all negatives are read in one call (points side by side).
-        perms = [
-            derangement(batch, generator=generator, device=device)
-            for _ in range(neg_samples)
-        ]
-        coords_neg = torch.cat([coords2[torch.argsort(p)] for p in perms], dim=2)
-        with torch.no_grad():
-            f_all = F.normalize(sample_points(feats, coords_neg), dim=1)
-        c_all = F.normalize(sample_points(codes, coords_neg), dim=1)
-        width = coords2.shape[2]
-        for i, perm in enumerate(perms):
-            part = slice(i * width, (i + 1) * width)
-            f_neg = f_all[:, :, :, part][perm]
-            c_neg = c_all[:, :, :, part][perm]
-            neg_losses.append(
-                _normalized_loss(f1, f_neg, c1, c_neg, neg_shift, **flags)
-            )
-    neg = torch.stack(neg_losses).mean() if neg_losses else pos_intra.new_zeros(())
+    with torch.no_grad():
+        feat_corr = stacked(f_img, f_knn)
+    shifts = (pos_intra_shift, pos_inter_shift, neg_shift)
+    terms = _stacked_loss(feat_corr, stacked(c_img, c_knn), shifts, **flags)
+    pos_intra, pos_inter = terms[0], terms[1]
+    neg = terms[2:].mean() if perms else pos_intra.new_zeros(())
 
     total = (
         pos_intra_weight * pos_intra + pos_inter_weight * pos_inter + neg_weight * neg

@@ -8,6 +8,7 @@ import torch
 from sklearn.base import clone
 
 from skstego.datasets import make_feature_maps
+from skstego.losses import derangement
 from skstego.projection._stego import PRESETS, StegoProjector
 
 
@@ -473,22 +474,17 @@ def test_linear_and_nonlinear_fits_differ():
 
 
 def _spy_training(monkeypatch):
-    """Record the head's input and masks and the loss's feature arguments."""
+    """Record the head's input and the three masks of every training step."""
     import skstego.projection._stego as mod
 
-    calls = {"head": [], "loss": []}
-    head, loss = mod._head_maps, mod.stego_loss
+    calls = []
+    loss = mod._train_loss
 
-    def head_spy(params, x, drop1=None, drop2=None):
-        calls["head"].append((x.detach().clone(), drop1, drop2))
-        return head(params, x, drop1, drop2)
+    def spy(params, x, drop1, drop2, drop_target, **kw):
+        calls.append((x.detach().clone(), drop1, drop2, drop_target))
+        return loss(params, x, drop1, drop2, drop_target, **kw)
 
-    def loss_spy(feats, codes, knn_feats, knn_codes, **kw):
-        calls["loss"].append((feats.detach().clone(), knn_feats.detach().clone()))
-        return loss(feats, codes, knn_feats, knn_codes, **kw)
-
-    monkeypatch.setattr(mod, "_head_maps", head_spy)
-    monkeypatch.setattr(mod, "stego_loss", loss_spy)
+    monkeypatch.setattr(mod, "_train_loss", spy)
     return calls
 
 
@@ -499,26 +495,22 @@ def test_feature_dropout_drops_channels_of_the_correlation_target(
     # The reference's DinoFeaturizer returns Dropout2d(p)(features) as the
     # correlation target when cfg.dropout: whole channels of each map are
     # zeroed with probability p and the others scaled by 1 / (1 - p), with a
-    # mask of its own (not the branches' masks).
+    # mask of its own (not the branches' masks). That _train_loss uses the
+    # mask as x * mask is checked against the reference formula in
+    # test_train_loss_matches_the_reference_head_and_loss.
     p = 0.25
     calls = _spy_training(monkeypatch)
-    X = np.abs(_maps(n=8, c=32)) + 0.5  # no zero entries: ratios are defined
+    X = np.abs(_maps(n=8, c=32)) + 0.5
     _stego(
         n_steps=12, dropout=p, projection_type=projection_type, feature_dropout=True
     ).fit(X)
-    assert len(calls["loss"]) == len(calls["head"]) == 12
+    assert len(calls) == 12
     dropped = []
-    for (x, drop1, drop2), (feats, knn_feats) in zip(
-        calls["head"], calls["loss"], strict=True
-    ):
-        target = torch.cat([feats, knn_feats])
-        ratio = target / x
-        mask = ratio[:, :, :1, :1]
-        # one factor per (image, channel), constant over the map
-        torch.testing.assert_close(ratio, mask.expand_as(ratio))
+    for x, drop1, drop2, mask in calls:
+        assert mask.shape == x.shape[:2]  # one factor per (image, channel)
         kept = mask != 0
         torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / (1 - p)))
-        dropped.append((mask == 0).float().mean().item())
+        dropped.append((~kept).float().mean().item())
         assert not torch.equal(mask, drop1)
         if projection_type == "nonlinear":
             assert not torch.equal(mask, drop2)
@@ -530,11 +522,137 @@ def test_feature_dropout_drops_channels_of_the_correlation_target(
 def test_without_feature_dropout_the_target_is_the_clean_features(monkeypatch):
     calls = _spy_training(monkeypatch)
     _stego(n_steps=3, dropout=0.3, feature_dropout=False).fit(_maps())
-    for (x, drop1, drop2), (feats, knn_feats) in zip(
-        calls["head"], calls["loss"], strict=True
-    ):
-        assert torch.equal(torch.cat([feats, knn_feats]), x)
+    for _, drop1, drop2, drop_target in calls:
+        assert drop_target is None
         assert drop1 is not None and drop2 is not None  # the branches still drop
+
+
+def _reference_train_loss(state, x, drops, kw, seed):
+    """One training loss written the reference's way, in float64: torch
+    Conv2d modules on channel-dropped whole maps, codes sampled with
+    grid_sample, each negative read from permuted copies, einsum
+    correlations (Hamilton et al., src/modules.py and
+    src/train_segmentation.py)."""
+    x = x.double()
+    c = x.shape[1]
+    dim = state["linear.weight"].shape[0]
+    linear = torch.nn.Conv2d(c, dim, 1).double()
+    modules = {"linear": linear}
+    if "nonlinear.0.weight" in state:
+        modules["nonlinear"] = torch.nn.Sequential(
+            torch.nn.Conv2d(c, c, 1), torch.nn.ReLU(), torch.nn.Conv2d(c, dim, 1)
+        ).double()
+    named = dict(
+        (f"{name}.{k}", v)
+        for name, m in modules.items()
+        for k, v in m.named_parameters()
+    )
+    with torch.no_grad():
+        for name, value in named.items():
+            named[name].copy_(torch.as_tensor(state[name]).double().view_as(value))
+    d1, d2, dt = (None if d is None else d.double()[:, :, None, None] for d in drops)
+    codes = linear(x if d1 is None else x * d1)
+    if "nonlinear" in modules:
+        codes = codes + modules["nonlinear"](x if d2 is None else x * d2)
+    target = x if dt is None else x * dt
+    b = x.shape[0] // 2
+    g = torch.Generator().manual_seed(seed)
+    s = kw["feature_samples"]
+    coords1 = (torch.rand(b, s, s, 2, generator=g) * 2 - 1).double()
+    coords2 = (torch.rand(b, s, s, 2, generator=g) * 2 - 1).double()
+    perms = [derangement(b, generator=g) for _ in range(kw["neg_samples"])]
+
+    def sample(maps, coords):
+        return torch.nn.functional.grid_sample(
+            maps, coords, padding_mode="border", align_corners=True
+        )
+
+    def term(f1, f2, c1, c2, shift):
+        def corr(a, b):
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return torch.einsum("nchw,ncij->nhwij", a, b)
+
+        fd = corr(f1, f2)
+        if kw["flags"]["pointwise"]:
+            fd = fd - fd.mean(dim=(3, 4), keepdim=True) + fd.mean()
+        cd = corr(c1, c2)
+        lo = 0.0 if kw["flags"]["zero_clamp"] else None
+        hi = 0.8 if kw["flags"]["stabilize"] else None
+        if lo is not None or hi is not None:
+            cd = cd.clamp(lo, hi)
+        return (-cd * (fd - shift)).mean()
+
+    f_img, c_img = sample(target[:b], coords1), sample(codes[:b], coords1)
+    f_knn, c_knn = sample(target[b:], coords2), sample(codes[b:], coords2)
+    (w_intra, w_inter, w_neg), (s_intra, s_inter, s_neg) = kw["weights"], kw["shifts"]
+    total = w_intra * term(f_img, f_img, c_img, c_img, s_intra)
+    total = total + w_inter * term(f_img, f_knn, c_img, c_knn, s_inter)
+    if perms:
+        neg = [
+            term(
+                f_img,
+                sample(target[:b][p], coords2),
+                c_img,
+                sample(codes[:b][p], coords2),
+                s_neg,
+            )
+            for p in perms
+        ]
+        total = total + w_neg * torch.stack(neg).mean()
+    total.backward()
+    grads = {name: named[name].grad.reshape(state[name].shape) for name in state}
+    return total.item(), grads
+
+
+@pytest.mark.parametrize(
+    ("size", "samples", "projection_type", "flags"),
+    [
+        ((12, 12), 3, "nonlinear", (True, True, False)),  # few points: taps
+        ((5, 4), 5, "nonlinear", (True, True, False)),  # dense points: whole map
+        ((6, 7), 4, "nonlinear", (False, False, True)),
+        ((6, 7), 4, "linear", (True, False, True)),
+        ((1, 1), 1, "nonlinear", (True, True, False)),  # tokens as 1x1 maps
+    ],
+)
+@pytest.mark.parametrize("dropout", [True, False])
+def test_train_loss_matches_the_reference_head_and_loss(
+    size, samples, projection_type, flags, dropout
+):
+    # The training loss reads the head at the sampled points instead of
+    # running it on whole maps: the same formula, checked in float64 with
+    # its gradients against the reference's way of computing it.
+    from skstego.projection._stego import _init_params, _train_loss
+
+    b, c, dim = 3, 10, 4
+    gen = torch.Generator().manual_seed(0)
+    params = _init_params(c, dim, projection_type, gen, torch.device("cpu"))
+    params = {k: v.detach().double().requires_grad_(True) for k, v in params.items()}
+    x = torch.randn(2 * b, c, *size, generator=gen, dtype=torch.float64)
+    drops = [
+        (torch.rand(2 * b, c, generator=gen) < 0.7).double() / 0.7 if dropout else None
+        for _ in range(3)
+    ]
+    kw = {
+        "weights": (0.6, 0.3, 0.9),
+        "shifts": (0.1, 0.2, 0.4),
+        "neg_samples": 2,
+        "feature_samples": samples,
+        "flags": dict(
+            zip(("pointwise", "zero_clamp", "stabilize"), flags, strict=True)
+        ),
+    }
+    total = _train_loss(
+        params, x, *drops, generator=torch.Generator().manual_seed(7), **kw
+    )
+    total.backward()
+    state = {k: v.detach() for k, v in params.items()}
+    want, grads = _reference_train_loss(state, x, drops, kw, seed=7)
+    np.testing.assert_allclose(total.item(), want, rtol=1e-10, atol=1e-12)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(
+            params[name].grad.numpy(), grad.numpy(), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_feature_dropout_changes_training_reproducibly():
@@ -653,19 +771,19 @@ def test_bf16_autocast_covers_the_head_only(monkeypatch):
 
     monkeypatch.setattr(mod, "_autocast_bf16", lambda device: True)
     in_head, in_loss = [], []
-    head, loss = mod._head_maps, mod.stego_loss
+    head, loss = mod._head_points, mod._stacked_loss
 
     def spy_head(*args, **kwargs):
         in_head.append(torch.is_autocast_enabled("cpu"))
         return head(*args, **kwargs)
 
     def spy_loss(*args, **kwargs):
-        dtypes = {a.dtype for a in args}
+        dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
         in_loss.append((dtypes, torch.is_autocast_enabled("cpu")))
         return loss(*args, **kwargs)
 
-    monkeypatch.setattr(mod, "_head_maps", spy_head)
-    monkeypatch.setattr(mod, "stego_loss", spy_loss)
+    monkeypatch.setattr(mod, "_head_points", spy_head)
+    monkeypatch.setattr(mod, "_stacked_loss", spy_loss)
     est = _stego(n_steps=12, batch_size=4).fit(X)
     assert in_head and all(in_head)
     assert in_loss and all(s == ({torch.float32}, False) for s in in_loss)

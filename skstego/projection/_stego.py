@@ -42,7 +42,14 @@ from .._device import (
     same_device,
 )
 from .._precision import fast_bf16
-from ..losses import stego_loss
+from ..losses import (
+    _bilinear_taps,
+    _draw_loss_samples,
+    _negative_coords,
+    _negative_keys,
+    _stacked_loss,
+    sample_points,
+)
 from ._knn import image_descriptors, nearest_neighbors
 
 __all__ = ["StegoProjector"]
@@ -203,29 +210,175 @@ def _head_type(state: Mapping[str, Any]) -> str:
     return "nonlinear" if "nonlinear.0.weight" in state else "linear"
 
 
-def _head_maps(
+def _hidden_points(
+    params: dict[str, torch.Tensor],
+    maps: torch.Tensor,
+    drop: torch.Tensor | None,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """The nonlinear branch's hidden layer, read at points by bilinear sampling.
+
+    ``maps`` (B, C, h * w) are the head's inputs, ``drop`` their channel
+    masks (B, C) or None, ``index`` and ``weights`` (B, N, 4) the taps of
+    :func:`skstego.losses._bilinear_taps`. Returns ``sample(relu(conv(drop
+    * maps)))`` at the N points, (B, N, C). The ReLU does not commute with
+    the sampling, so the layer is evaluated at pixels: over the whole map
+    when the points touch most of it, else only at the ``4 N`` taps (the
+    K-NN partners are read at ``S * S`` points, a fraction of the map).
+    The mask scales the weight's columns per image, which equals scaling
+    the input's channels, without a masked copy of the maps.
+    """
+    b, c, pixels = maps.shape
+    n = index.shape[1]
+    weight = params["nonlinear.0.weight"]
+    weight = weight.expand(b, -1, -1) if drop is None else weight * drop.view(b, 1, c)
+    bias = params["nonlinear.0.bias"]
+    if 4 * n < pixels:
+        taps = maps.gather(2, index.view(b, 1, 4 * n).expand(b, c, 4 * n))
+        hidden = torch.baddbmm(bias, taps.transpose(1, 2), weight.transpose(1, 2))
+        hidden = hidden.relu_().view(b, n, 4, c)
+        return (hidden * weights.view(b, n, 4, 1).to(hidden.dtype)).sum(2)
+    # (B, h * w, C): pixels as rows, so that each tap reads one row
+    hidden = torch.baddbmm(bias, maps.transpose(1, 2), weight.transpose(1, 2))
+    hidden = hidden.relu_().view(b * pixels, c)
+    offset = torch.arange(b, device=index.device).view(b, 1, 1) * pixels
+    out = F.embedding_bag(
+        (index + offset).view(b * n, 4),
+        hidden,
+        per_sample_weights=weights.reshape(b * n, 4).to(hidden.dtype),
+        mode="sum",
+    )
+    return out.view(b, n, c)
+
+
+def _head_points(
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
-    drop1: torch.Tensor | None = None,
-    drop2: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The head on maps (B, C, h, w): 1x1 convolutions as channel products.
+    drop1: torch.Tensor | None,
+    drop2: torch.Tensor | None,
+    taps: list[tuple[torch.Tensor, torch.Tensor]],
+    feats: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Codes of the head in training mode, read at the loss's points.
 
-    ``drop1``/``drop2`` are channel-dropout masks (B, C, 1, 1), already scaled
-    by ``1 / (1 - p)``, for the linear and nonlinear branch; None in eval mode.
-    A linear-only head (no ``nonlinear.*`` entries) ignores ``drop2``.
+    ``x`` (2B, C, h, w) holds B images then their B partners; ``drop1`` and
+    ``drop2`` (2B, C) are the channel-dropout masks of the linear and the
+    nonlinear branch (scaled by ``1 / (1 - p)``; None: no dropout). For
+    each half, ``taps`` are its points' bilinear taps (B, N, 4) and
+    ``feats`` (B, C, N) its features read at the same points. Returns the
+    codes (B, N, dim) of each half: ``sample(linear(drop1 * x) +
+    nonlinear(drop2 * x))``, the reference's head followed by
+    :func:`skstego.losses.sample_points`, computed as
+    ``linear(drop1 * sample(x)) + W2 sample(relu(...)) + b2``: bilinear
+    sampling commutes with the 1x1 convolutions (its weights sum to one),
+    so only the ReLU layer needs pixels.
     """
-    x1 = x if drop1 is None else x * drop1
-    lin = torch.einsum("dc,bchw->bdhw", params["linear.weight"], x1)
-    lin = lin + params["linear.bias"][None, :, None, None]
-    if "nonlinear.0.weight" not in params:
-        return lin
-    x2 = x if drop2 is None else x * drop2
-    hid = torch.einsum("ec,bchw->behw", params["nonlinear.0.weight"], x2)
-    hid = F.relu(hid + params["nonlinear.0.bias"][None, :, None, None])
-    non = torch.einsum("de,behw->bdhw", params["nonlinear.2.weight"], hid)
-    non = non + params["nonlinear.2.bias"][None, :, None, None]
-    return lin + non
+    two_b, c = x.shape[:2]
+    b = two_b // 2
+    maps = x.reshape(two_b, c, -1)
+    linear = params["linear.weight"]
+    if drop1 is None:
+        linear = linear.expand(two_b, -1, -1)
+    else:
+        linear = linear * drop1.view(two_b, 1, c)
+    bias = params["linear.bias"]
+    nonlinear = "nonlinear.0.weight" in params
+    if nonlinear:
+        bias = bias + params["nonlinear.2.bias"]
+    codes = []
+    for half, ((index, weights), points) in enumerate(zip(taps, feats, strict=True)):
+        rows = slice(half * b, (half + 1) * b)
+        out = torch.baddbmm(bias, points.transpose(1, 2), linear[rows].transpose(1, 2))
+        if nonlinear:
+            drop = None if drop2 is None else drop2[rows]
+            hidden = _hidden_points(params, maps[rows], drop, index, weights)
+            out = out + hidden @ params["nonlinear.2.weight"].T
+        codes.append(out)
+    return codes
+
+
+def _train_loss(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    drop1: torch.Tensor | None,
+    drop2: torch.Tensor | None,
+    drop_target: torch.Tensor | None,
+    *,
+    weights: tuple[float, float, float],
+    shifts: tuple[float, float, float],
+    neg_samples: int,
+    feature_samples: int,
+    flags: dict[str, bool],
+    generator: torch.Generator,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """The STEGO loss of one training batch, for the head ``params``.
+
+    Equals :func:`skstego.losses.stego_loss` on ``target = x * drop_target``
+    (the correlation target; ``x`` when None) and ``codes =
+    linear(drop1 * x) + nonlinear(drop2 * x)``, split into the B images
+    (first half of ``x``) and their partners (second half), with the same
+    draws from ``generator`` in the same order. It computes the same
+    formula with less work: the features and the head are read at the
+    sampled points (:func:`_head_points`) instead of running the head on
+    whole maps and sampling the codes; each map is read once per set of
+    points; the correlations of all terms are one batched product per
+    side. ``weights`` and ``shifts`` are (intra, inter, negative).
+    ``bf16`` runs the head's products under bf16 autocast; the loss is
+    computed in float32.
+    """
+    two_b, c, height, width = x.shape
+    b = two_b // 2
+    coords1, coords2, perms = _draw_loss_samples(
+        b, feature_samples, neg_samples, generator=generator, device=x.device
+    )
+    grid = coords1
+    if perms:
+        grid = torch.cat([coords1, _negative_coords(coords2, perms)], dim=1)
+    n_points = feature_samples * feature_samples
+    with torch.no_grad():
+        feats = [
+            sample_points(x[:b], grid).flatten(2),
+            sample_points(x[b:], coords2).flatten(2),
+        ]
+        taps = [_bilinear_taps(co.to(x.dtype), height, width) for co in (grid, coords2)]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        codes = _head_points(params, x, drop1, drop2, taps, feats)
+    codes = [code.to(x.dtype) for code in codes]  # float32 after bf16 autocast
+
+    with torch.no_grad():
+        if drop_target is not None:  # dropping channels commutes with sampling
+            drop = drop_target.view(two_b, c, 1)
+            feats = [feats[0] * drop[:b], feats[1] * drop[b:]]
+        f_img, f_knn = (F.normalize(f, dim=1) for f in feats)
+        f_query = f_img[:, :, :n_points]
+        f_keys = torch.cat(
+            [
+                f_query,
+                f_knn,
+                *_negative_keys(f_img[:, :, n_points:], perms, dim=2),
+            ],
+            dim=2,
+        )
+        feat_corr = torch.bmm(f_query.transpose(1, 2), f_keys)
+    c_img, c_knn = (F.normalize(code, dim=2) for code in codes)
+    c_query = c_img[:, :n_points]
+    c_keys = torch.cat(
+        [c_query, c_knn, *_negative_keys(c_img[:, n_points:], perms, dim=1)], dim=1
+    )
+    code_corr = torch.bmm(c_query, c_keys.transpose(1, 2))
+    n_neg = len(perms)
+    terms = _stacked_loss(
+        feat_corr.view(b, n_points, -1, n_points),
+        code_corr.view(b, n_points, -1, n_points),
+        shifts,
+        **flags,
+    )
+    total = weights[0] * terms[0] + weights[1] * terms[1]
+    if n_neg:
+        total = total + weights[2] * terms[2:].mean()
+    return total
 
 
 def _head_tokens(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -545,11 +698,10 @@ class StegoProjector(
         ``stabalize``).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the head trains and runs; resolved at each call. On CUDA
-        devices with native bf16 (compute capability >= 8.0, see
-        :func:`skstego._precision.fast_bf16`) the head's matrix products run
-        under bf16 autocast in training; the loss, the feature correlation
-        it follows and ``loss_curve_`` are float32 everywhere, and older
-        GPUs train in float32.
+        devices with native bf16 (compute capability >= 8.0) the head's
+        matrix products run under bf16 autocast in training; the loss, the
+        feature correlation it follows and ``loss_curve_`` are float32
+        everywhere, and older GPUs train in float32.
     random_state : int, RandomState instance or None, default=None
         Seeds the :class:`torch.Generator` that draws the initial weights,
         batches, partners, dropout masks and loss samples: an int gives the
@@ -629,7 +781,7 @@ class StegoProjector(
     Examples
     --------
     >>> import numpy as np
-    >>> from skstego.projection._stego import StegoProjector
+    >>> from skstego import StegoProjector
     >>> rng = np.random.RandomState(0)
     >>> maps = rng.rand(8, 16, 6, 6).astype(np.float32)
     >>> stego = StegoProjector(dim=4, n_steps=3, batch_size=4, device="cpu",
@@ -742,7 +894,7 @@ class StegoProjector(
 
         Examples
         --------
-        >>> from skstego.projection._stego import StegoProjector
+        >>> from skstego import StegoProjector
         >>> StegoProjector.from_preset("cocostuff27").dim
         90
         """
@@ -772,7 +924,7 @@ class StegoProjector(
         --------
         >>> import os, tempfile
         >>> import numpy as np
-        >>> from skstego.projection._stego import StegoProjector
+        >>> from skstego import StegoProjector
         >>> maps = np.random.RandomState(0).rand(6, 8, 4, 4).astype(np.float32)
         >>> stego = StegoProjector(dim=3, n_steps=2, batch_size=4, device="cpu",
         ...                        random_state=0).fit(maps)
@@ -862,7 +1014,7 @@ class StegoProjector(
         A head built as the reference builds it, loaded from its state dict:
 
         >>> import numpy as np, torch
-        >>> from skstego.projection._stego import StegoProjector
+        >>> from skstego import StegoProjector
         >>> net = torch.nn.Module()
         >>> net.cluster1 = torch.nn.Sequential(torch.nn.Conv2d(8, 3, (1, 1)))
         >>> net.cluster2 = torch.nn.Sequential(
@@ -1063,6 +1215,21 @@ class StegoProjector(
         # bf16 is native; the loss (and the feature correlation it targets)
         # is computed in float32 outside autocast.
         use_bf16 = _autocast_bf16(device)
+        loss_weights = (
+            float(self.pos_intra_weight),
+            float(self.pos_inter_weight),
+            float(self.neg_weight),
+        )
+        loss_shifts = (
+            float(self.pos_intra_shift),
+            float(self.pos_inter_shift),
+            float(self.neg_shift),
+        )
+        loss_flags = {
+            "pointwise": bool(self.pointwise),
+            "zero_clamp": bool(self.zero_clamp),
+            "stabilize": bool(self.stabilize),
+        }
 
         def load(idx: torch.Tensor) -> torch.Tensor:
             # idx lives on index_device: X's own device, or the host
@@ -1071,11 +1238,11 @@ class StegoProjector(
             return xb if xb.ndim == 4 else xb[:, :, None, None]
 
         def masks(b: int) -> list[torch.Tensor | None]:
-            """Dropout2d masks (b, C, 1, 1), scaled by 1 / keep: linear
-            branch, nonlinear branch, correlation target (None when off)."""
+            """Dropout2d masks (b, C), scaled by 1 / keep: linear branch,
+            nonlinear branch, correlation target (None when off)."""
             if p_drop == 0:
                 return [None, None, None]
-            u = torch.rand((n_masks, b, c, 1, 1), generator=generator, device=device)
+            u = torch.rand((n_masks, b, c), generator=generator, device=device)
             m = list((u < keep).to(torch.float32) / keep)
             if n_branches == 1:
                 m.insert(1, None)
@@ -1095,29 +1262,21 @@ class StegoProjector(
             partner = neighbors_t[idx, pick]
             both = load(torch.cat([idx, partner]))
             d1, d2, d_target = masks(2 * batch)
-            # the correlation target: the features, channel-dropped with their
-            # own mask when feature_dropout (the reference's cfg.dropout)
-            target = both if d_target is None else both * d_target
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                codes = _head_maps(params, both, d1, d2)
-            codes = codes.float()
-            total, _ = stego_loss(
-                target[:batch],
-                codes[:batch],
-                target[batch:],
-                codes[batch:],
-                pos_intra_weight=float(self.pos_intra_weight),
-                pos_inter_weight=float(self.pos_inter_weight),
-                neg_weight=float(self.neg_weight),
-                pos_intra_shift=float(self.pos_intra_shift),
-                pos_inter_shift=float(self.pos_inter_shift),
-                neg_shift=float(self.neg_shift),
+            # the correlation target is the features, channel-dropped with
+            # their own mask when feature_dropout (the reference's cfg.dropout)
+            total = _train_loss(
+                params,
+                both,
+                d1,
+                d2,
+                d_target,
+                weights=loss_weights,
+                shifts=loss_shifts,
                 neg_samples=neg_samples,
                 feature_samples=samples,
-                pointwise=bool(self.pointwise),
-                zero_clamp=bool(self.zero_clamp),
-                stabilize=bool(self.stabilize),
+                flags=loss_flags,
                 generator=generator,
+                bf16=use_bf16,
             )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
