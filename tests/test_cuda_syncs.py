@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 
 from skstego import KMeansProbe, StegoProjector
 from skstego.losses import derangement, stego_loss
-from skstego.probes import _kmeans
+from skstego.probes import _kmeans_kernels as _kmeans
 from skstego.projection import _stego
 
 

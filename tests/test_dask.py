@@ -100,7 +100,7 @@ def test_kmeans_fit_on_dask_equals_in_memory(client, metric):
     D = da.from_array(X, chunks=450)
     with get_task_stream(client) as ts:
         probe = KMeansProbe(5, metric=metric, device="cpu", random_state=0).fit(D)
-    assert _ran_on_cluster(ts, client, "_block_estep")
+    assert _ran_on_cluster(ts, client, "_chunk_estep")
     ref = KMeansProbe(5, metric=metric, device="cpu", random_state=0).fit(X)
     np.testing.assert_allclose(
         probe.cluster_centers_, ref.cluster_centers_, rtol=1e-4, atol=1e-4
@@ -191,9 +191,10 @@ def test_kmeans_empty_cluster_relocated_as_in_memory(client):
 def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
     import torch
 
-    from skstego import _dask
+    from skstego._dask import chunks_of
+    from skstego.probes import _kmeans_kernels
 
-    monkeypatch.setattr(_dask, "SEED_SAMPLES", 50)
+    monkeypatch.setattr(_kmeans_kernels, "SEED_SAMPLES", 50)
     rng = np.random.default_rng(8)
     if maps:
         X = rng.normal(size=(10, 3, 4, 5)).astype(np.float32)
@@ -203,7 +204,9 @@ def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
         tokens = X = rng.normal(size=(300, 3)).astype(np.float32)
         D = da.from_array(X, chunks=70)
     n = tokens.shape[0]
-    seeds = _dask._seed_tokens(_dask.chunks_of(D), torch.Generator().manual_seed(0), n)
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    seeds = _kmeans_kernels._seed_tokens(chunks_of(D, cpu), gen, n, cpu)
     # the draw: a seed from the generator, then 50 distinct token numbers
     seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(0)))
     idx = np.random.default_rng(seed).choice(n, size=50, replace=False)
@@ -223,7 +226,7 @@ def test_kmeans_subsample_gathered_and_labelled_on_the_workers(client, maps):
     with get_task_stream(client) as ts:
         probe = KMeansProbe(4, **kw).fit(D)
     assert _ran_on_cluster(ts, client, "_block_take")
-    assert _ran_on_cluster(ts, client, "_block_labels")
+    assert _ran_on_cluster(ts, client, "_chunk_estep")
     # the same sample (drawn from the same generator) gives the same fit
     ref = KMeansProbe(4, **kw).fit(X)
     np.testing.assert_allclose(probe.cluster_centers_, ref.cluster_centers_, atol=1e-6)
@@ -233,7 +236,7 @@ def test_kmeans_subsample_gathered_and_labelled_on_the_workers(client, maps):
     lean = KMeansProbe(4, compute_labels=False, **kw)
     with get_task_stream(client) as ts:
         lean.fit(D)
-    assert not _ran_on_cluster(ts, client, "_block_labels")
+    assert not _ran_on_cluster(ts, client, "_chunk_estep")
 
 
 def test_random_projection_on_dask_is_lazy_and_equal(client):
@@ -316,7 +319,7 @@ def test_linear_fit_on_dask_equals_streamed_and_in_memory(
 
     from sklearn.exceptions import ConvergenceWarning
 
-    import skstego.probes._linear as linear_module
+    import skstego._device as device_module
     from skstego import LinearProbe
 
     X, y = _linear_data()
@@ -333,7 +336,7 @@ def test_linear_fit_on_dask_equals_streamed_and_in_memory(
         # 7 chunks of 60 rows: the memmap streamed fit with the same chunks
         # (Adam shuffles within each chunk, the generator carried across the
         # workers); L-BFGS sums the same gradients as in memory.
-        monkeypatch.setattr(linear_module, "_STREAM_ELEMENTS", 2 * 60 * 5)
+        monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "compute", 2 * 60 * 5)
         np.save(tmp_path / "x.npy", X)
         streamed = LinearProbe(**params).fit(
             np.load(tmp_path / "x.npy", mmap_mode="r"), y
@@ -404,3 +407,73 @@ def test_stego_and_hnne_transform_on_dask_are_lazy_and_equal(client):
         both = make().set_params(device="cpu").fit_transform(dmaps)
         assert is_dask(both)
         np.testing.assert_allclose(both.compute(), computed, atol=1e-5)
+
+
+def test_every_per_token_method_is_lazy_on_dask(client):
+    # one rule for dask input (skstego._dask.lazy_output): probabilities,
+    # inverse maps and log-likelihoods are lazy too, and equal the
+    # independent references
+    from scipy.special import log_softmax, softmax
+
+    from skstego import RandomProjection
+
+    X = _tokens(5, n=900, d=6, offset=0.0)
+    D = da.from_array(X, chunks=200)
+    probe = KMeansProbe(4, metric="euclidean", device="cpu", random_state=0).fit(X)
+    c = probe.cluster_centers_.astype(np.float64)
+    neg_sq = -((X[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    for method, ref in (("predict_proba", softmax), ("predict_log_proba", log_softmax)):
+        with get_task_stream(client) as stream:
+            out = getattr(probe, method)(D)
+            assert is_dask(out) and out.shape == (900, 4)
+            got = out.compute()
+        assert _ran_on_cluster(stream, client, "_call")
+        np.testing.assert_allclose(
+            got, ref(neg_sq / probe.temperature, axis=1), atol=1e-4
+        )
+
+    pca = TorchPCA(3, device="cpu").fit(X)
+    sk = PCA(3).fit(X.astype(np.float64))
+    back = pca.inverse_transform(pca.transform(D))
+    assert is_dask(back) and back.shape == X.shape
+    np.testing.assert_allclose(
+        back.compute(), sk.inverse_transform(sk.transform(X)), atol=1e-3
+    )
+    ll = pca.score_samples(D)
+    assert is_dask(ll) and ll.dtype == np.float64
+    np.testing.assert_allclose(ll.compute(), sk.score_samples(X), rtol=1e-4)
+    assert pca.score(D) == pytest.approx(sk.score(X), rel=1e-4)
+
+    rp = RandomProjection(4, device="cpu", random_state=0).fit(X)
+    Z = rp.transform(X)
+    back = rp.inverse_transform(da.from_array(Z, chunks=200))
+    assert is_dask(back)
+    pinv = np.linalg.pinv(rp.components_.astype(np.float64))
+    np.testing.assert_allclose(back.compute(), Z @ pinv.T, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_probe_log_proba_and_decision_function_are_lazy(client):
+    # LinearProbe answers dask input through the same lazy_output rule;
+    # the reference is the float64 affine map of its coef_ and intercept_
+    from scipy.special import log_softmax
+
+    from skstego import LinearProbe
+
+    X = _tokens(seed=6, n=600, d=5, offset=0.0)
+    D = da.from_array(X, chunks=(150, -1))
+    y3 = np.digitize(X[:, 0], np.quantile(X[:, 0], [1 / 3, 2 / 3]))
+    y2 = (X[:, 1] > 0).astype(int)
+    for y in (y3, y2):
+        probe = LinearProbe(device="cpu", random_state=0, max_iter=5).fit(X, y)
+        logits = X.astype(np.float64) @ probe.coef_.T.astype(np.float64)
+        logits += probe.intercept_
+        if len(probe.classes_) == 2 and probe.coef_.shape[0] == 1:
+            logits = np.hstack([np.zeros_like(logits), logits])
+        scores = probe.decision_function(D)
+        log_proba = probe.predict_log_proba(D)
+        assert is_dask(scores) and is_dask(log_proba)
+        expected = logits[:, 1] - logits[:, 0] if len(probe.classes_) == 2 else logits
+        np.testing.assert_allclose(scores.compute(), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            log_proba.compute(), log_softmax(logits, axis=1), rtol=1e-4, atol=1e-4
+        )

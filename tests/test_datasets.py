@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
+from _references import hungarian_scores
 from scipy.ndimage import uniform_filter
-from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import confusion_matrix
 
 from skstego.datasets import make_feature_maps, make_scenes
 
@@ -16,15 +15,6 @@ from skstego.datasets import make_feature_maps, make_scenes
 def _tokens(maps):
     """(N, C, h, w) -> (N * h * w, C)."""
     return maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])
-
-
-def _hungarian_miou(y_true, y_pred, k):
-    """Independent of skstego.metrics: sklearn confusion + scipy Hungarian."""
-    conf = confusion_matrix(y_true, y_pred, labels=np.arange(k))
-    _, cols = linear_sum_assignment(conf, maximize=True)
-    matched = conf[:, cols]
-    tp = np.diag(matched)
-    return float(np.mean(tp / (matched.sum(0) + matched.sum(1) - tp)))
 
 
 # --------------------------------------------------------------------------
@@ -295,8 +285,8 @@ def test_feature_maps_kmeans_converges_better_after_pca():
         for km_seed in range(2):
             raw = KMeans(k, n_init=1, random_state=km_seed).fit_predict(tokens)
             low = KMeans(k, n_init=1, random_state=km_seed).fit_predict(codes)
-            raw_scores.append(_hungarian_miou(y, raw, k))
-            pca_scores.append(_hungarian_miou(y, low, k))
+            raw_scores.append(hungarian_scores(y, raw, k, k)[0])
+            pca_scores.append(hungarian_scores(y, low, k, k)[0])
     assert np.mean(pca_scores) > 0.9
     assert np.median(pca_scores) > 0.98
     assert np.mean(pca_scores) - np.mean(raw_scores) > 0.1

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _references import hungarian_scores
 from hnne import HNNE
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from sklearn.datasets import load_digits
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from skstego import HNNEClusterProbe
 from skstego.datasets import make_feature_maps
@@ -44,25 +43,6 @@ def hnne_hierarchy(X, metric="cosine"):
     ref = HNNE(metric=metric, random_state=0)
     ref.fit_only_hierarchy(X)
     return ref.hierarchy_parameters
-
-
-def hungarian_scores(y_true, y_pred, n_classes, k):
-    """Independent mIoU/accuracy: sklearn confusion matrix + scipy Hungarian."""
-    y_true, y_pred = np.ravel(y_true), np.ravel(y_pred)
-    valid = y_true >= 0
-    y_true, y_pred = y_true[valid], y_pred[valid]
-    conf = sk_confusion_matrix(y_true, y_pred, labels=np.arange(max(n_classes, k)))
-    conf = conf[:n_classes, :k]
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    mapping = np.full(k, -1)
-    mapping[cols] = rows
-    pred = mapping[y_pred]
-    ious = []
-    for c in range(n_classes):
-        union = np.sum((pred == c) | (y_true == c))
-        if union:
-            ious.append(np.sum((pred == c) & (y_true == c)) / union)
-    return float(np.mean(ious)), float(np.mean(pred == y_true)), mapping
 
 
 def nearest_centroid(X, centers, metric):

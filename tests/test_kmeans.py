@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
+from _references import hungarian_scores, numpy_lloyd
 from scipy.spatial.distance import cdist
 from sklearn.base import clone
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 from sklearn.metrics import adjusted_rand_score
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from skstego import KMeansProbe
 from skstego.metrics import miou_scorer
@@ -34,46 +33,6 @@ def maps():
     y = rng.integers(0, 3, size=(n, h, w))
     X = centers[y].transpose(0, 3, 1, 2) + rng.normal(size=(n, c, h, w))
     return X.astype(np.float32), y
-
-
-def hungarian_scores(y_true, y_pred, n_classes, k):
-    """Independent mIoU/accuracy: sklearn confusion matrix + scipy Hungarian.
-
-    Unmatched clusters predict no class, so their pixels are errors.
-    """
-    y_true, y_pred = np.ravel(y_true), np.ravel(y_pred)
-    valid = y_true >= 0
-    y_true, y_pred = y_true[valid], y_pred[valid]
-    conf = sk_confusion_matrix(y_true, y_pred, labels=np.arange(max(n_classes, k)))
-    conf = conf[:n_classes, :k]
-    rows, cols = linear_sum_assignment(conf, maximize=True)
-    mapping = np.full(k, -1)
-    mapping[cols] = rows
-    pred = mapping[y_pred]
-    ious = []
-    for c in range(n_classes):
-        union = np.sum((pred == c) | (y_true == c))
-        if union:
-            ious.append(np.sum((pred == c) & (y_true == c)) / union)
-    return float(np.mean(ious)), float(np.mean(pred == y_true)), mapping
-
-
-def numpy_lloyd(X, centers, n_iter, spherical):
-    """Textbook Lloyd loop in float64 (no empty clusters expected)."""
-    X = np.asarray(X, dtype=np.float64)
-    C = np.asarray(centers, dtype=np.float64)
-    if spherical:
-        X = X / np.linalg.norm(X, axis=1, keepdims=True)
-        C = C / np.linalg.norm(C, axis=1, keepdims=True)
-    for _ in range(n_iter):
-        if spherical:
-            labels = np.argmax(X @ C.T, axis=1)
-        else:
-            labels = np.argmin(cdist(X, C, "sqeuclidean"), axis=1)
-        C = np.stack([X[labels == j].mean(axis=0) for j in range(len(C))])
-        if spherical:
-            C /= np.linalg.norm(C, axis=1, keepdims=True)
-    return C
 
 
 # ----------------------------------------------------------------- numerics
@@ -190,12 +149,12 @@ def test_max_samples_fits_on_subsample_and_labels_all(digits):
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_onehot_update_equals_index_add(digits, metric, monkeypatch):
     """The GPU centroid update (one-hot GEMM), checked on the CPU."""
-    import skstego.probes._kmeans as kmeans_module
+    import skstego.probes._kmeans_kernels as kernels_module
 
     X, _ = digits
     kw = dict(k=10, metric=metric, max_iter=10, tol=0, random_state=0)
     a = KMeansProbe(**kw).fit(X)
-    monkeypatch.setattr(kmeans_module, "_use_onehot_update", lambda device: True)
+    monkeypatch.setattr(kernels_module, "_use_onehot_update", lambda device: True)
     b = KMeansProbe(**kw).fit(X)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-4)
@@ -624,7 +583,7 @@ def test_half_precision_init_is_accepted(digits, dtype):
 
 
 def test_counts_match_bincount():
-    from skstego.probes._kmeans import _counts
+    from skstego.probes._kmeans_kernels import _counts
 
     labels = torch.from_numpy(np.random.default_rng(0).integers(0, 7, 1000))
     for dtype in (torch.int64, torch.float64):
@@ -651,7 +610,8 @@ def test_auto_backend_is_torch_on_cuda(digits, monkeypatch):
         raise Chosen
 
     _kmeans_choose = _kmeans._choose_backend
-    monkeypatch.setattr(_kmeans, "resolve_device", lambda d: torch.device("cuda:1"))
+    cuda1 = torch.device("cuda:1")
+    monkeypatch.setattr(KMeansProbe, "_resolved_device", lambda self: cuda1)
     monkeypatch.setattr(_kmeans, "_choose_backend", spy)
     for backend in ("auto", "torch", "faiss"):
         with pytest.raises(Chosen):
@@ -769,3 +729,77 @@ def test_degenerate_input_warns_like_sklearn():
     for kw in ({}, {"algorithm": "minibatch"}):
         with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(1\)"):
             KMeansProbe(k=3, metric="euclidean", device="cpu", **kw).fit(X)
+
+
+def _two_blobs(seed=1):
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([rng.normal(5, 1, (60, 4)), rng.normal(-5, 1, (60, 4))])
+    return X.astype(np.float32)
+
+
+def _fit_by(path, X, tmp_path, **kw):
+    """A Euclidean KMeansProbe fitted on ``X`` along one of its code paths."""
+    kw = dict(k=kw.pop("k", 2), metric="euclidean", device="cpu", random_state=0, **kw)
+    if path == "lloyd":
+        return KMeansProbe(**kw).fit(X)
+    if path == "minibatch":
+        return KMeansProbe(algorithm="minibatch", batch_size=32, **kw).fit(X)
+    if path == "partial_fit":
+        probe = KMeansProbe(**kw)
+        for batch in np.array_split(X[np.random.default_rng(2).permutation(len(X))], 3):
+            probe.partial_fit(batch)
+        return probe
+    if path == "streamed":  # exact Lloyd passes over an on-disk memmap
+        np.save(tmp_path / "x.npy", X)
+        on_disk = np.load(tmp_path / "x.npy", mmap_mode="r")
+        return KMeansProbe(max_samples=None, **kw).fit(on_disk)
+    if path == "dask":  # exact Lloyd passes over dask blocks
+        da = pytest.importorskip("dask.array")
+        return KMeansProbe(**kw).fit(da.from_array(X, chunks=50))
+    raise AssertionError(path)
+
+
+PATHS = ["lloyd", "minibatch", "partial_fit", "streamed", "dask"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_huge_values_in_every_path(tmp_path, path):
+    # values >= 1e19 overflow float32 squared norms; every path rescales by
+    # a power of two, so the partition is scikit-learn's float64 one
+    X = _two_blobs()
+    ref = KMeans(2, n_init=1, random_state=0).fit(X.astype(np.float64))
+    scale = np.float32(1e20)
+    probe = _fit_by(path, X * scale, tmp_path)
+    assert adjusted_rand_score(ref.labels_, probe.predict(X * scale)) == 1.0
+    np.testing.assert_allclose(
+        np.sort(probe.cluster_centers_ / scale, axis=0),
+        np.sort(ref.cluster_centers_, axis=0),
+        rtol=1e-4,
+    )
+    if path != "partial_fit":  # its labels_ are those of the last batch
+        assert adjusted_rand_score(ref.labels_, probe.labels_.ravel()) == 1.0
+        assert probe.inertia_ / float(scale) ** 2 == pytest.approx(
+            ref.inertia_, rel=1e-4
+        )
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_degenerate_input_warns_in_every_path(tmp_path, path):
+    from sklearn.exceptions import ConvergenceWarning
+
+    X = np.repeat(np.eye(2, dtype=np.float32), 15, axis=0)  # 2 distinct points
+    with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\)"):
+        KMeans(3, n_init=1, random_state=0).fit(X)
+    with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\)"):
+        _fit_by(path, X, tmp_path, k=3)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_init_is_checked_alike_by_fit_and_partial_fit(method):
+    X = _two_blobs()
+    bad = np.zeros((2, 4), dtype=np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="init contains NaN or infinity"):
+        getattr(KMeansProbe(k=2, init=bad, device="cpu"), method)(X)
+    with pytest.raises(ValueError, match=r"init has shape \(2, 3\)"):
+        getattr(KMeansProbe(k=2, init=bad[:, :3], device="cpu"), method)(X)

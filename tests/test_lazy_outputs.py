@@ -57,6 +57,8 @@ def small_batches(monkeypatch):
     monkeypatch.setattr(device, "DEFAULT_BATCH_ELEMENTS", budget)
     monkeypatch.setattr(base, "DEFAULT_BATCH_ELEMENTS", budget)
     monkeypatch.setattr(hnne, "DEFAULT_BATCH_ELEMENTS", budget)
+    for purpose in device.CPU_BATCH_ELEMENTS:
+        monkeypatch.setitem(device.CPU_BATCH_ELEMENTS, purpose, budget)
 
 
 def _check(method, est, X, **kw):

@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.extmath import svd_flip
 
 from skstego import TorchPCA
 from skstego.projection._pca import _scatter_numpy, _scatter_torch
@@ -98,20 +99,30 @@ def test_all_components_and_sign_convention(digits, solver):
     pca = TorchPCA(solver=solver).fit(digits)
     assert pca.n_components_ == 64
     assert_allclose(pca.explained_variance_ratio_.sum(), 1.0, rtol=1e-5)
-    # sklearn's svd_flip: each row's largest-magnitude entry is positive.
-    rows = np.arange(pca.n_components_)
-    assert np.all(pca.components_[rows, np.abs(pca.components_).argmax(1)] > 0)
+    # scikit-learn's sign convention: its svd_flip leaves the rows unchanged
+    _, flipped = svd_flip(None, pca.components_.copy(), u_based_decision=False)
+    np.testing.assert_array_equal(flipped, pca.components_)
     top = ref.explained_variance_ > 1e-3 * ref.explained_variance_[0]
     assert _rel(pca.components_[top], ref.components_[top]) < 1e-3
     assert _rel(pca.explained_variance_, ref.explained_variance_) < 1e-4
 
 
-def test_auto_solver_follows_sklearn(digits):
-    assert TorchPCA(5).fit(digits)._fit_solver == "covariance_eigh"
-    assert TorchPCA(5).fit(digits[:100])._fit_solver == "full"
-    wide = np.random.RandomState(0).normal(size=(600, 700))
-    assert TorchPCA(5).fit(wide)._fit_solver == "randomized"
-    assert TorchPCA().fit(wide)._fit_solver == "full"
+@pytest.mark.parametrize(
+    "shape, dim",
+    [
+        ((1797, 64), 5),  # many samples, few features
+        ((100, 64), 5),  # small
+        ((600, 700), 5),  # wide, few components
+        ((600, 700), None),  # wide, all components
+        ((600, 700), 0.9),  # a fraction of the variance
+        ((2000, 30), "mle"),
+    ],
+)
+def test_auto_solver_follows_sklearn(shape, dim):
+    # scikit-learn's own "auto" choice is the reference (its _fit_svd_solver)
+    X = np.random.RandomState(0).normal(size=shape)
+    ref = PCA(n_components=dim, svd_solver="auto").fit(X)
+    assert TorchPCA(dim, device="cpu").fit(X)._fit_solver == ref._fit_svd_solver
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
+import skstego._device as device_module
 from skstego import DinoFeaturizer, KMeansProbe, TorchPCA
 from skstego._device import LazyFeatures, check_features
 from skstego.features import FeatureStore
-from skstego.probes import _kmeans
-from skstego.projection import _pca
 
 zarr = pytest.importorskip("zarr")
 
@@ -237,8 +236,8 @@ def test_check_features_reads_nothing(store, tmp_path):
 
 
 def _small_chunks(monkeypatch, per_chunk):
-    monkeypatch.setattr(_pca, "_CPU_CHUNK_ELEMENTS", per_chunk)
-    monkeypatch.setattr(_kmeans, "_STREAM_ELEMENTS", per_chunk)
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "gram", per_chunk)
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", per_chunk)
 
 
 def test_pca_streams_store_equal_to_in_memory(store, monkeypatch):
@@ -327,7 +326,8 @@ def test_streamed_fits_on_cuda_equal_in_memory(store, monkeypatch):
         warnings.simplefilter("ignore")
         full = np.asarray(store)
     _small_chunks(monkeypatch, 2 * int(np.prod(store.shape[1:])))
-    monkeypatch.setattr(_pca, "DEFAULT_BATCH_ELEMENTS", 2 * full[0].size)
+    # on CUDA every purpose gets DEFAULT_BATCH_ELEMENTS: 2 images
+    monkeypatch.setattr(device_module, "DEFAULT_BATCH_ELEMENTS", 2 * full[0].size)
     streamed = TorchPCA(dim=5, solver="covariance_eigh", device="cuda").fit(store)
     memory = TorchPCA(dim=5, solver="covariance_eigh", device="cpu").fit(full)
     np.testing.assert_allclose(streamed.components_, memory.components_, atol=1e-4)

@@ -10,8 +10,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
 
-import skstego.probes._kmeans as kmeans_module
-import skstego.probes._linear as linear_module
+import skstego._device as device_module
 from skstego import HNNEProjector, KMeansProbe, LinearProbe
 from skstego._device import LazyFeatures
 from skstego.projection._hnne import TokenReservoir, sample_tokens
@@ -130,7 +129,7 @@ def test_minibatch_fit_streams_memmap_maps_equal_to_reference(
     tmp_path, monkeypatch, metric
 ):
     # tiny read slices, so that batches straddle slice boundaries
-    monkeypatch.setattr(kmeans_module, "_STREAM_ELEMENTS", 5 * 3 * 4 * 2)
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 5 * 3 * 4 * 2)
     rng = np.random.default_rng(3)
     maps = _blobs(rng, 7 * 12).reshape(7, 3, 4, 5).transpose(0, 3, 1, 2).copy()
     mm = np.lib.format.open_memmap(
@@ -171,7 +170,7 @@ def test_exact_lloyd_streams_on_disk_input_equal_to_sklearn(
 ):
     # max_samples=None on on-disk input: every Lloyd iteration is one pass of
     # per-slice statistics, the tokens never gathered (tiny slices here)
-    monkeypatch.setattr(kmeans_module, "_STREAM_ELEMENTS", 6 * 5 * 5 * 3)
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 6 * 5 * 5 * 3)
     rng = np.random.default_rng(21)
     maps = _blobs(rng, 40 * 25, d=6, k=4).reshape(40, 5, 5, 6).transpose(0, 3, 1, 2)
     maps = maps.copy()
@@ -218,14 +217,13 @@ def test_exact_lloyd_on_disk_seeds_with_kmeans_plus_plus(tmp_path):
 
 
 def test_streamed_fits_show_progress_over_chunks(tmp_path, monkeypatch, capsys):
-    import skstego.projection._pca as pca_module
     from skstego import TorchPCA
 
     rng = np.random.default_rng(23)
     X = _blobs(rng, 1000, d=5, k=3)
     on_disk = _memmap(tmp_path, "x.npy", X)
-    monkeypatch.setattr(pca_module, "_CPU_CHUNK_ELEMENTS", 5 * 100)
-    monkeypatch.setattr(kmeans_module, "_STREAM_ELEMENTS", 5 * 100)
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "gram", 5 * 100)
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 5 * 100)
     TorchPCA(2, device="cpu").fit(on_disk)
     KMeansProbe(3, max_samples=None, max_iter=2, device="cpu").fit(on_disk)
     assert "chunks" not in capsys.readouterr().err
@@ -344,7 +342,7 @@ def test_linear_fit_streams_memmap_equal_to_in_memory(tmp_path, monkeypatch, sol
         # 7 chunks: L-BFGS sums the same gradients (equal); Adam shuffles
         # within chunks, another order of the same steps: it reaches the same
         # optimum only approximately, so compare losses and predictions.
-        monkeypatch.setattr(linear_module, "_STREAM_ELEMENTS", 2 * 60 * 5)
+        monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "compute", 2 * 60 * 5)
         chunked = LinearProbe(**params).fit(on_disk, y)
     if solver == "lbfgs":
         np.testing.assert_allclose(chunked.coef_, memory.coef_, rtol=1e-3, atol=1e-4)

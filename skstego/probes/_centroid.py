@@ -13,18 +13,16 @@ algorithm can match a cluster to it and its IoU of 0 counts.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from .._dask import map_method
+from .._dask import lazy_output
 from .._device import (
     as_tensor,
     check_features,
-    is_dask,
     is_torch,
     iter_slices,
     maps_to_tokens,
@@ -39,43 +37,9 @@ from ._base import (
     score_maps,
     scored_confusion,
 )
+from ._kmeans_kernels import _normalize_rows, _overflow_scale, _similarity
 
 __all__ = ["CentroidProbeMixin"]
-
-
-def _normalize_rows(X: torch.Tensor) -> torch.Tensor:
-    """Unit rows; zero rows stay zero."""
-    return torch.nn.functional.normalize(X, dim=1)
-
-
-def _similarity(
-    X: torch.Tensor, centers: torch.Tensor, neg_c_sq: torch.Tensor | None
-) -> torch.Tensor:
-    """Scores to maximise: ``x . c`` (cosine) or ``2 x . c - |c|^2`` (Euclidean).
-
-    ``2 x . c - |c|^2 = |x|^2 - |x - c|^2``, so the argmax is the nearest centroid;
-    being affine in ``x``, bilinear upsampling of the Euclidean scores equals
-    scoring upsampled features (not so for cosine: ``x`` is normalised first).
-    """
-    if neg_c_sq is None:
-        return X @ centers.T
-    return torch.addmm(neg_c_sq, X, centers.T, alpha=2.0)
-
-
-def _overflow_scale(X: torch.Tensor) -> float:
-    """A power of two to divide ``X`` by so that float32 squared norms and
-    ``2 x.c - |c|^2`` cannot overflow (1.0 for ordinary values).
-
-    Values of 1e19 and more square past float32's largest value (3.4e38),
-    which made every Euclidean score infinite and put every token in one
-    cluster. Dividing by a power of two is exact and keeps every argmax.
-    """
-    if X.numel() == 0:
-        return 1.0
-    m = float(X.detach().abs().max())
-    if not math.isfinite(m) or m * m * X.shape[-1] < 1e30:
-        return 1.0
-    return float(2.0 ** math.ceil(math.log2(m)))
 
 
 def _n_valid_classes(y: Any) -> int:
@@ -105,6 +69,12 @@ def _fixed_n_classes(y: Any, n_classes: int, source: str) -> int:
             "to -1."
         )
     return n_classes
+
+
+def _check_size(size: Any, X: Any) -> None:
+    """``size`` (an output map size) only for 4-D maps."""
+    if size is not None and len(getattr(X, "shape", (0, 0, 0, 0))) != 4:
+        raise ValueError("size only applies to 4-D maps (N, C, h, w).")
 
 
 class CentroidProbeMixin:
@@ -222,16 +192,13 @@ class CentroidProbeMixin:
             over the chunks for dask input.
         """
         check_upsample(upsample)
-        dask_input = is_dask(X)
-        if dask_input:
-            check_is_fitted(self)
-        else:
-            X = self._check_X(X)
-        if size is not None and X.ndim != 4:
-            raise ValueError("size only applies to 4-D maps (N, C, h, w).")
-        if dask_input:
-            kw = {"upsample": upsample} if upsample != "scores" else {}
-            return map_method(self, "predict", X, 0, dtype=np.int64, size=size, **kw)
+        _check_size(size, X)
+        kw = {"upsample": upsample} if upsample != "scores" else {}
+        out = lazy_output(self, "predict", X, 0, dtype=np.int64, size=size, **kw)
+        if out is not None:
+            return out
+        X = self._check_X(X)
+        _check_size(size, X)
         device = self._resolved_device()
         label_fn = None
         if hasattr(self, "mapping_"):
@@ -247,11 +214,24 @@ class CentroidProbeMixin:
             upsample=upsample,
         )
 
+    def _proba_width(self) -> int:
+        """Columns of :meth:`predict_proba`: clusters, or classes (+ 1 when
+        some cluster is unmatched)."""
+        check_is_fitted(self)
+        if not hasattr(self, "mapping_"):
+            return self._n_outputs
+        return int(self.n_classes_) + int(bool((self.mapping_ < 0).any()))
+
     def _proba(
         self, X: Any, size: Any, upsample: str, log: bool
     ) -> np.ndarray | torch.Tensor:
         """Probabilities (or their logarithm) for :meth:`predict_proba`."""
         check_upsample(upsample)
+        method = "predict_log_proba" if log else "predict_proba"
+        kw = {"upsample": upsample} if upsample != "scores" else {}
+        out = lazy_output(self, method, X, self._proba_width(), size=size, **kw)
+        if out is not None:
+            return out
         X = self._check_X(X)
         device = self._resolved_device()
         scale = 1.0 / float(self.temperature)
@@ -318,8 +298,8 @@ class CentroidProbeMixin:
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features) or \
-                (N, n_features, h, w)
+        X : array-like, torch.Tensor or dask array of shape \
+                (n_samples, n_features) or (N, n_features, h, w)
             Tokens or feature maps.
         size : tuple of (int, int), default=None
             For maps only: upsample bilinearly to (H, W) before the softmax,
@@ -329,10 +309,11 @@ class CentroidProbeMixin:
 
         Returns
         -------
-        proba : ndarray or torch.Tensor of float32, shape (n_samples, n_cols) \
-                or (N, n_cols, h, w) / (N, n_cols, H, W)
+        proba : ndarray, torch.Tensor or dask array of float32, shape \
+                (n_samples, n_cols) or (N, n_cols, h, w) / (N, n_cols, H, W)
             ``n_cols`` is ``k`` without ``y``; with ``y`` it is
-            ``n_classes_`` (+ 1 when some cluster is unmatched).
+            ``n_classes_`` (+ 1 when some cluster is unmatched). For dask
+            input, a lazy dask array mapped over the chunks.
 
         Examples
         --------
@@ -375,8 +356,8 @@ class CentroidProbeMixin:
 
         Returns
         -------
-        log_proba : ndarray or torch.Tensor of float32
-            Shaped as :meth:`predict_proba`.
+        log_proba : ndarray, torch.Tensor or dask array of float32
+            Shaped as :meth:`predict_proba` (lazy for dask input).
         """
         return self._proba(X, size, upsample, log=True)
 

@@ -23,17 +23,19 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 
+from .._dask import lazy_output
 from .._device import (
     TorchEstimatorMixin,
     apply_tokenwise,
     check_features,
     is_torch,
-    resolve_device,
 )
 from ..projection._hnne import hnne_seed, new_hnne, sample_tokens
 from ._base import check_targets, predict_labels
-from ._centroid import CentroidProbeMixin, _normalize_rows
+from ._centroid import CentroidProbeMixin
+from ._kmeans_kernels import _normalize_rows
 
 __all__ = ["HNNEClusterProbe"]
 
@@ -270,7 +272,7 @@ class HNNEClusterProbe(
             X = X.detach()
         if y is not None:
             y = check_targets(X, y)
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         cosine = self.metric == "cosine"
 
         tokens, idx = sample_tokens(X, self.max_fit_samples, self.random_state)
@@ -343,8 +345,13 @@ class HNNEClusterProbe(
         X_new : ndarray or torch.Tensor of shape (n_samples, n_clusters_) or \
                 (N, n_clusters_, h, w), float32
             Distances, computed in float64 and returned as float32. NumPy for
-            NumPy input; a tensor on ``device`` for tensor input.
+            NumPy input; a tensor on ``device`` for tensor input; a lazy dask
+            array mapped over the chunks for dask input.
         """
+        check_is_fitted(self)
+        out = lazy_output(self, "transform", X, self._n_outputs)
+        if out is not None:
+            return out
         X = self._check_X(X)
         device = self._resolved_device()
         centers = self._tensor("cluster_centers_", device, torch.float64)

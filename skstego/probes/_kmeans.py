@@ -7,14 +7,16 @@ k-means), or by ordinary Euclidean k-means, which matches
 :class:`sklearn.cluster.KMeans`. Clusters are mapped to classes with the
 Hungarian algorithm, on the training labels (``fit(X, y)``) or on the
 evaluation data itself (``score``, the unsupervised protocol).
+
+This module validates and chooses a driver: Lloyd on tokens gathered on the
+device (all of them or ``max_samples``), Lloyd passes over chunks (on-disk
+slices or dask blocks), or mini-batch passes. The algorithms themselves are
+in :mod:`skstego.probes._kmeans_kernels`.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
-import warnings
-from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -27,13 +29,12 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from .._dask import gather_tokens, is_dask, kmeans_lloyd, label_tokens, map_method
+from .._dask import chunks_of, lazy_output
 from .._device import (
-    DEFAULT_BATCH_ELEMENTS,
     LazyFeatures,
     TorchEstimatorMixin,
     apply_tokenwise,
@@ -41,458 +42,30 @@ from .._device import (
     check_features,
     dask_source,
     is_torch,
-    iter_slices,
     make_generator,
-    maps_to_tokens,
-    resolve_device,
-    rows_per_batch,
 )
+from .._tokens import gather_tokens, n_tokens, sample_indices, token_batches
 from .._weights import check_weights, token_weights
 from ._base import check_targets
-from ._centroid import (
-    CentroidProbeMixin,
+from ._centroid import CentroidProbeMixin
+from ._kmeans_kernels import (
+    _best_init,
+    _chunked_lloyd,
+    _counts,
+    _evaluate,
+    _evaluate_scaled,
+    _init_centers,
+    _label_pass,
+    _lloyd,
+    _mean_variance,
+    _minibatch_step,
     _normalize_rows,
     _overflow_scale,
-    _similarity,
+    _row_sq_norms,
+    _warn_if_degenerate,
 )
 
 __all__ = ["KMeansProbe"]
-
-#: Elements of one token chunk (rows x max(k, n_features)) in the Lloyd loop.
-#: On the CPU, 2**22 (60k rows of 70 features) was measured as fast as smaller
-#: cache-sized chunks on an idle core and several times faster on a shared,
-#: oversubscribed machine: every chunk costs three OpenMP barriers. On a GPU
-#: one big block keeps the device busy.
-_CPU_BLOCK_ELEMENTS = 1 << 22
-_GPU_BLOCK_ELEMENTS = DEFAULT_BATCH_ELEMENTS
-#: Values read at a time from on-disk input (a FeatureStore, zarr, dask or
-#: memmap) when its tokens are gathered onto the device, and per batch when
-#: every token is labelled after a subsampled fit.
-_STREAM_ELEMENTS = DEFAULT_BATCH_ELEMENTS
-#: The same on the CPU, where reads allocate a fresh buffer per slice: kept
-#: below glibc's largest mmap threshold (32 MiB), slice buffers are recycled
-#: from the heap instead of being mapped and page-faulted afresh each time
-#: (streamed k-means passes measured 1.5-1.8x faster than with 256 MiB).
-_CPU_STREAM_ELEMENTS = 4 * 1024 * 1024
-
-
-def _stream_elements(device: torch.device) -> int:
-    """Values per slice of streamed input on ``device``."""
-    if device.type == "cpu":
-        return min(_STREAM_ELEMENTS, _CPU_STREAM_ELEMENTS)
-    return _STREAM_ELEMENTS
-
-
-# --------------------------------------------------------------------------
-# torch kernels (inputs trusted: float32 tokens on one device)
-# --------------------------------------------------------------------------
-
-
-def _chunk_rows(device: torch.device, k: int, n_features: int) -> int:
-    budget = _GPU_BLOCK_ELEMENTS if device.type == "cuda" else _CPU_BLOCK_ELEMENTS
-    return rows_per_batch(max(k, n_features), budget)
-
-
-def _assign(
-    X: torch.Tensor,
-    centers: torch.Tensor,
-    cosine: bool,
-    chunk: int,
-    labels: torch.Tensor,
-    best: torch.Tensor,
-    sums: torch.Tensor | None = None,
-    w: torch.Tensor | None = None,
-) -> None:
-    """E-step in chunks: ``labels``/``best`` (best score) filled in place.
-
-    ``w`` (float64 weight per token, or None) weights the sums.
-
-    When ``sums`` is given, the M-step sums are accumulated on the way, while the
-    chunk is still in cache: with ``index_add_`` on the CPU (measured faster
-    there), with a one-hot GEMM on a GPU (``index_add_`` would funnel every
-    token into ``k`` rows of atomics).
-    """
-    neg_c_sq = None if cosine else -(centers * centers).sum(dim=1)
-    onehot_update = sums is not None and _use_onehot_update(X.device)
-    for sl in iter_slices(X.shape[0], chunk):
-        xb = X[sl]
-        sim = _similarity(xb, centers, neg_c_sq)
-        torch.max(sim, dim=1, out=(best[sl], labels[sl]))
-        if sums is None:
-            continue
-        if w is None:
-            if onehot_update:
-                onehot = torch.zeros_like(sim).scatter_(1, labels[sl, None], 1.0)
-                sums.addmm_(onehot.T, xb)
-            else:
-                sums.index_add_(0, labels[sl], xb)
-            continue
-        wb = w[sl].to(xb.dtype)
-        if onehot_update:
-            onehot = torch.zeros_like(sim).scatter_(1, labels[sl, None], wb[:, None])
-            sums.addmm_(onehot.T, xb)
-        else:
-            sums.index_add_(0, labels[sl], xb * wb[:, None])
-
-
-def _use_onehot_update(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
-def _sq_distances(best: torch.Tensor, x_sq: torch.Tensor | None) -> torch.Tensor:
-    """Squared distance to the assigned centroid from the best score."""
-    if x_sq is None:  # unit vectors: |x - c|^2 = 2 - 2 cos
-        return (2.0 - 2.0 * best).clamp_min_(0.0)
-    return (x_sq - best).clamp_min_(0.0)
-
-
-def _row_sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """``|x|^2`` per row, in chunks (no full-size temporary)."""
-    out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
-    for sl in iter_slices(X.shape[0], _chunk_rows(X.device, 1, X.shape[1])):
-        xb = X[sl]
-        torch.sum(xb * xb, dim=1, out=out[sl])
-    return out
-
-
-def _prepare_tokens(
-    X: torch.Tensor, cosine: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tokens as the distance kernels take them: unit rows for cosine (no
-    norms needed), else the rows with their squared norms."""
-    if cosine:
-        return _normalize_rows(X), None
-    return X, _row_sq_norms(X)
-
-
-def _mean_variance(X: torch.Tensor, w: torch.Tensor | None = None) -> float:
-    """Mean over features of the (biased) variance, two-pass in chunks.
-
-    With token weights ``w``, the weighted variance: that of the data with
-    every token repeated its (integer) weight times.
-    """
-    if w is None:
-        mean = X.mean(dim=0)
-    else:
-        mean = (w.to(X.dtype) @ X) / w.sum().to(X.dtype)
-    total = torch.zeros((), dtype=torch.float64, device=X.device)
-    for sl in iter_slices(X.shape[0], _chunk_rows(X.device, 1, X.shape[1])):
-        xb = X[sl] - mean
-        if w is None:
-            total += (xb * xb).sum(dtype=torch.float64)
-        else:
-            total += (xb * xb).sum(dim=1, dtype=torch.float64) @ w[sl]
-    if w is None:
-        return float(total) / X.numel()  # one read, after every chunk
-    return float(total / w.sum()) / X.shape[1]
-
-
-def _kmeans_plusplus(
-    X: torch.Tensor,
-    x_sq: torch.Tensor,
-    k: int,
-    gen: torch.Generator,
-    w: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Greedy k-means++ seeding (as scikit-learn's ``_kmeans_plusplus``).
-
-    Every choice stays on the device (one-element index tensors, no
-    ``.item()``), so on CUDA seeding queues its kernels without waiting.
-    With token weights ``w`` (float64), tokens are drawn with probability
-    proportional to weight times squared distance, and candidates compared
-    by weighted potential, as scikit-learn does with ``sample_weight``.
-    """
-    n = X.shape[0]
-    n_trials = 2 + int(math.log(k))
-    if w is None:
-        first = torch.randint(n, (1,), generator=gen, device=gen.device)
-    else:
-        cum_w = torch.cumsum(w, 0)
-        u = torch.rand(1, generator=gen, device=gen.device, dtype=torch.float64)
-        first = torch.searchsorted(cum_w, u.to(X.device) * cum_w[-1]).clamp_(max=n - 1)
-    first = first.to(X.device)
-    chosen = [first]
-    closest = torch.addmv(x_sq + x_sq[first], X, X[first][0], alpha=-2.0)
-    closest.clamp_min_(0.0)
-    if w is None:
-        pot = closest.sum(dtype=torch.float64)
-    else:
-        pot = closest.double() @ w
-    for _ in range(1, k):
-        rand = torch.rand(
-            n_trials, generator=gen, device=gen.device, dtype=torch.float64
-        )
-        if w is None:
-            cum = torch.cumsum(closest, 0, dtype=torch.float64)
-        else:
-            cum = torch.cumsum(closest.double() * w, 0)
-        cand = torch.searchsorted(cum, rand.to(X.device) * pot).clamp_(max=n - 1)
-        # (n_trials, n) distances: rows are contiguous for the reductions.
-        cx = X[cand]
-        d = torch.addmm(x_sq[cand][:, None], cx, X.T, alpha=-2.0)
-        d.add_(x_sq).clamp_min_(0.0)
-        torch.minimum(d, closest, out=d)
-        if w is None:
-            pots = d.sum(dim=1).double()  # float64 reductions are slow on CPU
-        else:
-            pots = d.double() @ w
-        b = torch.argmin(pots).reshape(1)
-        closest = d.index_select(0, b)[0]
-        pot = pots.index_select(0, b)[0]
-        chosen.append(cand.index_select(0, b))
-    return X[torch.cat(chosen)]
-
-
-def _init_centers(
-    X: torch.Tensor,
-    x_sq: torch.Tensor,
-    k: int,
-    init: Any,
-    gen: torch.Generator,
-    cosine: bool,
-    w: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if isinstance(init, str) and init == "k-means++":
-        centers = _kmeans_plusplus(X, x_sq, k, gen, w)
-    elif isinstance(init, str) and init == "random":
-        if w is None:
-            perm = torch.randperm(X.shape[0], generator=gen, device=gen.device)[:k]
-        else:  # k distinct tokens, drawn with probability proportional to weight
-            perm = torch.multinomial(w.to(gen.device), k, generator=gen)
-        centers = X[perm.to(X.device)].clone()
-    else:
-        centers = as_tensor(init, X.device).clone()
-    return _normalize_rows(centers) if cosine else centers
-
-
-def _counts(
-    labels: torch.Tensor,
-    k: int,
-    dtype: torch.dtype = torch.int64,
-    w: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Tokens per cluster, shape (k,).
-
-    ``index_add_`` of ones rather than ``torch.bincount``: CUDA's bincount
-    reads ``max(labels)`` back to the host to size its output, a
-    synchronisation per call (exact here in int64, or in float64 below
-    2**53). With token weights ``w``, the weight per cluster.
-    """
-    if w is None:
-        ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
-    else:
-        ones = w.to(dtype)
-    return torch.zeros(k, dtype=dtype, device=labels.device).index_add_(0, labels, ones)
-
-
-def _relocate_empty(
-    X: torch.Tensor,
-    x_sq: torch.Tensor | None,
-    labels: torch.Tensor,
-    best: torch.Tensor,
-    sums: torch.Tensor,
-    counts: torch.Tensor,
-    w: torch.Tensor | None = None,
-) -> None:
-    """Re-seed empty clusters with the points farthest from their centroid.
-
-    With token weights ``w``, a cluster of zero weight is empty (as in
-    scikit-learn) and moved tokens carry their weight.
-    """
-    empty = torch.nonzero(counts == 0).flatten()
-    if empty.numel() == 0:
-        return
-    far = torch.topk(_sq_distances(best, x_sq), empty.numel()).indices
-    old = labels[far]
-    if w is None:
-        sums.index_add_(0, old, X[far], alpha=-1.0)
-        counts.index_add_(0, old, torch.full_like(old, -1))
-        sums[empty] = X[far]
-        counts[empty] = 1
-    else:
-        wf = w[far]
-        xf = X[far] * wf.to(X.dtype)[:, None]
-        sums.index_add_(0, old, xf, alpha=-1.0)
-        counts.index_add_(0, old, -wf.to(counts.dtype))
-        sums[empty] = xf
-        counts[empty] = wf.to(counts.dtype)
-    labels[far] = empty
-
-
-def _lloyd(
-    X: torch.Tensor,
-    x_sq: torch.Tensor | None,
-    centers: torch.Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    cosine: bool,
-    verbose: bool,
-    desc: str,
-    w: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float, int, np.ndarray]:
-    """Lloyd iterations as scikit-learn's ``_kmeans_single_lloyd``.
-
-    Stops when the labels no longer change (strict convergence) or when the
-    squared centroid shift is at most ``tol`` (already scaled). Returns
-    centroids, labels consistent with them, inertia, iterations run and the
-    inertia curve: entry ``i`` is the inertia of the centroids reached after
-    ``i + 1`` iterations (each E-step measures the previous M-step's
-    centroids, so the curve costs one sum per iteration; the last entry is
-    the returned inertia).
-
-    Host reads: **one per iteration**, a 3-element copy of the stopping
-    flags (labels changed, a cluster empty, previous shift at most ``tol``),
-    plus two in an iteration where a cluster is empty (re-seeding it reads
-    which clusters are empty, and the label comparison is redone), and one
-    at the end (the inertia curve). The shift test of an M-step is read
-    after the next E-step, which is the E-step scikit-learn runs after its
-    loop anyway: when the test stops the loop, that E-step's labels are the
-    final labels, so nothing is computed twice and the results are those of
-    a loop that tests at once.
-
-    With token weights ``w`` (float64, or None), the weighted Lloyd of
-    scikit-learn's ``KMeans(sample_weight=...)``: centroids are weighted
-    means (renormalised for cosine: the weighted spherical mean), a cluster
-    of zero weight is empty and the inertia is weighted. No extra host
-    reads.
-    """
-    n, d = X.shape
-    k = centers.shape[0]
-    chunk = _chunk_rows(X.device, k, d)
-    labels = torch.empty(n, dtype=torch.int64, device=X.device)
-    labels_old = torch.full((n,), -1, dtype=torch.int64, device=X.device)
-    best = torch.empty(n, dtype=X.dtype, device=X.device)
-    sums = torch.empty(k, d, dtype=X.dtype, device=X.device)
-    # squared shift of the last M-step; none yet
-    shift = torch.full((), math.inf, dtype=torch.float64, device=X.device)
-    strict = False
-    n_iter = 0  # M-steps run
-    measured = []  # inertia of each E-step: centroids after 0, 1, ... M-steps
-    bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
-    while True:
-        sums.zero_()
-        _assign(X, centers, cosine, chunk, labels, best, sums, w)
-        if w is None:
-            measured.append(_sq_distances(best, x_sq).sum(dtype=torch.float64))
-            counts = _counts(labels, k)
-        else:
-            measured.append(_sq_distances(best, x_sq).double() @ w)
-            counts = _counts(labels, k, torch.float64, w)
-        flags = torch.stack(
-            [(labels != labels_old).any(), (counts == 0).any(), shift <= tol]
-        )
-        changed, has_empty, settled = flags.tolist()  # the iteration's one read
-        if settled or n_iter == max_iter:
-            break  # labels and best are those of the final centroids
-        if has_empty:
-            _relocate_empty(X, x_sq, labels, best, sums, counts, w)
-            changed = not torch.equal(labels, labels_old)
-        kept = counts == 0  # still empty: fewer distinct tokens than clusters
-        new = sums / counts.masked_fill(kept, 1).to(sums.dtype)[:, None]
-        if cosine:
-            new = _normalize_rows(new)
-        new = torch.where(kept[:, None], centers, new)
-        n_iter += 1
-        bar.update()
-        if not changed:
-            strict = True
-            centers = new
-            break
-        shift = ((new - centers) ** 2).sum().double()
-        centers = new
-        labels, labels_old = labels_old, labels
-    bar.close()
-    values = torch.stack(measured).cpu().numpy()
-    # values[0] is the initial centroids' inertia; the rest follow M-steps.
-    # On strict convergence the labels (and inertia) are those of the last
-    # E-step, before the final M-step, which moved no label.
-    curve = np.append(values[1:], values[-1]) if strict else values[1:]
-    return centers, labels, float(values[-1]), n_iter, curve
-
-
-def _minibatch_step(
-    xb: torch.Tensor,
-    centers: torch.Tensor,
-    counts: torch.Tensor,
-    cosine: bool,
-    w: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mini-batch k-means update, as scikit-learn's ``MiniBatchKMeans``.
-
-    Every token of ``xb`` (trusted, unit rows for cosine) goes to its nearest
-    centroid; a centroid ``j`` given ``n_j`` tokens of sum ``s_j`` moves to
-    ``(c_j * N_j + s_j) / (N_j + n_j)`` -- a step of learning rate
-    ``1 / count`` per token -- and ``N_j`` grows by ``n_j`` (``counts`` is
-    float64 so that it stays exact beyond 2**24 tokens). Spherical k-means
-    (``cosine``) projects the moved centroids back onto the sphere. Returns
-    the new centroids and counts. With token weights ``w``, counts and sums
-    are weighted (``N_j`` is the weight received), as scikit-learn's
-    ``MiniBatchKMeans`` with ``sample_weight``.
-    """
-    k = centers.shape[0]
-    neg_c_sq = None if cosine else -(centers * centers).sum(dim=1)
-    labels = _similarity(xb, centers, neg_c_sq).argmax(dim=1)
-    batch_counts = _counts(labels, k, counts.dtype, w)  # no read-back (bincount)
-    if w is not None:
-        xb = xb * w.to(xb.dtype)[:, None]
-    sums = torch.zeros_like(centers).index_add_(0, labels, xb)
-    new_counts = counts + batch_counts
-    denom = new_counts.clamp_min(1.0)
-    keep = (counts / denom).to(centers.dtype)[:, None]
-    step = (1.0 / denom).to(centers.dtype)[:, None]
-    moved = centers * keep + sums * step
-    if cosine:
-        moved = _normalize_rows(moved)
-    new = torch.where((batch_counts > 0)[:, None], moved, centers)
-    return new, new_counts
-
-
-def _token_batches(
-    X: Any, batch_size: int, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Consecutive batches of ``batch_size`` tokens of ``X`` on ``device``.
-
-    ``X`` (2-D tokens or 4-D maps; in memory, a tensor or on-disk
-    :class:`LazyFeatures`) is read in slices of about
-    :func:`_stream_elements` values; tokens left over at the end of a slice
-    open the next batch, so the batches do not depend on the slice size
-    (only the last one may be smaller).
-    """
-    rows = rows_per_batch(int(np.prod(X.shape[1:])), _stream_elements(device))
-    carry = None
-    for sl in iter_slices(X.shape[0], rows):
-        xb = as_tensor(X[sl], device)
-        if xb.ndim == 4:
-            xb = maps_to_tokens(xb)
-        if carry is not None:
-            xb = torch.cat([carry, xb])
-        n_full = xb.shape[0] - xb.shape[0] % batch_size
-        for start in range(0, n_full, batch_size):
-            yield xb[start : start + batch_size]
-        carry = xb[n_full:] if n_full < xb.shape[0] else None
-    if carry is not None:
-        yield carry
-
-
-def _evaluate(
-    X: torch.Tensor,
-    x_sq: torch.Tensor | None,
-    centers: torch.Tensor,
-    cosine: bool,
-    w: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, float]:
-    """Labels and inertia (weighted by ``w``) of (trusted, normalised for
-    cosine) tokens."""
-    n, d = X.shape
-    labels = torch.empty(n, dtype=torch.int64, device=X.device)
-    best = torch.empty(n, dtype=X.dtype, device=X.device)
-    _assign(
-        X, centers, cosine, _chunk_rows(X.device, centers.shape[0], d), labels, best
-    )
-    if w is None:
-        return labels, float(_sq_distances(best, x_sq).sum(dtype=torch.float64))
-    return labels, float(_sq_distances(best, x_sq).double() @ w)
 
 
 def _import_faiss():
@@ -853,7 +426,7 @@ class KMeansProbe(
     equality.
 
     On CUDA, fitting waits for the GPU once per Lloyd iteration (to test
-    convergence; twice more in an iteration that re-seeds an empty
+    convergence; once more in an iteration that re-seeds an empty
     cluster) and once per ``"minibatch"`` pass, never per mini-batch step.
 
     ``mapping_`` comes from the confusion matrix of ``labels_`` against ``y``
@@ -1040,7 +613,6 @@ class KMeansProbe(
         return probe
 
     # ---------------------------------------------------------------- fit
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeansProbe:
         """Fit the centroids (and, given ``y``, the cluster-to-class mapping).
@@ -1084,7 +656,7 @@ class KMeansProbe(
             X = X.detach()  # no autograd graph through the Lloyd loop
         if y is not None:
             y = check_targets(X, y)
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         backend = _choose_backend(self.backend, device)
         if backend == "faiss":
             if sample_weight is not None:
@@ -1093,10 +665,7 @@ class KMeansProbe(
                     "backend='torch' (or 'auto')."
                 )
             _import_faiss()
-        cosine = self.metric == "cosine"
-        gen = make_generator(self.random_state, device)
-
-        n_total = X.shape[0] if X.ndim == 2 else X.shape[0] * X.shape[2] * X.shape[3]
+        n_total = n_tokens(X)
         subsample = self.max_samples is not None and n_total > self.max_samples
         n_fit = self.max_samples if subsample else n_total
         if n_fit < self.k:
@@ -1104,54 +673,54 @@ class KMeansProbe(
                 f"n_samples={n_fit} should be >= k={self.k}: k-means needs at "
                 f"least as many (sub)sampled tokens as clusters."
             )
-        init = self.init
-        if not isinstance(init, str):
-            init_arr = _as_float32(init)
-            if init_arr.shape != (self.k, self.n_features_in_):
-                raise ValueError(
-                    f"init has shape {init_arr.shape}; expected (k, n_features) = "
-                    f"({self.k}, {self.n_features_in_})."
-                )
-            if not np.all(np.isfinite(init_arr)):
-                raise ValueError("init contains NaN or infinity.")
-            init = init_arr
+        init = _check_init(self.init, self.k, self.n_features_in_)
         if y is not None and not self.compute_labels:
             raise ValueError(
                 "fit(X, y) maps clusters to classes through labels_: pass "
                 "compute_labels=True, or fit without y."
             )
-        chunked = dask_source(X)
-        if chunked is None and self.max_samples is None:
-            chunked = X if isinstance(X, LazyFeatures) else None
-        wt = self._token_weights(
-            X,
-            sample_weight,
-            device,
-            streamed=chunked is not None
+        # Exact Lloyd passes over chunks for dask input, and for on-disk
+        # input unless max_samples asks for a gathered (sub)sample.
+        streamed = (
+            self.algorithm == "lloyd"
             and not subsample
-            and self.algorithm == "lloyd",
-        )
-        if self.algorithm == "minibatch":
-            return self._fit_minibatch(X, y, init, n_total, device, gen, wt)
-        if not subsample and chunked is not None:
-            # Exact Lloyd passes of per-chunk statistics: computed by dask on
-            # its workers, or slice by slice from on-disk input here.
-            fitted = kmeans_lloyd(self, chunked, init, gen, n_total)
-            centers, labels, inertia, n_iter, curve, counts = fitted
-            if labels is not None:
-                labels = labels.to(device)
-            self.n_steps_ = 0
-            return self._set_fitted(
-                X, y, centers.to(device), counts, labels, inertia, n_iter, curve
+            and (
+                dask_source(X) is not None
+                or (isinstance(X, LazyFeatures) and self.max_samples is None)
             )
-
-        if subsample:
-            idx = _sample_indices(n_total, self.max_samples, gen)
-            Xs = _gather_tokens(X, idx, device)
-            ws = None if wt is None else wt[idx.to(device)]
+        )
+        wt = self._token_weights(X, sample_weight, device, streamed=streamed)
+        gen = make_generator(self.random_state, device)
+        if self.algorithm == "minibatch":
+            fitted = self._fit_minibatch(X, init, n_total, device, gen, wt)
         else:
-            Xs = _all_tokens(X, device)
-            ws = wt
+            self.n_steps_ = 0
+            if streamed:
+                fitted = self._fit_streamed(X, init, n_total, device, gen)
+            else:
+                fitted = self._fit_gathered(
+                    X, init, n_total, subsample, backend, device, gen, wt
+                )
+        return self._set_fitted(X, y, *fitted)
+
+    def _fit_gathered(
+        self,
+        X: Any,
+        init: Any,
+        n_total: int,
+        subsample: bool,
+        backend: str,
+        device: torch.device,
+        gen: torch.Generator,
+        wt: torch.Tensor | None,
+    ) -> tuple:
+        """Lloyd (or faiss) on tokens gathered on ``device``: all of them, or
+        ``max_samples`` drawn with ``gen``, after which every token is
+        labelled in one streamed pass."""
+        cosine = self.metric == "cosine"
+        idx = sample_indices(n_total, self.max_samples, gen) if subsample else None
+        Xs = chunks_of(X, device).gather(idx, device)
+        ws = wt if wt is None or idx is None else wt[idx.to(device)]
         if ws is not None:
             _check_positive(ws, self.k)
         scale = 1.0
@@ -1169,12 +738,10 @@ class KMeansProbe(
             x_sq = x_sq_init = _row_sq_norms(Xs)
         # As scikit-learn: tol relative to the mean feature variance.
         tol = _mean_variance(Xs, ws) * self.tol if self.tol > 0 else 0.0
-
         n_init = self.n_init if isinstance(init, str) else 1
         best = None
         for run in range(n_init):
             centers = _init_centers(Xs, x_sq_init, self.k, init, gen, cosine, ws)
-            desc = f"k-means run {run + 1}/{n_init}"
             if backend == "faiss":
                 seed = int(
                     torch.randint(2**31 - 1, (1,), generator=gen, device=gen.device)
@@ -1199,7 +766,7 @@ class KMeansProbe(
                     tol=tol,
                     cosine=cosine,
                     verbose=self.verbose,
-                    desc=desc,
+                    desc=f"k-means run {run + 1}/{n_init}",
                     w=ws,
                 )
             if best is None or inertia < best[2]:
@@ -1207,7 +774,7 @@ class KMeansProbe(
         centers, labels, inertia, n_iter, curve = best
         del Xs, x_sq, x_sq_init
         counts = _counts(labels, self.k, torch.float64, ws)
-        _warn_if_degenerate(labels, self.k)
+        _warn_if_degenerate(counts, self.k, stacklevel=5)
         if scale != 1.0:
             centers, inertia, curve = (
                 centers * scale,
@@ -1217,9 +784,37 @@ class KMeansProbe(
         if subsample and not self.compute_labels:
             labels = None
         elif subsample:
-            labels, inertia = self._label_all(X, centers, cosine, device, wt)
-        self.n_steps_ = 0
-        return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
+            labels, inertia = self._label_all(X, centers, device, wt)
+        return centers, counts, labels, inertia, n_iter, curve
+
+    def _fit_streamed(
+        self,
+        X: Any,
+        init: Any,
+        n_total: int,
+        device: torch.device,
+        gen: torch.Generator,
+    ) -> tuple:
+        """Exact Lloyd on every token, one pass over the chunks per E-step:
+        dask blocks reduced on the workers, or slices of on-disk input read
+        here. Memory is flat in the number of tokens."""
+        chunks = chunks_of(X, device, "k-means: chunks" if self.verbose else None)
+        centers, labels, inertia, n_iter, curve, counts = _chunked_lloyd(
+            chunks,
+            init,
+            k=self.k,
+            n_init=self.n_init,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            cosine=self.metric == "cosine",
+            device=device,
+            gen=gen,
+            n_total=n_total,
+            keep_labels=bool(self.compute_labels),
+            verbose=self.verbose,
+        )
+        _warn_if_degenerate(counts, self.k, stacklevel=5)
+        return centers, counts.double(), labels, inertia, n_iter, curve
 
     def _token_weights(
         self,
@@ -1279,25 +874,28 @@ class KMeansProbe(
     def _fit_minibatch(
         self,
         X: Any,
-        y: Any,
         init: Any,
         n_total: int,
         device: torch.device,
         gen: torch.Generator,
         wt: torch.Tensor | None = None,
-    ) -> KMeansProbe:
+    ) -> tuple:
         """``fit`` with ``algorithm="minibatch"``: passes of mini-batch steps."""
         cosine = self.metric == "cosine"
         n_init_tokens = min(n_total, max(3 * self.batch_size, 3 * self.k))
-        idx = _sample_indices(n_total, n_init_tokens, gen)
-        Xi = _gather_tokens(X, idx, device)
+        idx = sample_indices(n_total, n_init_tokens, gen)
+        Xi = chunks_of(X, device).gather(idx, device)
         wi = None if wt is None else wt[idx.to(device)]
         if wt is not None:
             _check_positive(wt, self.k)
             if not bool((wi > 0).any()):
                 wi = None  # no weight in the sample: seed unweighted
-        centers = self._minibatch_init(Xi, init, gen, wi)
-        tol = _mean_variance(Xi, wi) * self.tol if self.tol > 0 else 0.0
+        centers = _best_init(Xi, self.k, init, self.n_init, gen, cosine, wi)
+        tol = 0.0
+        if self.tol > 0:  # relative to the variance, scaled as the tokens
+            s = _overflow_scale(Xi)
+            Xi = _normalize_rows(Xi) if cosine else Xi / s
+            tol = _mean_variance(Xi, wi) * s * s * self.tol
         del Xi
         counts = torch.zeros(self.k, dtype=torch.float64, device=device)
         n_steps = n_iter = 0
@@ -1306,7 +904,7 @@ class KMeansProbe(
             before = centers
             offset = 0
             for xb in tqdm(
-                _token_batches(X, self.batch_size, device),
+                token_batches(X, self.batch_size, device),
                 total=n_batches,
                 desc=f"mini-batch k-means pass {n_iter}",
                 disable=not self.verbose,
@@ -1318,38 +916,17 @@ class KMeansProbe(
                 offset += xb.shape[0]
                 centers, counts = _minibatch_step(xb, centers, counts, cosine, wb)
                 n_steps += 1
-            if float(((centers - before) ** 2).sum()) <= tol:
+            if float(((centers.double() - before.double()) ** 2).sum()) <= tol:
                 break
         labels, inertia = None, float("nan")
         if self.compute_labels:
-            labels, inertia = self._label_all(X, centers, cosine, device, wt)
-            _warn_if_degenerate(labels, self.k)
+            labels, inertia = self._label_all(X, centers, device, wt)
+            _warn_if_degenerate(_counts(labels, self.k), self.k, stacklevel=5)
+        else:
+            _warn_if_degenerate(counts, self.k, stacklevel=5)
         self.n_steps_ = n_steps
         curve = np.asarray([inertia]) if labels is not None else np.empty(0)
-        return self._set_fitted(X, y, centers, counts, labels, inertia, n_iter, curve)
-
-    def _minibatch_init(
-        self,
-        Xi: torch.Tensor,
-        init: Any,
-        gen: torch.Generator,
-        w: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Initial centroids from tokens ``Xi``: best of ``n_init`` seedings."""
-        cosine = self.metric == "cosine"
-        if cosine:
-            Xi = _normalize_rows(Xi)
-            x_sq = None
-            x_sq_init = torch.ones(Xi.shape[0], dtype=Xi.dtype, device=Xi.device)
-        else:
-            x_sq = x_sq_init = _row_sq_norms(Xi)
-        best = None
-        for _ in range(self.n_init if isinstance(init, str) else 1):
-            centers = _init_centers(Xi, x_sq_init, self.k, init, gen, cosine, w)
-            inertia = _evaluate(Xi, x_sq, centers, cosine, w)[1]
-            if best is None or inertia < best[1]:
-                best = (centers, inertia)
-        return best[0]
+        return centers, counts, labels, inertia, n_iter, curve
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(
@@ -1408,25 +985,18 @@ class KMeansProbe(
         device = self._resolved_device()
         cosine = self.metric == "cosine"
         wt = self._token_weights(X, sample_weight, device)
-        tokens = _all_tokens(X, device)
-        if first and wt is not None:
-            _check_positive(wt, self.k)
+        tokens = gather_tokens(X, None, device)
         if first:
+            if wt is not None:
+                _check_positive(wt, self.k)
             if tokens.shape[0] < self.k:
                 raise ValueError(
                     f"The first partial_fit batch has {tokens.shape[0]} tokens; "
                     f"it should have >= k={self.k} to initialise the centroids."
                 )
-            init = self.init
-            if not isinstance(init, str):
-                init = _as_float32(init)
-                if init.shape != (self.k, self.n_features_in_):
-                    raise ValueError(
-                        f"init has shape {init.shape}; expected (k, n_features) "
-                        f"= ({self.k}, {self.n_features_in_})."
-                    )
+            init = _check_init(self.init, self.k, self.n_features_in_)
             gen = make_generator(self.random_state, device)
-            centers = self._minibatch_init(tokens, init, gen, wt)
+            centers = _best_init(tokens, self.k, init, self.n_init, gen, cosine, wt)
             counts = torch.zeros(self.k, dtype=torch.float64, device=device)
             n_steps = 0
         else:
@@ -1436,10 +1006,10 @@ class KMeansProbe(
         if cosine:
             tokens = _normalize_rows(tokens)
         centers, counts = _minibatch_step(tokens, centers, counts, cosine, wt)
+        _warn_if_degenerate(counts, self.k)
         labels, inertia = None, float("nan")
         if self.compute_labels:
-            x_sq = None if cosine else _row_sq_norms(tokens)
-            labels, inertia = _evaluate(tokens, x_sq, centers, cosine, wt)
+            labels, inertia = _evaluate_scaled(tokens, centers, cosine, wt)
         self.n_steps_ = n_steps + 1
         curve = np.asarray([inertia]) if labels is not None else np.empty(0)
         return self._set_fitted(X, None, centers, counts, labels, inertia, 1, curve)
@@ -1448,50 +1018,19 @@ class KMeansProbe(
         self,
         X: Any,
         centers: torch.Tensor,
-        cosine: bool,
         device: torch.device,
         wt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Labels and inertia (weighted by token weights ``wt``) of every
-        token of ``X``, batch by batch.
-
-        On dask input every chunk is labelled on its worker.
-        """
-        if dask_source(X) is not None:
-            labels, inertia, _ = label_tokens(
-                dask_source(X), centers.cpu().numpy(), cosine, self.device
-            )
-            return torch.from_numpy(labels).to(device), inertia
-        per_row = int(np.prod(X.shape[1:])) * 2 + self.k * (
-            int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
-        )
-        out, inertia = [], 0.0
-        per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
-        with torch.no_grad():
-            rows = rows_per_batch(per_row, _stream_elements(device))
-            for sl in tqdm(
-                iter_slices(X.shape[0], rows),
-                total=-(-X.shape[0] // rows),
-                desc="k-means labels",
-                disable=not self.verbose,
-                leave=False,
-            ):
-                xb = as_tensor(X[sl], device)
-                if xb.ndim == 4:
-                    xb = maps_to_tokens(xb)
-                scale = 1.0 if cosine else _overflow_scale(centers)
-                xb, x_sq = _prepare_tokens(xb / scale if scale != 1.0 else xb, cosine)
-                wb = (
-                    None
-                    if wt is None
-                    else wt[sl.start * per_image : sl.stop * per_image]
-                )
-                lab, part = _evaluate(xb, x_sq, centers / scale, cosine, wb)
-                inertia += part * scale**2
-                out.append(lab)
-        return torch.cat(out), inertia
-
-    # ------------------------------------------------------------ scoring fns
+        token of ``X``: one pass over its chunks (on the dask workers for
+        dask input, slice by slice here otherwise)."""
+        progress = "k-means labels" if self.verbose else None
+        chunks = chunks_of(X, device, progress)
+        keep = "labels" if wt is None else "labels+dist"
+        cosine = self.metric == "cosine"
+        step, labels, dist = _label_pass(chunks, centers, cosine, device, keep)
+        inertia = float(step.inertia) if wt is None else float(dist @ wt)
+        return labels, inertia
 
     # ------------------------------------------------------------ inference
 
@@ -1511,8 +1050,10 @@ class KMeansProbe(
             Cosine similarities for ``metric="cosine"``, Euclidean distances for
             ``metric="euclidean"``.
         """
-        if is_dask(X):
-            return map_method(self, "transform", X, self.k)
+        check_is_fitted(self)
+        out = lazy_output(self, "transform", X, self._n_features_out)
+        if out is not None:
+            return out
         X = self._check_X(X)
         device = self._resolved_device()
         centers = self._tensor("cluster_centers_", device)
@@ -1547,17 +1088,22 @@ class KMeansProbe(
 # --------------------------------------------------------------------------
 
 
-def _warn_if_degenerate(labels: torch.Tensor, k: int) -> None:
-    """Warn as :class:`sklearn.cluster.KMeans` does when fewer than ``k``
-    clusters hold tokens (duplicate or too few distinct tokens)."""
-    distinct = int((_counts(labels, k) > 0).sum())
-    if distinct < k:
-        warnings.warn(
-            f"Number of distinct clusters ({distinct}) found smaller than "
-            f"k ({k}). Possibly due to duplicate points in X.",
-            ConvergenceWarning,
-            stacklevel=4,
+def _check_init(init: Any, k: int, n_features: int) -> Any:
+    """``init`` checked: "k-means++", "random", or finite (k, n_features)
+    centroids as float32 NumPy (any float dtype in, bf16 and fp16 included)."""
+    if isinstance(init, str):
+        return init
+    arr = _as_float32(init)
+    if arr.shape != (k, n_features):
+        raise ValueError(
+            f"init has shape {arr.shape}; expected (k, n_features) = "
+            f"({k}, {n_features})."
         )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(
+            "init contains NaN or infinity; pass finite initial centroids."
+        )
+    return arr
 
 
 def _check_positive(w: torch.Tensor, k: int) -> None:
@@ -1576,78 +1122,3 @@ def _as_float32(a: Any) -> np.ndarray:
     if is_torch(a):
         return a.detach().to("cpu", torch.float32).numpy()
     return np.asarray(a, dtype=np.float32)
-
-
-def _sample_indices(n_total: int, m: int, gen: torch.Generator) -> torch.Tensor:
-    """``m`` distinct token numbers below ``n_total``, sorted, drawn from ``gen``.
-
-    Memory is O(m), not O(n_total): NumPy's ``Generator.choice`` without
-    replacement uses a hash set (Floyd's algorithm) when ``m`` is a small
-    fraction of ``n_total``, so a billion-token store costs no index array
-    of its size.
-    """
-    seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
-    idx = np.random.default_rng(seed).choice(n_total, size=m, replace=False)
-    return torch.from_numpy(np.sort(idx))
-
-
-def _all_tokens(X: Any, device: torch.device) -> torch.Tensor:
-    """All tokens of ``X`` as one (n, C) float32 tensor on ``device``."""
-    if isinstance(X, LazyFeatures):
-        return _gather_lazy(X, None, device)
-    Xt = as_tensor(X, device)
-    return maps_to_tokens(Xt) if Xt.ndim == 4 else Xt
-
-
-def _gather_lazy(
-    X: LazyFeatures, idx: np.ndarray | None, device: torch.device
-) -> torch.Tensor:
-    """Tokens ``idx`` (sorted; None for all) of on-disk ``X``, read by chunks.
-
-    The (len(idx), C) float32 result is filled on ``device`` chunk by chunk;
-    the host never holds more than a chunk (and its prefetched successor).
-    """
-    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
-    n_tokens = X.shape[0] * per_image
-    out = torch.empty(n_tokens if idx is None else len(idx), X.shape[1], device=device)
-    rows = rows_per_batch(int(np.prod(X.shape[1:])), _stream_elements(device))
-    filled = 0
-    for sl in iter_slices(X.shape[0], rows):
-        lo, hi = sl.start * per_image, sl.stop * per_image
-        if idx is not None:
-            a, b = np.searchsorted(idx, [lo, hi])
-            if a == b:
-                continue
-            local = idx[a:b] - lo
-        xb = X[sl]
-        if X.ndim == 4:
-            xb = xb.reshape(xb.shape[0], xb.shape[1], per_image)
-            xb = xb.transpose(0, 2, 1).reshape(-1, X.shape[1])
-        if idx is not None:
-            xb = xb[local]
-        out[filled : filled + xb.shape[0]] = as_tensor(xb, device)
-        filled += xb.shape[0]
-    return out
-
-
-def _gather_tokens(X: Any, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Tokens number ``idx`` (image-major, row-major for maps) of ``X``."""
-    if dask_source(X) is not None:
-        return as_tensor(gather_tokens(dask_source(X), idx.cpu().numpy()), device)
-    if isinstance(X, LazyFeatures):
-        return _gather_lazy(X, idx.cpu().numpy(), device)
-    if is_torch(X):
-        idx = idx.to(X.device)
-        if X.ndim == 2:
-            sub = X[idx]
-        else:
-            n, c, h, w = X.shape
-            sub = X.reshape(n, c, h * w)[idx // (h * w), :, idx % (h * w)]
-        return as_tensor(sub, device)
-    idx_np = idx.cpu().numpy()
-    if X.ndim == 2:
-        sub = X[idx_np]
-    else:
-        n, c, h, w = X.shape
-        sub = X.reshape(n, c, h * w)[idx_np // (h * w), :, idx_np % (h * w)]
-    return as_tensor(sub, device)

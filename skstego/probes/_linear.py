@@ -18,7 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from tqdm.auto import tqdm
 
-from .._dask import map_method
+from .._dask import lazy_output
 from .._device import (
     LazyFeatures,
     TorchEstimatorMixin,
@@ -26,7 +26,6 @@ from .._device import (
     as_tensor,
     check_features,
     dask_source,
-    is_dask,
     is_torch,
     make_generator,
     maps_to_tokens,
@@ -928,6 +927,13 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             Logits; ``(n_samples,)`` (log-odds of ``classes_[1]``) for binary
             problems on 2-D input.
         """
+        check_is_fitted(self)
+        binary_2d = getattr(X, "ndim", None) == 2 and len(self.classes_) == 2
+        out = lazy_output(
+            self, "decision_function", X, 0 if binary_2d else len(self.classes_)
+        )
+        if out is not None:
+            return out
         X, device = self._checked(X)
         fn = self._score_fn(device)
         if X.ndim == 2 and len(self.classes_) == 2:
@@ -970,13 +976,22 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             with ``size``; a lazy dask array for dask input.
         """
         check_upsample(upsample)
-        if is_dask(X):
-            check_is_fitted(self)
-            kw = {} if size is None else {"size": size}
-            if upsample != "scores":
-                kw["upsample"] = upsample
-            return map_method(self, "predict_proba", X, len(self.classes_), **kw)
+        out = self._lazy("predict_proba", X, size, upsample)
+        if out is not None:
+            return out
         return self._proba(X, size, upsample, torch.softmax)
+
+    def _lazy(
+        self, method: str, X: Any, size: Any, upsample: str, dtype: Any = np.float32
+    ) -> Any:
+        """``method``'s lazy answer to dask input (None for other input):
+        per-class columns, or one label per token for ``predict``."""
+        check_is_fitted(self)
+        kw = {} if size is None else {"size": size}
+        if upsample != "scores":
+            kw["upsample"] = upsample
+        width = 0 if method == "predict" else len(self.classes_)
+        return lazy_output(self, method, X, width, dtype=dtype, **kw)
 
     def _proba(self, X: Any, size: Any, upsample: str, post: Callable) -> Any:
         X, device = self._checked(X)
@@ -1025,6 +1040,9 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             with ``size``.
         """
         check_upsample(upsample)
+        out = self._lazy("predict_log_proba", X, size, upsample)
+        if out is not None:
+            return out
         return self._proba(X, size, upsample, torch.log_softmax)
 
     def predict(
@@ -1061,13 +1079,12 @@ class LinearProbe(ClassifierMixin, TorchEstimatorMixin, BaseEstimator):
             which come back as a NumPy array.
         """
         check_upsample(upsample)
-        if is_dask(X) and self.classes_.dtype.kind in "iub":
-            # lazy: mapped over the chunks, on the workers
-            check_is_fitted(self)
-            kw = {} if size is None else {"size": size}
-            if upsample != "scores":
-                kw["upsample"] = upsample
-            return map_method(self, "predict", X, 0, dtype=self.classes_.dtype, **kw)
+        check_is_fitted(self)
+        if self.classes_.dtype.kind in "iub":
+            # non-numeric classes cannot travel in a dask array: computed
+            out = self._lazy("predict", X, size, upsample, self.classes_.dtype)
+            if out is not None:
+                return out
         X, device = self._checked(X)
         if size is not None and X.ndim != 4:
             raise ValueError("size applies to 4-D feature maps only.")

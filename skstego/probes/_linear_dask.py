@@ -44,8 +44,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._dask import _blocks, _by_rows, _checked, _compute, merge_moments, token_moments
+from .._dask import _blocks, _by_rows, _checked, _compute
 from .._device import as_tensor, maps_to_tokens, resolve_device
+from .._moments import merge_moments, token_moments
 from ._linear_objective import (
     Adam,
     Objective,

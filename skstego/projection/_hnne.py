@@ -29,22 +29,19 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .._dask import map_method
+from .._dask import lazy_output
 from .._device import (
     DEFAULT_BATCH_ELEMENTS,
-    LazyFeatures,
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
     check_features,
-    is_dask,
     is_torch,
     iter_slices,
     make_generator,
-    maps_to_tokens,
-    resolve_device,
     rows_per_batch,
 )
+from .._tokens import gather_tokens, n_tokens, numpy_tokens, read_rows
 
 __all__ = ["HNNEProjector"]
 
@@ -58,11 +55,6 @@ _TOO_FEW = "too few points"
 # --------------------------------------------------------------------------
 # shared with HNNEClusterProbe
 # --------------------------------------------------------------------------
-
-
-def n_tokens(X: Any) -> int:
-    """Number of tokens of 2-D tokens or 4-D maps."""
-    return int(X.shape[0] * (X.shape[2] * X.shape[3] if X.ndim == 4 else 1))
 
 
 def hnne_seed(random_state: Any) -> int | None:
@@ -102,77 +94,28 @@ def sample_tokens(
     if is_torch(X):
         X = X.detach()
     n = n_tokens(X)
-    if max_samples is None or n <= max_samples:
-        if isinstance(X, LazyFeatures):
-            return _gather_lazy_tokens(X, None), None
-        Xt = as_tensor(X, cpu)
-        Xt = maps_to_tokens(Xt) if Xt.ndim == 4 else Xt
-        return np.ascontiguousarray(Xt.numpy()), None
-    rng = np.random.default_rng(numpy_seed(random_state))
-    idx = np.sort(rng.choice(n, size=max_samples, replace=False))
-    if isinstance(X, LazyFeatures):
-        return _gather_lazy_tokens(X, idx), idx
-    if X.ndim == 2:
-        sub = X[torch.from_numpy(idx).to(X.device)] if is_torch(X) else X[idx]
-    else:
-        b, c, h, w = X.shape
-        rows, cols = idx // (h * w), idx % (h * w)
-        if is_torch(X):
-            rows_t = torch.from_numpy(rows).to(X.device)
-            cols_t = torch.from_numpy(cols).to(X.device)
-            sub = X.reshape(b, c, h * w)[rows_t, :, cols_t]
-        else:
-            sub = X.reshape(b, c, h * w)[rows, :, cols]
-    return np.ascontiguousarray(as_tensor(sub, cpu).numpy()), idx
-
-
-def _gather_lazy_tokens(X: LazyFeatures, idx: np.ndarray | None) -> np.ndarray:
-    """Tokens ``idx`` (sorted flat indices; None for all) of on-disk ``X``.
-
-    One pass over ``X`` in slices of about ``DEFAULT_BATCH_ELEMENTS`` values
-    (prefetched by :class:`LazyFeatures`); only the drawn tokens are kept.
-    """
-    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
-    c = X.shape[1]
-    out = np.empty((n_tokens(X) if idx is None else len(idx), c), np.float32)
-    filled = 0
-    for sl in iter_slices(X.shape[0], rows_per_batch(int(np.prod(X.shape[1:])))):
-        lo, hi = sl.start * per_image, sl.stop * per_image
-        if idx is not None:
-            a, b = np.searchsorted(idx, [lo, hi])
-            if a == b:
-                continue
-        xb = _block_tokens(X[sl], c, per_image)
-        if idx is not None:
-            xb = xb[idx[a:b] - lo]
-        out[filled : filled + xb.shape[0]] = xb
-        filled += xb.shape[0]
-    return out
-
-
-def _block_tokens(xb: np.ndarray, c: int, per_image: int) -> np.ndarray:
-    """A slice of 2-D tokens or 4-D maps as (rows, C) tokens, maps_to_tokens' order."""
-    if xb.ndim == 4:
-        xb = xb.reshape(xb.shape[0], c, per_image).transpose(0, 2, 1)
-    return xb.reshape(-1, c)
+    idx = None
+    if max_samples is not None and n > max_samples:
+        rng = np.random.default_rng(numpy_seed(random_state))
+        idx = np.sort(rng.choice(n, size=max_samples, replace=False))
+    tokens = gather_tokens(X, idx, cpu).numpy()
+    return np.ascontiguousarray(tokens), idx
 
 
 def iter_token_blocks(X: Any) -> Iterator[np.ndarray]:
     """The tokens of ``X``, in order, as float32 (rows, C) NumPy blocks.
 
     Tokens of 4-D maps come image by image, then row-major over the grid (the
-    order of :func:`~skstego._device.maps_to_tokens`). Blocks hold about
-    ``DEFAULT_BATCH_ELEMENTS`` values, so on-disk input is read slice by slice
-    and large in-memory input is never copied whole.
+    order of :func:`~skstego._device.maps_to_tokens`). Blocks are slices of
+    :func:`~skstego._tokens.read_rows` rows, so on-disk input is read slice
+    by slice and large in-memory input is never copied whole.
     """
-    c = int(X.shape[1])
-    per_image = int(np.prod(X.shape[2:])) if X.ndim == 4 else 1
     cpu = torch.device("cpu")
-    for sl in iter_slices(X.shape[0], rows_per_batch(c * per_image)):
+    for sl in iter_slices(X.shape[0], read_rows(X, cpu)):
         xb = X[sl]
         if is_torch(xb):
             xb = as_tensor(xb.detach(), cpu).numpy()
-        xb = _block_tokens(np.asarray(xb), c, per_image)
+        xb = numpy_tokens(np.asarray(xb))
         yield np.ascontiguousarray(xb, dtype=np.float32)
 
 
@@ -485,8 +428,9 @@ class HNNEProjector(
         source = X
         X = check_features(self, X, reset=True, lazy=True)
         device = self._fit(X, stacklevel=5)  # + the set_output wrapper
-        if is_dask(source):
-            return map_method(self, "transform", source, int(self.dim))
+        out = lazy_output(self, "transform", source, int(self.dim))
+        if out is not None:
+            return out
         return self._transform(X, device)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -572,8 +516,9 @@ class HNNEProjector(
             for dask input (computed on the workers).
         """
         check_is_fitted(self)
-        if is_dask(X):  # lazy: mapped over the chunks, on the workers
-            return map_method(self, "transform", X, int(self.dim))
+        out = lazy_output(self, "transform", X, int(self.dim))
+        if out is not None:
+            return out
         X = check_features(self, X, reset=False, lazy=True)
         return self._transform(X, self._resolved_device())
 
@@ -615,7 +560,7 @@ class HNNEProjector(
         self, tokens: np.ndarray, n_total: int, stacklevel: int
     ) -> torch.device:
         """Fit a fresh hnne model on ``tokens``, drawn from ``n_total`` tokens."""
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         n_fit = tokens.shape[0]
         model = new_hnne(
             n_components=int(self.dim),

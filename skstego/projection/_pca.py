@@ -27,37 +27,28 @@ from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .._dask import is_dask, map_method, pca_statistics
+from .._dask import DaskChunks, lazy_output
 from .._device import (
-    DEFAULT_BATCH_ELEMENTS,
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
+    batch_elements,
     check_features,
     dask_source,
     is_torch,
     iter_slices,
     make_generator,
     maps_to_tokens,
-    resolve_device,
     rows_per_batch,
 )
+from .._moments import merge_moments, merge_pair
+from .._tokens import n_tokens
 from .._validation import check_codes
 
 __all__ = ["TorchPCA"]
 
-#: Values per chunk (64 MiB of float32) of the covariance accumulation on the
-#: CPU: the only memory it needs besides the statistics. Measured on 1M x 384:
-#: 16M values 5-10% faster than 8M, smaller chunks slower. On CUDA, chunks use
-#: ``DEFAULT_BATCH_ELEMENTS``.
-_CPU_CHUNK_ELEMENTS = 16 * 1024 * 1024
-
 #: Features from which the Gram product is computed by blocks (upper half).
 _SPLIT_GRAM_FEATURES = 128
-
-
-def _chunk_elements(device: torch.device) -> int:
-    return DEFAULT_BATCH_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
 
 
 def _input_dtype(X: Any) -> torch.dtype:
@@ -68,15 +59,11 @@ def _input_dtype(X: Any) -> torch.dtype:
     return torch.float32
 
 
-def _n_tokens(X: Any) -> int:
-    return int(X.shape[0] * (X.shape[2] * X.shape[3] if X.ndim == 4 else 1))
-
-
 def _iter_chunks(
     X: Any, device: torch.device, dtype: torch.dtype, progress: str | None = None
 ) -> Iterator[torch.Tensor]:
     """Yield consecutive chunks of ``X`` (rows or whole images) on ``device``."""
-    rows = rows_per_batch(int(np.prod(X.shape[1:])), _chunk_elements(device))
+    rows = rows_per_batch(int(np.prod(X.shape[1:])), batch_elements(device, "gram"))
     for sl in iter_slices(X.shape[0], rows, progress=progress):
         yield as_tensor(X[sl], device, dtype)
 
@@ -173,7 +160,7 @@ def _scatter_numpy(X: Any, reference: np.ndarray | None, progress: str | None = 
     """
     d = X.shape[1]
     per_row = int(np.prod(X.shape[1:]))
-    rows = rows_per_batch(per_row, _CPU_CHUNK_ELEMENTS)
+    rows = rows_per_batch(per_row, batch_elements(torch.device("cpu"), "gram"))
     allow_raw = X.ndim == 2 and X.dtype in (np.float32, torch.float32)
     buf = None
     acc = np.zeros((d + 1, d + 1))
@@ -223,7 +210,7 @@ def _scatter_torch(
     dtype = _input_dtype(X)
     n_features = X.shape[1]
     per_row = int(np.prod(X.shape[1:]))
-    rows = rows_per_batch(per_row, _chunk_elements(device))
+    rows = rows_per_batch(per_row, batch_elements(device, "gram"))
     buf = torch.empty(
         min(rows, X.shape[0]) * (per_row // n_features), n_features, device=device
     )
@@ -282,6 +269,11 @@ def _scatter(
     mean = shift + sums / n
     scatter = gram - np.outer(sums, sums) / n
     return n, mean, (scatter + scatter.T) / 2
+
+
+def _block_scatter(block: np.ndarray, device: torch.device):
+    """:func:`_scatter` of one dask block (run on a worker)."""
+    return _scatter(block, device, None)
 
 
 def _is_fraction(dim: Any) -> bool:
@@ -683,7 +675,7 @@ class TorchPCA(
             Fitted estimator.
         """
         X = check_features(self, X, reset=True, lazy=True)
-        n_samples, n_features = _n_tokens(X), X.shape[1]
+        n_samples, n_features = n_tokens(X), X.shape[1]
         if n_samples < 2:
             raise ValueError(
                 f"TorchPCA needs at least 2 samples; got n_samples = {n_samples}."
@@ -705,7 +697,7 @@ class TorchPCA(
                 f"{min(n_samples, n_features)} (n_samples={n_samples}, "
                 f"n_features={n_features})."
             )
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         solver = self._choose_solver(n_samples, n_features, n_components)
         self._fit_solver = solver
         for name in ("_stat_n", "_stat_mean", "_stat_scatter"):
@@ -764,24 +756,19 @@ class TorchPCA(
                 f"dim={self.dim} must be between 1 and n_features={n_features}."
             )
         seen = 0 if first else self._stat_n
-        if seen + _n_tokens(X) < 2:
+        if seen + n_tokens(X) < 2:
             raise ValueError(
                 "TorchPCA needs at least 2 samples; the first batch given to "
                 "partial_fit has n_samples = 1."
             )
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         running = None if first else self._stat_mean
-        n_b, mean_b, scatter_b = self._statistics(X, device, running)
+        batch = self._statistics(X, device, running)
         if first:
-            n, mean, scatter = n_b, mean_b, scatter_b
-        else:
-            # Chan et al.'s pairwise update, in float64.
-            n_a, mean_a = self._stat_n, self._stat_mean
-            n = n_a + n_b
-            delta = mean_b - mean_a
-            mean = mean_a + delta * (n_b / n)
-            correction = np.outer(delta, delta) * (n_a * n_b / n)
-            scatter = self._stat_scatter + scatter_b + correction
+            n, mean, scatter = batch
+        else:  # Chan et al.'s pairwise update, in float64
+            seen = (self._stat_n, self._stat_mean, self._stat_scatter)
+            n, mean, scatter = merge_pair(seen, batch)
         _check_mle(n_components, n, n_features)  # before any state changes
         self._fit_solver = "covariance_eigh"
         self._store_statistics(n, mean, scatter)
@@ -790,11 +777,11 @@ class TorchPCA(
         return self
 
     def _statistics(self, X, device, reference):
-        """Count, mean and scatter of ``X``: by dask on its chunks for a dask
-        array (``device`` resolved on each worker), else streamed here."""
+        """Count, mean and scatter of ``X``: per dask chunk on the workers
+        (merged here in float64) for a dask array, else streamed here."""
         source = dask_source(X)
         if source is not None:
-            return pca_statistics(source, self.device)
+            return merge_moments(DaskChunks(source).map(_block_scatter, device))
         progress = "TorchPCA: chunks" if self.verbose else None
         return _scatter(X, device, reference, progress)
 
@@ -978,13 +965,15 @@ class TorchPCA(
 
         Returns
         -------
-        X_new : ndarray or torch.Tensor of shape (n_samples, n_components_) \
-                or (N, n_components_, h, w), float32
-            NumPy for NumPy input; a tensor on ``device`` for tensor input.
+        X_new : ndarray, torch.Tensor or dask array of shape \
+                (n_samples, n_components_) or (N, n_components_, h, w), float32
+            NumPy for NumPy input; a tensor on ``device`` for tensor input; a
+            lazy dask array mapped over the chunks for dask input.
         """
         check_is_fitted(self)
-        if is_dask(X):
-            return map_method(self, "transform", X, self.n_components_)
+        out = lazy_output(self, "transform", X, self.n_components_)
+        if out is not None:
+            return out
         X = check_features(self, X, reset=False, lazy=True)
         device = self._resolved_device()
         dtype = _input_dtype(X)
@@ -1020,9 +1009,12 @@ class TorchPCA(
                 or (N, n_features, h, w), float32
             ``X @ components_`` (undoing whitening and standardization) plus
             ``mean_``. NumPy for NumPy input; a tensor on ``device`` for
-            tensor input.
+            tensor input; lazy for dask input.
         """
         check_is_fitted(self)
+        out = lazy_output(self, "inverse_transform", X, self.n_features_in_)
+        if out is not None:
+            return out
         X = self._check_codes(X)
         device = self._resolved_device()
         back = self._tensor("components_", device)
@@ -1112,9 +1104,13 @@ class TorchPCA(
         -------
         ll : ndarray or torch.Tensor of shape (n_samples,) or (N, h, w), float64
             Log-likelihood of each token (of each pixel for maps). NumPy for
-            NumPy input; a tensor on ``device`` for tensor input.
+            NumPy input; a tensor on ``device`` for tensor input; lazy for dask
+            input.
         """
         check_is_fitted(self)
+        out = lazy_output(self, "score_samples", X, 0, dtype=np.float64)
+        if out is not None:
+            return out
         X = check_features(self, X, reset=False, lazy=True)
         device = self._resolved_device()
         precision_np = self.get_precision()

@@ -25,7 +25,7 @@ from sklearn.random_projection import johnson_lindenstrauss_min_dim
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .._dask import map_method
+from .._dask import lazy_output
 from .._device import (
     TorchEstimatorMixin,
     apply_tokenwise,
@@ -36,7 +36,6 @@ from .._device import (
     is_torch,
     iter_slices,
     make_generator,
-    resolve_device,
     rows_per_batch,
     to_output,
 )
@@ -288,8 +287,9 @@ class RandomProjection(
             estimator's device) for torch input.
         """
         check_is_fitted(self)
-        if is_dask(X):  # lazy: mapped over the chunks, on the workers
-            return map_method(self, "transform", X, self.n_components_)
+        out = lazy_output(self, "transform", X, self.n_components_)
+        if out is not None:  # dask: mapped over the chunks, on the workers
+            return out
         X = check_features(self, X, reset=False, lazy=True)
         return self._transform(X, self._resolved_device())
 
@@ -311,9 +311,13 @@ class RandomProjection(
         -------
         X_original : ndarray or torch.Tensor of shape (n_samples, n_features_in_) \
                 or (N, n_features_in_, h, w)
-            Reconstructed data, float32, same array type as ``X``.
+            Reconstructed data, float32, same array type as ``X`` (a lazy
+            dask array mapped over the chunks for dask input).
         """
         check_is_fitted(self)
+        out = lazy_output(self, "inverse_transform", X, self.n_features_in_)
+        if out is not None:
+            return out
         X = self._check_codes(X)
         device = self._resolved_device()
         return _linear(self._inverse_components(device), X, device)
@@ -323,7 +327,7 @@ class RandomProjection(
 
         ``stacklevel`` points the dimensionality warning at the user's call.
         """
-        device = resolve_device(self.device)
+        device = self._resolved_device()
         n_features = int(X.shape[1])
         n_samples = int(X.shape[0] * np.prod(X.shape[2:], dtype=np.int64))
 

@@ -29,13 +29,12 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from .._dask import map_method
+from .._dask import lazy_output
 from .._device import (
     TorchEstimatorMixin,
     apply_tokenwise,
     as_tensor,
     check_features,
-    is_dask,
     is_torch,
     make_generator,
     resolve_device,
@@ -1122,8 +1121,9 @@ class StegoProjector(
         """
         check_is_fitted(self)
         dim = int(self.head_state_["linear.bias"].shape[0])
-        if is_dask(X):  # lazy: mapped over the chunks, on the workers
-            return map_method(self, "transform", X, dim)
+        out = lazy_output(self, "transform", X, dim)
+        if out is not None:
+            return out
         X = check_features(self, X, reset=False, lazy=True)
         device = self._resolved_device()
         params = self._device_params(device)
