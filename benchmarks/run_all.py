@@ -90,7 +90,11 @@ def _s(seconds: float) -> str:
 
 
 def _ratio(peer: float, ours: float) -> str:
-    return f"{peer / ours:.2f}x" if ours > 0 else "n/a"
+    """Three significant digits, so a slow contender reads 0.00455x, not 0.00x."""
+    if ours <= 0:
+        return "n/a"
+    ratio = peer / ours
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.3g}x"
 
 
 def _float(pattern: str, text: str, group: int = 1) -> float:
