@@ -18,7 +18,7 @@ before it.
 Run::
 
     python benchmarks/bench_hnne.py               # 1M x 384 -> 70, the study's size
-    python benchmarks/bench_hnne.py --n 100000
+    python benchmarks/bench_hnne.py --n 100000 --repeat 3   # interleaved, median
 """
 
 from __future__ import annotations
@@ -111,6 +111,17 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=384)
     parser.add_argument("--dim", type=int, default=70)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of every side, interleaved; the median time is reported",
+    )
+    parser.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help="comma-separated sides to run (HNNEProjector always runs)",
+    )
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -127,17 +138,23 @@ def main() -> None:
         "subprocess per side =="
     )
     print(f"{'side':<22} {'seconds':>9} {'RSS before MiB':>15} {'peak MiB':>9}")
-    results = {}
-    for side in SIDES:
-        cmd = [sys.executable, __file__, "--side", side, "--n", str(args.n)]
-        cmd += ["--features", str(args.features), "--dim", str(args.dim)]
-        cmd += ["--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        secs, before, peak = (float(v) for v in out.stdout.split()[-3:])
-        results[side] = secs
-        print(f"{side:<22} {secs:>9.2f} {before:>15.0f} {peak:>9.0f}")
+    sides = [s for s in SIDES if s in args.sides.split(",") or s == SIDES[-1]]
+    times = {side: [] for side in sides}
+    for _ in range(args.repeat):
+        for side in sides:
+            cmd = [sys.executable, __file__, "--side", side, "--n", str(args.n)]
+            cmd += ["--features", str(args.features), "--dim", str(args.dim)]
+            cmd += ["--device", args.device]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            secs, before, peak = (float(v) for v in out.stdout.split()[-3:])
+            times[side].append(secs)
+            print(f"{side:<22} {secs:>9.2f} {before:>15.0f} {peak:>9.0f}", flush=True)
+    results = {side: float(np.median(t)) for side, t in times.items()}
+    if args.repeat > 1:
+        for side in sides:
+            print(f"median {side:<15} {results[side]:>9.2f}")
     ours = results["HNNEProjector"]
-    for side in SIDES[:2]:
+    for side in sides[:-1]:
         print(f"ratio {side} / HNNEProjector: {results[side] / ours:.2f}x")
 
 

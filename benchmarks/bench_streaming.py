@@ -163,23 +163,27 @@ def ours(
     return out
 
 
-def peers(n: int, d: int) -> dict:
+def peers(n: int, d: int, only: str = "") -> dict:
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.decomposition import IncrementalPCA
 
     X = SyntheticTokens(n, d)
     out = {"rss_before_mib": round(peak_rss_mib(), 1)}
-    t0 = time.perf_counter()
-    pca = IncrementalPCA(n_components=8)
-    for xb in X.blocks():
-        pca.partial_fit(xb)
-    out["pca_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    km = MiniBatchKMeans(8, batch_size=BLOCK, n_init=1, random_state=0)
-    for xb in X.blocks():
-        km.partial_fit(xb)
-    out["kmeans_minibatch_s"] = round(time.perf_counter() - t0, 2)
-    if n * d * 4 <= IN_MEMORY_PEER_BYTES:  # the in-memory peer of exact Lloyd
+    wanted = only.split(",") if only else ["pca", "kmeans_minibatch", "kmeans_exact"]
+    if "pca" in wanted:
+        t0 = time.perf_counter()
+        pca = IncrementalPCA(n_components=8)
+        for xb in X.blocks():
+            pca.partial_fit(xb)
+        out["pca_s"] = round(time.perf_counter() - t0, 2)
+    if "kmeans_minibatch" in wanted:
+        t0 = time.perf_counter()
+        km = MiniBatchKMeans(8, batch_size=BLOCK, n_init=1, random_state=0)
+        for xb in X.blocks():
+            km.partial_fit(xb)
+        out["kmeans_minibatch_s"] = round(time.perf_counter() - t0, 2)
+    # the in-memory peer of exact Lloyd
+    if "kmeans_exact" in wanted and n * d * 4 <= IN_MEMORY_PEER_BYTES:
         from sklearn.cluster import KMeans
 
         tokens = np.concatenate(list(X.blocks()))
@@ -202,7 +206,7 @@ def child(
     if who == "ours":
         out = ours(n, d, device, max_samples, exact_up_to, only)
     else:
-        out = peers(n, d)
+        out = peers(n, d, only)
     out.update(tokens=n, who=who, peak_rss_mib=round(peak_rss_mib(), 1))
     print(json.dumps(out), flush=True)
 
@@ -231,7 +235,14 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated subset of our contenders (pca, kmeans_lloyd, "
-        "kmeans_exact, kmeans_minibatch); the peers are then not run",
+        "kmeans_exact, kmeans_minibatch); only their peers are run",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each side per size, interleaved (ours, peers, ours, "
+        "...); the median of each time is reported",
     )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--who", default="ours", help=argparse.SUPPRESS)
@@ -250,16 +261,25 @@ def main() -> None:
     rate = {"ours": None, "peers": None}  # seconds per token, last size run
     for n in sorted(int(float(s)) for s in args.tokens.split(",")):
         row = {"tokens": n, "data_float32_gib": round(n * args.features * 4 / 2**30, 2)}
-        for who in ("ours", "peers"):
-            if who == "peers" and args.only:
-                row[who] = {}
-                continue
-            if rate[who] is not None and rate[who] * n > args.budget:
-                row[who] = {"skipped": True, "projected_s": round(rate[who] * n)}
-                continue
-            result = run(n, args, who)
-            rate[who] = result.pop("wall_s") / n
-            row[who] = result
+        runs = {"ours": [], "peers": []}
+        for _ in range(args.repeat):
+            for who in ("ours", "peers"):
+                if rate[who] is not None and rate[who] * n > args.budget:
+                    row[who] = {"skipped": True, "projected_s": round(rate[who] * n)}
+                    continue
+                result = run(n, args, who)
+                rate[who] = result.pop("wall_s") / n
+                runs[who].append(result)
+        for who, results in runs.items():
+            if results:  # the median of every number over the runs
+                row[who] = {
+                    key: float(np.median([r[key] for r in results]))
+                    if isinstance(results[0][key], (int, float))
+                    else results[0][key]
+                    for key in results[0]
+                }
+                if args.repeat > 1:
+                    row[who]["runs"] = results
         for key in ("pca_s", "kmeans_minibatch_s", "kmeans_exact_s"):
             mine, theirs = row["ours"].get(key), row["peers"].get(key)
             if mine and theirs:

@@ -64,6 +64,101 @@ def test_fit_transform_is_fit_then_transform(digits):
     np.testing.assert_array_equal(a, b)
 
 
+def _blob_tokens(n=3000, d=32, modes=12, seed=0):
+    """Float32 tokens around a few modes: a hierarchy of several levels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(modes, d))
+    X = centres[rng.integers(modes, size=n)] + rng.normal(size=(n, d))
+    return (X + rng.uniform(0, 1, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("dim", [2, 8])
+def test_fit_transform_keeps_proven_clusters_and_equals_transform(
+    monkeypatch, metric, dim
+):
+    # fit_transform keeps the cluster hnne put a training token in wherever
+    # that is provably the centroid transform finds, and searches the rest:
+    # the codes are those of fit(X).transform(X), row by row
+    from skstego.projection import _hnne
+
+    X = _blob_tokens(n=3000 if dim > 3 else 1000)  # hnne's 2-D packing is slow
+    searched = []
+    nearest = _hnne.nearest_rows
+
+    def spy(x, *args):
+        searched.append(x.shape[0])
+        return nearest(x, *args)
+
+    kw = {"dim": dim, "metric": metric, "device": "cpu", "random_state": 0}
+    monkeypatch.setattr(_hnne, "nearest_rows", spy)
+    codes = HNNEProjector(**kw).fit_transform(X)
+    kept = len(X) - sum(searched)
+    assert kept > 0.5 * len(X)  # most tokens certified here
+    searched.clear()
+    proj = HNNEProjector(**kw).fit(X)
+    expected = proj.transform(X)
+    assert sum(searched) == len(X)
+    np.testing.assert_array_equal(codes, expected)
+    # and hnne's own transform (float64): the same nearest centroid, so the
+    # same codes up to float32 rounding (2-D: see test_equals_hnne_transform_2d)
+    ref = HNNE(n_components=dim, metric=metric, random_state=0)
+    layout = ref.fit(X)
+    theirs = ref.transform(X)
+    err = np.abs(codes - theirs).max(axis=1)
+    scale = np.abs(theirs).max()
+    if dim > 3:
+        np.testing.assert_allclose(codes, theirs, rtol=1e-4, atol=1e-4 * scale)
+    else:
+        assert np.mean(err < 1e-3 * scale) >= 0.98
+    # hnne's training layout equals its transform for the tokens farthest
+    # from their cluster's mean (same anchor, same scale); ours agrees there
+    same = np.abs(layout - theirs).max(axis=1) < 1e-9 * scale
+    assert same.sum() > 0.1 * len(X)
+    agree = np.abs(codes[same] - layout[same]).max(axis=1) < 1e-3 * scale
+    assert np.mean(agree) >= (1.0 if dim > 3 else 0.98)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_certified_guesses_are_the_exact_nearest_centroid(metric):
+    # whatever the guess (hnne's clusters, random, or a near-tie), a
+    # certified token's guess is the float32 search's pick and the float64
+    # argmax
+    from skstego.projection import _hnne
+
+    X = _blob_tokens(n=2000, seed=1)
+    proj = HNNEProjector(dim=4, metric=metric, device="cpu", random_state=0)
+    proj.fit(X)
+    cosine = metric == "cosine"
+    p = proj._params(torch.device("cpu"))
+    x = torch.from_numpy(X)
+    # near-ties: tokens half way between two centroids
+    c = p["centers"]
+    mid = (0.5 * (c[:-1] + c[1:]))[:500]
+    x = torch.cat([x, mid])
+    hnne_own = torch.as_tensor(proj.hnne_.hierarchy_parameters.partitions[:, 0])
+    found = _hnne.nearest_rows(x, c, cosine, None if cosine else p["neg_c_sq"])
+    xd = torch.nn.functional.normalize(x.double(), dim=1) if cosine else x.double()
+    cd = c.double()
+    exact = (xd @ cd.T if cosine else 2 * xd @ cd.T - (cd * cd).sum(1)).argmax(1)
+    rng = np.random.default_rng(0)
+    guesses = {
+        "hnne": torch.cat([hnne_own, torch.arange(len(mid))]),
+        "found": found,
+        "random": torch.as_tensor(rng.integers(len(c), size=len(x))),
+    }
+    for name, own in guesses.items():
+        groups = _hnne._groups(proj.hnne_, p, x, own, cosine)
+        idx, ok = _hnne._certified(x, own, groups, cosine)
+        assert torch.equal(idx[ok], found[ok]), name
+        assert torch.equal(idx[ok], exact[ok]), name
+        if name == "random":  # a random group rarely holds the nearest
+            assert ok.float().mean() < 0.05
+        else:
+            assert ok[: len(X)].float().mean() > 0.5, name
+            assert ok[len(X) :].float().mean() < 0.5, name  # near-ties
+
+
 def test_maps_are_projected_token_by_token(digits):
     maps = digits[:24].reshape(24, 4, 4, 4)  # (N, C, h, w)
     tokens = maps.transpose(0, 2, 3, 1).reshape(-1, 4)
