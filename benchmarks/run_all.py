@@ -91,8 +91,8 @@ def _s(seconds: float) -> str:
 
 def _ratio(peer: float, ours: float) -> str:
     """Three significant digits, so a slow contender reads 0.00455x, not 0.00x."""
-    if ours <= 0:
-        return "n/a"
+    if ours <= 0 or peer <= 0:
+        return "n/a"  # a time below the printed resolution (quick sizes)
     ratio = peer / ours
     return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.3g}x"
 
