@@ -50,26 +50,32 @@ def tiny():
     return images, proba
 
 
+#: CRF settings both the float64 reference and pydensecrf are checked with:
+#: the defaults, no or few iterations, each kernel switched off, other widths
+#: and a negative compatibility.
+CRF_PARAMS = [
+    {},
+    {"n_iter": 0},
+    {"n_iter": 1},
+    {"n_iter": 3, "gaussian_compat": 0.0},
+    {"n_iter": 5, "bilateral_compat": 0.0},
+    {
+        "gaussian_sxy": 2.5,
+        "gaussian_compat": 1.0,
+        "bilateral_sxy": 5.0,
+        "bilateral_srgb": 20.0,
+        "bilateral_compat": 2.0,
+    },
+    {"bilateral_srgb": 40.0, "bilateral_compat": -1.5, "gaussian_compat": 6.0},
+]
+
+
 # --------------------------------------------------------------------------
 # exact method against the float64 reference
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "params",
-    [
-        {},
-        {"n_iter": 0},
-        {"n_iter": 1},
-        {"n_iter": 3, "gaussian_compat": 0.0},
-        {"n_iter": 5, "bilateral_compat": 0.0},
-        {
-            "gaussian_sxy": 2.5,
-            "gaussian_compat": 1.0,
-            "bilateral_sxy": 5.0,
-            "bilateral_srgb": 20.0,
-            "bilateral_compat": 2.0,
-        },
-        {"bilateral_srgb": 40.0, "bilateral_compat": -1.5, "gaussian_compat": 6.0},
-    ],
+    CRF_PARAMS,
 )
 def test_exact_matches_float64_reference(tiny, params):
     images, proba = tiny
@@ -235,21 +241,7 @@ def test_torch_lattice_agrees_with_pydensecrf_at_stego_settings(size, n_classes,
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "params",
-    [
-        {},
-        {"n_iter": 0},
-        {"n_iter": 1},
-        {"n_iter": 3, "gaussian_compat": 0.0},
-        {"n_iter": 5, "bilateral_compat": 0.0},
-        {
-            "gaussian_sxy": 2.5,
-            "gaussian_compat": 1.0,
-            "bilateral_sxy": 5.0,
-            "bilateral_srgb": 20.0,
-            "bilateral_compat": 2.0,
-        },
-        {"bilateral_srgb": 40.0, "bilateral_compat": -1.5, "gaussian_compat": 6.0},
-    ],
+    CRF_PARAMS,
 )
 def test_pydensecrf_backend_is_stegos_dense_crf(params):
     # the same features, unary and calls: bit for bit
