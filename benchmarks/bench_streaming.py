@@ -136,7 +136,10 @@ def ours(
 
     X = SyntheticTokens(n, d)
     out = {"rss_before_mib": round(peak_rss_mib(), 1)}
-    km = dict(k=8, compute_labels=False, device=device, random_state=0)
+    # Euclidean, as the peers (KMeansProbe's default metric is cosine)
+    km = dict(
+        k=8, metric="euclidean", compute_labels=False, device=device, random_state=0
+    )
     fits = {
         "pca": lambda: TorchPCA(dim=8, device=device),
         "kmeans_lloyd": lambda: KMeansProbe(max_iter=5, max_samples=max_samples, **km),
