@@ -213,6 +213,32 @@ def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
     np.testing.assert_array_equal(seeds.numpy(), tokens[np.sort(idx)])
 
 
+def test_random_seeding_reads_only_the_tokens_it_picks(monkeypatch):
+    from sklearn.cluster import KMeans
+
+    from skstego.probes import _kmeans_kernels
+
+    monkeypatch.setattr(_kmeans_kernels, "SEED_SAMPLES", 50)
+    drawn = []
+    draw = _kmeans_kernels.sample_indices
+
+    def recording(n_total, m, gen):
+        drawn.append(m)
+        return draw(n_total, m, gen)
+
+    monkeypatch.setattr(_kmeans_kernels, "sample_indices", recording)
+    X = _tokens(13, n=300, d=3, offset=0.0)
+    D = da.from_array(X, chunks=70)
+    kw = dict(metric="euclidean", max_samples=None, max_iter=100, tol=0.0)
+    probe = KMeansProbe(3, init="random", n_init=2, random_state=0, **kw).fit(D)
+    # k tokens per run, not a SEED_SAMPLES subsample (a pass over the data)
+    assert drawn == [3 * 2]
+    # and the fit is a Lloyd fixed point: scikit-learn's Lloyd step from
+    # the fitted centroids leaves them where they are
+    step = KMeans(3, init=probe.cluster_centers_, n_init=1, max_iter=1).fit(X)
+    np.testing.assert_allclose(step.cluster_centers_, probe.cluster_centers_, atol=1e-5)
+
+
 @pytest.mark.parametrize("maps", [False, True])
 def test_kmeans_subsample_gathered_and_labelled_on_the_workers(client, maps):
     rng = np.random.default_rng(11)

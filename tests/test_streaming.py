@@ -204,6 +204,34 @@ def test_exact_lloyd_streams_on_disk_input_equal_to_sklearn(
     np.testing.assert_allclose(lean.cluster_centers_, streamed.cluster_centers_)
 
 
+@pytest.mark.parametrize("tol", [1e-3, 3e-2])
+def test_exact_lloyd_on_disk_measures_tol_in_its_first_pass(tmp_path, monkeypatch, tol):
+    # tol is relative to the mean feature variance: the first E-step's pass
+    # measures it, so a tol > 0 costs no pass of its own
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 6 * 5 * 5 * 3)
+    rng = np.random.default_rng(23)
+    maps = _blobs(rng, 40 * 25, d=6, k=4).reshape(40, 5, 5, 6).transpose(0, 3, 1, 2)
+    tokens = maps.transpose(0, 2, 3, 1).reshape(-1, 6)
+    init = tokens[[0, 1, 2, 3]].copy()  # poor seeds: several iterations
+    on_disk = _Counting(_memmap(tmp_path, "x.npy", maps.copy()))
+    probe = KMeansProbe(
+        4,
+        metric="euclidean",
+        init=init,
+        max_iter=100,
+        tol=tol,
+        max_samples=None,
+        device="cpu",
+    )
+    probe.fit(on_disk)
+    assert len(on_disk.reads) == 14 * (probe.n_iter_ + 1)
+    # scikit-learn stops after the same iteration, at the same centroids
+    ref = KMeans(4, init=init, n_init=1, max_iter=100, tol=tol).fit(tokens)
+    assert probe.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(probe.cluster_centers_, ref.cluster_centers_, atol=1e-4)
+    np.testing.assert_array_equal(probe.labels_.reshape(-1), ref.labels_)
+
+
 def test_exact_lloyd_on_disk_seeds_with_kmeans_plus_plus(tmp_path):
     rng = np.random.default_rng(22)
     X = _blobs(rng, 3000, d=4, k=3)

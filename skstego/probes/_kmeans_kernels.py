@@ -178,9 +178,10 @@ def _row_sq_norms(X: torch.Tensor) -> torch.Tensor:
     """``|x|^2`` per row, in blocks (no full-size temporary)."""
     out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
     for sl in iter_slices(X.shape[0], _chunk_rows(X.device, 1, X.shape[1])):
-        xb = X[sl]
-        torch.sum(xb * xb, dim=1, out=out[sl])
-    return out
+        # the norm, squared: no (rows, C) temporary (``(x * x).sum(1)``
+        # allocated one per block, measured up to 10x slower on the CPU)
+        torch.linalg.vector_norm(X[sl], dim=1, out=out[sl])
+    return out.square_()
 
 
 def _prepare_tokens(
@@ -201,11 +202,15 @@ def _counts(
 ) -> torch.Tensor:
     """Tokens per cluster, shape (k,).
 
-    ``index_add_`` of ones rather than ``torch.bincount``: CUDA's bincount
-    reads ``max(labels)`` back to the host to size its output, a
-    synchronisation per call (exact here in int64, or in float64 below
-    2**53). With token weights ``w``, the weight per cluster.
+    ``torch.bincount`` on the CPU (no per-call array of ones); elsewhere
+    ``index_add_`` of ones, since CUDA's bincount reads ``max(labels)`` back
+    to the host to size its output, a synchronisation per call (exact here
+    in int64, or in float64 below 2**53). With token weights ``w``, the
+    weight per cluster.
     """
+    if labels.device.type == "cpu":
+        weights = None if w is None else w.to(torch.float64)
+        return torch.bincount(labels, weights, minlength=k).to(dtype)
     if w is None:
         ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
     else:
@@ -436,7 +441,7 @@ def _lloyd_loop(
     centers: torch.Tensor,
     *,
     max_iter: int,
-    tol: float,
+    tol: float | None,
     cosine: bool,
     verbose: bool,
     desc: str,
@@ -444,7 +449,8 @@ def _lloyd_loop(
     """Lloyd iterations as scikit-learn's ``_kmeans_single_lloyd``.
 
     Stops when no label changes (strict convergence) or when the squared
-    centroid shift (float64) is at most ``tol`` (already scaled), or after
+    centroid shift (float64) is at most ``tol`` (already scaled; None: the
+    ``tol`` attribute of ``passes`` after its first E-step), or after
     ``max_iter`` M-steps. ``passes`` runs the E-steps
     (:class:`_MemoryPasses` or :class:`_ChunkPasses`). A pass that keeps no
     labels reports no label change: its strict convergence shows as a shift
@@ -474,8 +480,12 @@ def _lloyd_loop(
     measured = []  # inertia of each E-step: centroids after 0, 1, ... M-steps
     bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
     while True:
-        final = not passes.deferred and (n_iter == max_iter or float(shift) <= tol)
+        final = not passes.deferred and (
+            n_iter == max_iter or (tol is not None and float(shift) <= tol)
+        )
         step = passes.estep(centers, final)
+        if tol is None:  # measured by the first pass (shift is inf until now)
+            tol = passes.tol
         measured.append(step.inertia)
         changed = step.changed
         if changed is None:
@@ -615,7 +625,8 @@ def _chunk_estep(
     device: torch.device,
     final: bool,
     keep: str,
-) -> dict[str, torch.Tensor]:
+    moments: bool = False,
+) -> dict[str, Any]:
     """One chunk's part of an E-step (any magnitude: see :func:`_scaled_tokens`).
 
     Returns the chunk's ``counts`` per cluster and float64 ``inertia``;
@@ -623,7 +634,8 @@ def _chunk_estep(
     farthest from their centroid (``far_dist`` in float64, decreasing;
     ``far_x``; ``far_label``); and, as ``keep`` says ("", "labels" or
     "labels+dist"), the labels and float64 squared distances of its tokens.
-    All on ``device``.
+    All on ``device``. With ``moments``, also the ``(count, mean, m2)`` of
+    the tokens the distances see (unit rows for cosine), for ``tol``.
     """
     with torch.no_grad():
         x = token_tensor(block, device)
@@ -648,6 +660,9 @@ def _chunk_estep(
             out["labels"] = labels
         if keep == "labels+dist":
             out["dist"] = dist.double() * (s * s)
+        if moments:
+            count, mean, m2 = token_moments(x)
+            out["moments"] = (count, mean * s, m2 * (s * s))
         return out
 
 
@@ -669,15 +684,28 @@ def _farthest(kept: dict | None, part: dict, k: int) -> dict:
 
 class _ChunkPasses:
     """E-steps over chunks (``chunks.map`` of :func:`_chunk_estep`), merged in
-    float64 on ``device``; labels are kept in the last pass only."""
+    float64 on ``device``; labels are kept in the last pass only.
+
+    With ``tol_factor`` > 0, the first pass also measures the mean feature
+    variance and sets ``tol`` to ``tol_factor`` times it (no separate pass
+    over the data); else ``tol`` is 0.
+    """
 
     deferred = False
 
     def __init__(
-        self, chunks: Any, k: int, cosine: bool, device: torch.device, keep: str
+        self,
+        chunks: Any,
+        k: int,
+        cosine: bool,
+        device: torch.device,
+        keep: str,
+        tol_factor: float = 0.0,
     ) -> None:
         self.chunks, self.k, self.cosine = chunks, k, cosine
         self.device, self.keep = device, keep
+        self.tol_factor = tol_factor
+        self.tol: float | None = None if tol_factor > 0 else 0.0
         self.far: dict | None = None
         self.labels: torch.Tensor | None = None
         self.dist: torch.Tensor | None = None
@@ -688,10 +716,13 @@ class _ChunkPasses:
         counts = torch.zeros(k, dtype=torch.int64, device=dev)
         inertia = torch.zeros((), dtype=torch.float64, device=dev)
         keep = self.keep if final else ""
-        labels, dists, far = [], [], None
+        moments = self.tol is None
+        labels, dists, far, parts = [], [], None, []
         for part in self.chunks.map(
-            _chunk_estep, centers, self.cosine, dev, final, keep
+            _chunk_estep, centers, self.cosine, dev, final, keep, moments
         ):
+            if moments:
+                parts.append(part.pop("moments"))
             part = {key: value.to(dev) for key, value in part.items()}
             counts += part["counts"]
             inertia += part["inertia"]
@@ -702,6 +733,9 @@ class _ChunkPasses:
                 labels.append(part["labels"])
             if keep == "labels+dist":
                 dists.append(part["dist"])
+        if moments:
+            n, mean, m2 = merge_moments(parts)
+            self.tol = float(m2.sum() / (n * mean.shape[0])) * self.tol_factor
         self.far = far
         self.labels = torch.cat(labels) if labels else None
         self.dist = torch.cat(dists) if dists else None
@@ -728,30 +762,25 @@ def _label_pass(
     return step, passes.labels, passes.dist
 
 
-def _chunk_moments(block: Any, cosine: bool, device: torch.device) -> tuple:
-    x = token_tensor(block, device)
-    return token_moments(_normalize_rows(x) if cosine else x)
-
-
-def _chunked_tol(chunks: Any, cosine: bool, device: torch.device, tol: float) -> float:
-    """``tol`` times the mean feature variance of all tokens (one pass)."""
-    if tol <= 0:
-        return 0.0
-    n, mean, m2 = merge_moments(chunks.map(_chunk_moments, cosine, device))
-    return float(m2.sum() / (n * mean.shape[0])) * tol
-
-
 def _seed_tokens(
-    chunks: Any, gen: torch.Generator, n_total: int, device: torch.device
+    chunks: Any,
+    gen: torch.Generator,
+    n_total: int,
+    device: torch.device,
+    size: int | None = None,
 ) -> torch.Tensor:
-    """All tokens (up to :data:`SEED_SAMPLES`), else a random subsample.
+    """All tokens (up to :data:`SEED_SAMPLES`), else a random subsample of
+    ``size`` (default :data:`SEED_SAMPLES`).
 
-    The subsample is drawn in O(:data:`SEED_SAMPLES`) memory, as KMeansProbe
-    draws ``max_samples`` (no permutation of all ``n_total`` tokens).
+    The subsample is drawn in O(``size``) memory, as KMeansProbe draws
+    ``max_samples`` (no permutation of all ``n_total`` tokens). Random
+    seeding asks for only the tokens it can pick (``k`` per run): reading
+    those costs a few slices, not a pass over all the data.
     """
     if n_total <= SEED_SAMPLES:
         return chunks.gather(np.arange(n_total), device)
-    return chunks.gather(sample_indices(n_total, SEED_SAMPLES, gen).numpy(), device)
+    size = SEED_SAMPLES if size is None else size
+    return chunks.gather(sample_indices(n_total, size, gen).numpy(), device)
 
 
 def _chunked_lloyd(
@@ -771,12 +800,14 @@ def _chunked_lloyd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, float, int, np.ndarray, torch.Tensor]:
     """Exact Lloyd k-means on every token of ``chunks``, one pass per E-step.
 
-    Seeding as in memory (k-means++ or random on the tokens, or on
-    :data:`SEED_SAMPLES` of them drawn with ``gen`` when there are more; or
-    the ``init`` array), ``tol`` relative to the mean feature variance (one
-    more pass), then :func:`_lloyd_loop` over :class:`_ChunkPasses`, whose
-    last pass gives the labels (kept with ``keep_labels``), inertia and
-    counts; ``n_init`` runs, lowest inertia wins.
+    Seeding as in memory (k-means++ or random on the tokens; when there
+    are more than :data:`SEED_SAMPLES`, k-means++ on that many drawn with
+    ``gen`` and random seeding on ``k`` x ``n_init`` drawn tokens; or the
+    ``init`` array), ``tol`` relative to the mean feature variance
+    (measured by the first E-step's pass, not a pass of its own), then
+    :func:`_lloyd_loop` over :class:`_ChunkPasses`, whose last pass gives the
+    labels (kept with ``keep_labels``), inertia and counts; ``n_init`` runs,
+    lowest inertia wins.
 
     Returns
     -------
@@ -785,10 +816,13 @@ def _chunked_lloyd(
         ``keep_labels``) on ``device``, float inertia, int iterations,
         float64 curve, (k,) int64 cluster sizes.
     """
-    tol = _chunked_tol(chunks, cosine, device, tol)
     seeds, seeds_sq, scale = None, None, 1.0
+    n_runs = n_init if isinstance(init, str) else 1
     if isinstance(init, str):
-        seeds = _seed_tokens(chunks, gen, n_total, device)
+        # random seeding picks k tokens per run: draw only those (uniform
+        # k-subsets either way), k-means++ needs the whole subsample
+        size = min(SEED_SAMPLES, k * n_runs) if init == "random" else SEED_SAMPLES
+        seeds = _seed_tokens(chunks, gen, n_total, device, size)
         if cosine:
             seeds = _normalize_rows(seeds)
             seeds_sq = torch.ones(seeds.shape[0], device=device)
@@ -799,21 +833,23 @@ def _chunked_lloyd(
     else:
         seeds = torch.empty(0, 1, device=device)
     best = None
-    n_runs = n_init if isinstance(init, str) else 1
     for run in range(n_runs):
         start = _init_centers(seeds, seeds_sq, k, init, gen, cosine) * scale
-        passes = _ChunkPasses(
-            chunks, k, cosine, device, "labels" if keep_labels else ""
-        )
+        keep = "labels" if keep_labels else ""
+        # the first run's first pass measures the variance that scales tol
+        factor = tol if run == 0 else 0.0
+        passes = _ChunkPasses(chunks, k, cosine, device, keep, factor)
         centers, step, inertia, n_iter, curve = _lloyd_loop(
             passes,
             start,
             max_iter=max_iter,
-            tol=tol,
+            tol=passes.tol if run == 0 else tol,
             cosine=cosine,
             verbose=verbose,
             desc=f"k-means run {run + 1}/{n_runs}",
         )
+        if run == 0:
+            tol = passes.tol  # scaled, for the other runs
         if best is None or inertia < best[2]:
             best = (centers, passes.labels, inertia, n_iter, curve, step.counts)
     return best
