@@ -68,6 +68,17 @@ def _similarity(
     return torch.addmm(neg_c_sq, X, centers.T, alpha=2.0)
 
 
+def _largest_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` (0-d, NaN if any value is NaN) in one pass, no temporary.
+
+    ``x.abs().amax()`` allocates an ``|x|`` copy: a 16 MiB block was mapped
+    and page-faulted afresh per mini-batch step (2 ms of a 20 ms step on the
+    CPU); ``vector_norm(x, inf)`` is about 20x slower than ``aminmax`` here.
+    """
+    low, high = torch.aminmax(x)
+    return torch.maximum(-low, high)
+
+
 def _overflow_scale(X: torch.Tensor) -> float:
     """A power of two to divide ``X`` by so that float32 squared norms and
     ``2 x.c - |c|^2`` cannot overflow (1.0 for ordinary values).
@@ -78,7 +89,7 @@ def _overflow_scale(X: torch.Tensor) -> float:
     """
     if X.numel() == 0:
         return 1.0
-    m = float(X.detach().abs().max())
+    m = float(_largest_magnitude(X.detach()))
     if not math.isfinite(m) or m * m * X.shape[-1] < _SAFE_SQ_NORM:
         return 1.0
     return float(2.0 ** math.ceil(math.log2(m)))
@@ -90,8 +101,7 @@ def _device_scale(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     computed on the device without a host read (for loops that must not
     wait for it): the smallest ``2**p >= 1`` that brings the largest
     magnitude under ``sqrt(_SAFE_SQ_NORM / n_features)``."""
-    # abs().amax(): on the CPU 15x faster than vector_norm(x, inf)
-    m = torch.maximum(x.abs().amax(), centers.abs().amax())
+    m = torch.maximum(_largest_magnitude(x), _largest_magnitude(centers))
     limit = math.sqrt(_SAFE_SQ_NORM / x.shape[-1])
     return torch.exp2(torch.log2_(m / limit).ceil_().clamp_(min=0.0))
 
@@ -202,15 +212,11 @@ def _counts(
 ) -> torch.Tensor:
     """Tokens per cluster, shape (k,).
 
-    ``torch.bincount`` on the CPU (no per-call array of ones); elsewhere
-    ``index_add_`` of ones, since CUDA's bincount reads ``max(labels)`` back
-    to the host to size its output, a synchronisation per call (exact here
-    in int64, or in float64 below 2**53). With token weights ``w``, the
-    weight per cluster.
+    ``index_add_`` of ones rather than ``torch.bincount``: CUDA's bincount
+    reads ``max(labels)`` back to the host to size its output, a
+    synchronisation per call (exact here in int64, or in float64 below
+    2**53). With token weights ``w``, the weight per cluster.
     """
-    if labels.device.type == "cpu":
-        weights = None if w is None else w.to(torch.float64)
-        return torch.bincount(labels, weights, minlength=k).to(dtype)
     if w is None:
         ones = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
     else:
