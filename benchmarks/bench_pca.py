@@ -14,6 +14,7 @@ ever held.
 Run::
 
     python benchmarks/bench_pca.py                      # 1M x 384 -> 70
+    python benchmarks/bench_pca.py --data zero-mean     # the same, centred
     python benchmarks/bench_pca.py --n 50000 --stream 100000,200000,400000
 """
 
@@ -229,6 +230,13 @@ def main() -> None:
         default="1000000,2000000,4000000",
         help="comma-separated token counts for the streaming section ('' skips)",
     )
+    parser.add_argument(
+        "--data",
+        choices=("offset", "zero-mean"),
+        default="offset",
+        help="tokens with a DINO-like per-feature offset (default), or the "
+        "same tokens centred (TorchPCA then skips its shifted copy)",
+    )
     parser.add_argument("--chunk", type=int, default=131_072, help="tokens per batch")
     parser.add_argument(
         "--stream-child", type=int, default=None, help=argparse.SUPPRESS
@@ -246,6 +254,9 @@ def main() -> None:
         f"CUDA available: {torch.cuda.is_available()}"
     )
     X = make_tokens(args.n, args.features)
+    if args.data == "zero-mean":
+        X -= X.mean(axis=0)
+    print(f"data: {args.data}")
     compare(X, args.dim, args.device, args.repeats, args.full_n)
     del X
     accuracy_on_offsets(min(args.n, 100_000), args.dim)
