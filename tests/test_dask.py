@@ -11,6 +11,7 @@ import joblib
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
+from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -214,8 +215,6 @@ def test_seed_subsample_draws_the_generator_tokens(monkeypatch, maps):
 
 
 def test_random_seeding_reads_only_the_tokens_it_picks(monkeypatch):
-    from sklearn.cluster import KMeans
-
     from skstego.probes import _kmeans_kernels
 
     monkeypatch.setattr(_kmeans_kernels, "SEED_SAMPLES", 50)
@@ -237,6 +236,27 @@ def test_random_seeding_reads_only_the_tokens_it_picks(monkeypatch):
     # the fitted centroids leaves them where they are
     step = KMeans(3, init=probe.cluster_centers_, n_init=1, max_iter=1).fit(X)
     np.testing.assert_allclose(step.cluster_centers_, probe.cluster_centers_, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_streamed_lloyd_tol_measured_on_the_blocks(metric):
+    # tol > 0 on dask input: the first E-step's blocks also return their
+    # moments (no separate variance pass); the stopping point must be the
+    # in-memory fit's, which measures the variance of the tokens it holds
+    X = _tokens(14, n=900, d=5, offset=3.0)
+    D = da.from_array(X, chunks=200)
+    init = X[:4].copy()
+    kw = dict(metric=metric, init=init, max_iter=100, tol=5e-2, device="cpu")
+    streamed = KMeansProbe(4, max_samples=None, **kw).fit(D)
+    memory = KMeansProbe(4, **kw).fit(X)
+    assert 1 < streamed.n_iter_ == memory.n_iter_ < 100
+    np.testing.assert_allclose(
+        streamed.cluster_centers_, memory.cluster_centers_, atol=1e-5
+    )
+    np.testing.assert_array_equal(np.asarray(streamed.labels_), memory.labels_)
+    if metric == "euclidean":  # scikit-learn stops at the same iteration
+        ref = KMeans(4, init=init, n_init=1, max_iter=100, tol=5e-2).fit(X)
+        assert streamed.n_iter_ == ref.n_iter_
 
 
 @pytest.mark.parametrize("maps", [False, True])
