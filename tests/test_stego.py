@@ -367,10 +367,16 @@ def test_stego_codes_beat_kmeans_on_raw_maps():
     # maps' difficulty (5 runs reach 0.70-1.0). Measured with the
     # derangements drawn on the device (issue 21); the random
     # stream before (rejection on the host) gave 0.74-0.94 for one run.
+    # Whether one k-means run lands in a local minimum flips with the last
+    # bits of the codes (reading the maps at the points by embedding_bag
+    # instead of grid_sample: the same float64 loss to 1e-10, seed 2 then
+    # gives 0.45 instead of 0.52, seed 5 0.55 instead of 0.90, while the
+    # best of 5 runs stays at a mean of 0.86 on seeds 0-8): hence the
+    # median over five seeds, which one such flip does not move.
     from skstego.probes import KMeansProbe
 
     raw, stego, best = [], [], []
-    for seed in range(3):
+    for seed in range(5):
         X, y = make_feature_maps(
             32, n_features=64, n_classes=5, map_size=12, random_state=seed
         )
@@ -390,7 +396,7 @@ def test_stego_codes_beat_kmeans_on_raw_maps():
         stego.append(clone(probe).fit(codes).score(codes, y))
         best.append(clone(probe).set_params(n_init=5).fit(codes).score(codes, y))
     assert min(best) > 0.7, best
-    assert np.mean(stego) > np.mean(raw) + 0.1, (raw, stego)
+    assert np.median(stego) > np.median(raw) + 0.1, (raw, stego)
 
 
 # The active (uncommented) values of the reference's
@@ -806,6 +812,29 @@ def test_same_device():
     assert _same_device(torch.device("cuda:1"), torch.device("cuda:1"))
 
 
+def test_batches_train_the_same_from_any_input_layout(tmp_path):
+    # Batches of in-memory maps are gathered straight into channels-last
+    # memory; other input (negative strides, on-disk maps) is gathered as
+    # maps and transposed per batch. Both feed the same loss.
+    X = _maps(n=10)
+    ref = _stego(n_steps=6).fit(X).loss_curve_
+    flipped = X[:, :, ::-1, :]  # negative strides: the per-batch copy
+    np.testing.assert_allclose(
+        _stego(n_steps=6).fit(flipped).loss_curve_,
+        _stego(n_steps=6).fit(np.ascontiguousarray(flipped)).loss_curve_,
+        rtol=1e-6,
+    )
+    np.save(tmp_path / "x.npy", X)
+    on_disk = np.load(tmp_path / "x.npy", mmap_mode="r")
+    np.testing.assert_allclose(
+        _stego(n_steps=6).fit(on_disk).loss_curve_, ref, rtol=1e-6
+    )
+    tensor = torch.from_numpy(X).contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(
+        _stego(n_steps=6).fit(tensor).loss_curve_, ref, rtol=1e-6
+    )
+
+
 def test_host_indices_for_input_off_the_training_device(monkeypatch):
     # CUDA training on NumPy (or host) input draws its batch indices on the
     # host with a generator seeded from the main one; emulated on the CPU.
@@ -818,7 +847,7 @@ def test_host_indices_for_input_off_the_training_device(monkeypatch):
     real = mod.as_tensor
 
     def spy(x, device, *args, **kwargs):
-        seen.append(type(x))
+        seen.append(x.device.type if isinstance(x, torch.Tensor) else type(x))
         return real(x, device, *args, **kwargs)
 
     monkeypatch.setattr(mod, "as_tensor", spy)
@@ -826,6 +855,8 @@ def test_host_indices_for_input_off_the_training_device(monkeypatch):
     b = _stego(n_steps=6).fit(X)
     np.testing.assert_array_equal(a.loss_curve_, b.loss_curve_)  # seeded
     assert not np.array_equal(a.loss_curve_, same.loss_curve_)  # own stream
-    assert np.ndarray in seen  # batches read from the array by host indices
+    # batches gathered on the host (from the array, by host indices), then
+    # handed to the training device
+    assert seen and set(seen) <= {"cpu", np.ndarray}
     t = _stego(n_steps=6).fit(torch.from_numpy(X))
     np.testing.assert_allclose(t.loss_curve_, a.loss_curve_, rtol=1e-6)
