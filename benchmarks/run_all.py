@@ -746,7 +746,7 @@ def entries(device: str) -> list[Entry]:
                     "--knn",
                     "",
                 ],
-                "cpu": ["--steps", "5", "--knn", ""],
+                "cpu": ["--steps", "10", "--knn", ""],
                 "cuda": [
                     "--images",
                     "2000",
