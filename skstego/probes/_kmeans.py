@@ -1067,7 +1067,7 @@ class KMeansProbe(
 
             def fn(xb: torch.Tensor) -> torch.Tensor:
                 d = torch.addmm(c_sq, xb, centers.T, alpha=-2.0)
-                return d.add_((xb * xb).sum(dim=1, keepdim=True)).clamp_min_(0).sqrt_()
+                return d.add_(_row_sq_norms(xb)[:, None]).clamp_min_(0).sqrt_()
 
         return apply_tokenwise(fn, X, device=device, out_features=self.k)
 
