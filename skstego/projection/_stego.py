@@ -1249,11 +1249,11 @@ class StegoProjector(
             x_rows = X.permute(0, 2, 3, 1)
         elif (
             X.ndim == 4
-            and type(X) in (np.ndarray, np.memmap)
+            and isinstance(X, np.ndarray)
             and min(X.strides) >= 0  # torch.from_numpy refuses negative strides
         ):
             with warnings.catch_warnings():
-                # read-only input (a memory map) is only read here
+                # read-only input is only read here
                 warnings.filterwarnings("ignore", message="The given NumPy array")
                 x_rows = torch.from_numpy(np.asarray(X)).permute(0, 2, 3, 1)
 
