@@ -465,7 +465,11 @@ def entries(device: str) -> list[Entry]:
     """Every benchmark with its arguments in each mode (``quick`` runs on
     ``device`` too)."""
     faiss = importable("faiss")
-    backends = "torch,faiss" if faiss else "torch"
+    # k-means: "auto" is the compiled scikit-learn kernel on the CPU (torch
+    # on CUDA, already timed as "torch")
+    backends = ("auto," if device == "cpu" else "") + (
+        "torch,faiss" if faiss else "torch"
+    )
     return [
         Entry(
             "pca",

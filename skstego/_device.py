@@ -95,6 +95,38 @@ def batch_elements(device: torch.device, purpose: str = "read") -> int:
     return DEFAULT_BATCH_ELEMENTS
 
 
+#: Largest share of the device's free memory that a fit may fill by
+#: gathering on-disk input it would otherwise stream pass by pass.
+GATHER_FRACTION = 0.25
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the process can still allocate on ``device`` without swapping
+    (``MemAvailable`` on Linux, free pages elsewhere; free CUDA memory), or
+    None where it cannot be known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` fit in :data:`GATHER_FRACTION` of the free memory
+    of ``device`` (False where the free memory cannot be known)."""
+    free = free_memory(device)
+    return free is not None and nbytes <= GATHER_FRACTION * free
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Turn a ``device`` parameter into a :class:`torch.device`.
 

@@ -73,7 +73,7 @@ def _run_reducers(X, device):
 
 
 def _run_probes(X, y, device):
-    KMeansProbe(k=3, device=device, random_state=0).fit(X).predict(X)
+    KMeansProbe(k=3, backend="torch", device=device, random_state=0).fit(X).predict(X)
     LinearProbe(device=device, random_state=0, max_iter=50, tol=1e-2).fit(X, y).predict(
         X
     )
@@ -326,7 +326,9 @@ def test_estimators_pickle_gpu_parameters_on_the_cpu(data):
     _, tokens, _ = data
     with cuda_copy_harness() as rec:
         init = torch.as_tensor(tokens[:3]).cuda()
-        probe = KMeansProbe(k=3, init=init, n_init=1, device="cuda").fit(tokens)
+        probe = KMeansProbe(
+            k=3, init=init, n_init=1, backend="torch", device="cuda"
+        ).fit(tokens)
         blob = pickle.dumps(probe)
         assert probe.init is init
     rec.assert_no_cuda_pickled()

@@ -157,7 +157,9 @@ def test_confusion_and_segmentation_metrics(maps):
 def test_kmeans_probe(maps, metric):
     X, y = maps
     with no_cuda_missing_ops():
-        probe = KMeansProbe(k=3, metric=metric, device="cpu", random_state=0)
+        probe = KMeansProbe(
+            k=3, metric=metric, backend="torch", device="cpu", random_state=0
+        )
         probe.fit(X, y)
         probe.predict(X, size=(10, 10))
         probe.predict_proba(X)
@@ -202,7 +204,9 @@ def test_crf_refine_and_probe():
         crf_refine(
             torch.from_numpy(images).permute(0, 3, 1, 2), proba, n_iter=2, device="cpu"
         )
-        km = KMeansProbe(k=3, metric="euclidean", device="cpu", random_state=0)
+        km = KMeansProbe(
+            k=3, metric="euclidean", backend="torch", device="cpu", random_state=0
+        )
         crf = CRFProbe(km, DenseCRF(n_iter=2, device="cpu")).fit(codes)
         crf.predict(codes, images=images)
 
@@ -232,7 +236,7 @@ def test_run_sweep_with_mechanisms():
             reducers=["pca", "rp"],
             dims=[2],
             probes={
-                "km": KMeansProbe(k=3),
+                "km": KMeansProbe(k=3, backend="torch"),
                 "lin": LinearProbe(solver="lbfgs", max_iter=5),
             },
             seeds=[0, 1],

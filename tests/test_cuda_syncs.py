@@ -242,6 +242,7 @@ def test_lloyd_fit_syncs_grow_by_one_per_iteration(digits):
             metric="euclidean",
             max_iter=max_iter,
             tol=0,
+            backend="torch",  # what CUDA runs ("sklearn" is CPU-only)
             device="cpu",
             random_state=0,
         )

@@ -289,7 +289,13 @@ def test_onehot_update_equals_numpy_lloyd(monkeypatch, metric):
     spherical = metric == "cosine"
     for n_iter in (1, 4):
         probe = KMeansProbe(
-            6, metric=metric, init=init, max_iter=n_iter, tol=0.0, device="cpu"
+            6,
+            metric=metric,
+            init=init,
+            max_iter=n_iter,
+            tol=0.0,
+            backend="torch",  # the GPU's backend ("sklearn" is CPU-only)
+            device="cpu",
         ).fit(X)
         C = numpy_lloyd(X, init, n_iter, spherical=spherical)
         np.testing.assert_allclose(probe.cluster_centers_, C, atol=1e-5)

@@ -152,7 +152,7 @@ def test_onehot_update_equals_index_add(digits, metric, monkeypatch):
     import skstego.probes._kmeans_kernels as kernels_module
 
     X, _ = digits
-    kw = dict(k=10, metric=metric, max_iter=10, tol=0, random_state=0)
+    kw = dict(k=10, metric=metric, max_iter=10, tol=0, backend="torch", random_state=0)
     a = KMeansProbe(**kw).fit(X)
     monkeypatch.setattr(kernels_module, "_use_onehot_update", lambda device: True)
     b = KMeansProbe(**kw).fit(X)
@@ -621,7 +621,19 @@ def test_auto_backend_is_torch_on_cuda(digits, monkeypatch):
         ("torch", torch.device("cuda:1"), "torch"),
         ("faiss", torch.device("cuda:1"), "faiss"),
     ]
-    assert _kmeans_choose("auto", torch.device("cpu")) == "torch"
+    # on the CPU: scikit-learn's compiled Lloyd kernel; "sklearn" is CPU-only
+    assert _kmeans_choose("auto", torch.device("cpu")) == "sklearn"
+    with pytest.raises(ValueError, match="CPU"):
+        _kmeans_choose("sklearn", cuda1)
+
+
+def test_auto_backend_is_torch_without_the_compiled_kernel(digits, monkeypatch):
+    from skstego.probes import _kmeans
+
+    monkeypatch.setattr(_kmeans, "compiled_lloyd_available", lambda: False)
+    assert _kmeans._choose_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ImportError, match="backend='torch'"):
+        KMeansProbe(k=3, backend="sklearn", device="cpu").fit(digits[0])
 
 
 class _FakeGpuFaiss:

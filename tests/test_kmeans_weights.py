@@ -165,7 +165,9 @@ def test_invalid_weights(data):
         _probe(k=2, backend="faiss").fit(X, sample_weight=np.ones(len(X)))
 
 
-def test_dask_and_streamed_input_raise(data, tmp_path):
+def test_dask_and_streamed_input_raise(data, tmp_path, monkeypatch):
+    from skstego.probes import _kmeans
+
     X, w = data
     da = pytest.importorskip("dask.array")
     with pytest.raises(ValueError, match="in-memory"):
@@ -173,10 +175,16 @@ def test_dask_and_streamed_input_raise(data, tmp_path):
     mm = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float32, X.shape)
     mm[:] = X
     mm.flush()
+    kw = dict(k=4, metric="euclidean", init=X[[0, 50, 100, 150]])
+    # on-disk tokens that fit in memory are gathered, so they take weights
+    a = _probe(**kw).fit(mm, sample_weight=w + 1)
+    b = _probe(**kw).fit(X, sample_weight=w + 1)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    # streamed Lloyd passes (on-disk tokens too large to gather) do not
+    monkeypatch.setattr(_kmeans, "fits_in_memory", lambda nbytes, device: False)
     with pytest.raises(ValueError, match="in-memory"):
         _probe(k=2, max_samples=None).fit(mm, sample_weight=w)
     # gathered on-disk tokens take weights
-    kw = dict(k=4, metric="euclidean", init=X[[0, 50, 100, 150]])
     a = _probe(max_samples=100, **kw).fit(mm, sample_weight=w + 1)
     b = _probe(max_samples=100, **kw).fit(X, sample_weight=w + 1)
     np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-5)

@@ -164,10 +164,53 @@ def test_minibatch_fit_streams_memmap_maps_equal_to_reference(
     np.testing.assert_array_equal(streamed.labels_, memory.predict(maps))
 
 
+def _too_large_to_gather(monkeypatch):
+    """Make on-disk input count as too large for memory: exact Lloyd streams."""
+    from skstego.probes import _kmeans
+
+    monkeypatch.setattr(_kmeans, "fits_in_memory", lambda nbytes, device: False)
+
+
+def test_exact_lloyd_gathers_on_disk_input_that_fits_in_memory(tmp_path, monkeypatch):
+    # one read of every token, then Lloyd in memory: the same fit as on the
+    # in-memory array, and as scikit-learn's
+    monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 6 * 5 * 5 * 3)
+    rng = np.random.default_rng(24)
+    maps = _blobs(rng, 40 * 25, d=6, k=4).reshape(40, 5, 5, 6).transpose(0, 3, 1, 2)
+    maps = maps.copy()
+    tokens = maps.transpose(0, 2, 3, 1).reshape(-1, 6)
+    init = tokens[[0, 250, 500, 750]].copy()
+    params = dict(k=4, metric="euclidean", init=init, max_iter=50, tol=0.0)
+    on_disk = _Counting(_memmap(tmp_path, "x.npy", maps))
+    gathered = KMeansProbe(max_samples=None, device="cpu", **params).fit(on_disk)
+    assert sum(k.stop - k.start for k in on_disk.reads) == 40  # every map once
+    memory = KMeansProbe(device="cpu", **params).fit(maps)
+    np.testing.assert_array_equal(gathered.cluster_centers_, memory.cluster_centers_)
+    np.testing.assert_array_equal(gathered.labels_, memory.labels_)
+    ref = KMeans(4, init=init, n_init=1, max_iter=50, tol=0.0).fit(tokens)
+    np.testing.assert_allclose(
+        gathered.cluster_centers_, ref.cluster_centers_, atol=1e-4
+    )
+    np.testing.assert_array_equal(gathered.labels_.reshape(-1), ref.labels_)
+
+
+def test_fits_in_memory_is_a_share_of_the_free_memory(monkeypatch):
+    from skstego._device import fits_in_memory, free_memory
+
+    cpu = device_module.torch.device("cpu")
+    free = free_memory(cpu)
+    assert free is not None and free > 0  # Linux: MemAvailable
+    assert fits_in_memory(1 << 20, cpu)
+    assert not fits_in_memory(free, cpu)
+    monkeypatch.setattr(device_module, "free_memory", lambda device: None)
+    assert not fits_in_memory(1, cpu)  # unknown: stream
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_exact_lloyd_streams_on_disk_input_equal_to_sklearn(
     tmp_path, monkeypatch, metric
 ):
+    _too_large_to_gather(monkeypatch)
     # max_samples=None on on-disk input: every Lloyd iteration is one pass of
     # per-slice statistics, the tokens never gathered (tiny slices here)
     monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 6 * 5 * 5 * 3)
@@ -206,6 +249,7 @@ def test_exact_lloyd_streams_on_disk_input_equal_to_sklearn(
 
 @pytest.mark.parametrize("tol", [1e-3, 3e-2])
 def test_exact_lloyd_on_disk_measures_tol_in_its_first_pass(tmp_path, monkeypatch, tol):
+    _too_large_to_gather(monkeypatch)
     # tol is relative to the mean feature variance: the first E-step's pass
     # measures it, so a tol > 0 costs no pass of its own
     monkeypatch.setitem(device_module.CPU_BATCH_ELEMENTS, "read", 6 * 5 * 5 * 3)
@@ -245,6 +289,7 @@ def test_exact_lloyd_on_disk_seeds_with_kmeans_plus_plus(tmp_path):
 
 
 def test_streamed_fits_show_progress_over_chunks(tmp_path, monkeypatch, capsys):
+    _too_large_to_gather(monkeypatch)
     from skstego import TorchPCA
 
     rng = np.random.default_rng(23)

@@ -41,6 +41,7 @@ from .._device import (
     as_tensor,
     check_features,
     dask_source,
+    fits_in_memory,
     is_torch,
     make_generator,
 )
@@ -48,6 +49,7 @@ from .._tokens import gather_tokens, n_tokens, sample_indices, token_batches
 from .._weights import check_weights, token_weights
 from ._base import check_targets
 from ._centroid import CentroidProbeMixin
+from ._kmeans_cpu_kernels import _compiled_lloyd, compiled_lloyd_available
 from ._kmeans_kernels import (
     _best_init,
     _chunked_lloyd,
@@ -165,32 +167,43 @@ def _faiss_centers(
 
 
 def _choose_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend="auto"``: torch, on every device (CUDA included).
+    """Resolve ``backend="auto"`` and check an explicit choice.
 
-    Measured on the 2-core CPU of the development machine (1M x 70 float32
-    tokens, k=27, same k-means++ start; the machine was shared, so only
-    same-run comparisons count):
+    On the CPU, "auto" is scikit-learn's compiled Lloyd iteration
+    (:mod:`._kmeans_cpu_kernels`) where it can be imported: one Cython loop
+    over cache-sized blocks, where eager torch needs three kernels (a
+    distance product, an argmax, ``index_add_``), each a pass over memory.
+    Measured on the 2-core CPU of the development machine
+    (``benchmarks/bench_kmeans.py``, 300k x 70 float32 tokens, k=27, one
+    shared k-means++ start): torch 58.8 ms per iteration, scikit-learn's
+    ``KMeans`` 27.1 ms, this kernel inside skstego's loop 20-24 ms.
 
-    * one thread, CPU time per Lloyd iteration: torch 0.18-0.24 s, faiss
-      0.16-0.20 s (sklearn 0.13-0.32 s): a tie within the noise;
-    * two threads on the busy machine, best of 4 alternated runs: torch 1.9 s,
-      faiss 3.7 s per iteration (sklearn 0.55 s): torch degraded less under
-      contention;
-    * torch honours ``tol`` and stops when the labels settle, where faiss always
-      runs ``max_iter`` iterations (100 by default): on real data the torch
-      backend does far fewer iterations at the default settings;
-    * on a GPU the torch loop keeps the tokens on the device, where faiss takes
-      host arrays (a device-to-host copy of all tokens first), and allocates
-      through torch's caching allocator, where faiss-GPU needs memory of its
-      own beside it (its temporary memory, the tokens it pages in, the
-      index), which torch's cache may already hold.
-
-    So "auto" is torch; faiss stays available as ``backend="faiss"``, which
-    on CUDA runs on the estimator's GPU only, with bounded temporary memory
-    (:func:`_faiss_index`).
+    On CUDA, "auto" is torch: the loop keeps the tokens on the device, where
+    faiss takes host arrays (a device-to-host copy of all tokens first) and
+    needs GPU memory of its own beside torch's cache (its temporary memory,
+    the tokens it pages in, the index). faiss stays available as
+    ``backend="faiss"`` (on the CPU it was no faster than torch, and it
+    always runs ``max_iter`` iterations), on the estimator's GPU only, with
+    bounded temporary memory (:func:`_faiss_index`).
     """
+    if backend == "sklearn":
+        if device.type != "cpu":
+            raise ValueError(
+                f"backend='sklearn' runs scikit-learn's compiled Lloyd kernel on "
+                f"the CPU, not on device={str(device)!r}; use backend='torch' "
+                "(or 'auto') on a GPU."
+            )
+        if not compiled_lloyd_available():
+            raise ImportError(
+                "backend='sklearn' needs scikit-learn's compiled Lloyd kernel "
+                "(sklearn.cluster._k_means_lloyd.lloyd_iter_chunked_dense), "
+                "which this scikit-learn does not provide as expected; use "
+                "backend='torch' (or 'auto')."
+            )
     if backend != "auto":
         return backend
+    if device.type == "cpu" and compiled_lloyd_available():
+        return "sklearn"
     return "torch"
 
 
@@ -278,11 +291,14 @@ class KMeansProbe(
         ``random_state``), then label every token. None uses all tokens.
         Up to ``max_samples`` tokens are gathered on ``device`` and iterated
         on there. With None, on-disk input (a FeatureStore, a zarr array, a
-        memmap) and dask arrays are not gathered: each Lloyd iteration is
-        one pass of per-chunk statistics (read slice by slice here, or
-        computed on the dask workers), exact and in memory flat in the
-        number of tokens; seeding uses at most 262,144 of the tokens and
-        the torch backend runs whatever ``backend`` says.
+        memmap) is gathered too when its float32 tokens take at most a
+        quarter of the free memory of ``device`` (read once: faster than a
+        read per iteration); larger on-disk input and dask arrays are not
+        gathered: each Lloyd iteration is one pass of per-chunk statistics
+        (read slice by slice here, or computed on the dask workers), exact
+        and in memory flat in the number of tokens; seeding uses at most
+        262,144 of the tokens and the torch kernels run whatever
+        ``backend`` says.
 
     algorithm : {"lloyd", "minibatch"}, default="lloyd"
         ``"lloyd"``: exact Lloyd iterations on all tokens (or ``max_samples``
@@ -311,20 +327,31 @@ class KMeansProbe(
         ``labels_`` array are skipped: ``labels_`` and ``inertia_`` are then
         not set, and ``fit`` refuses ``y``.
 
-    backend : {"auto", "torch", "faiss"}, default="auto"
+    backend : {"auto", "torch", "sklearn", "faiss"}, default="auto"
         Lloyd implementation. ``"torch"``: chunked fused distance/argmax and
         ``index_add_`` (CPU) or one-hot GEMM (GPU) updates, memory bounded,
-        any device. ``"faiss"``: faiss's Lloyd (``faiss.Clustering``, as
-        :class:`faiss.Kmeans` runs it) from the same initial centroids;
+        any device. ``"sklearn"`` (CPU only): each E-step (with its M-step)
+        is scikit-learn's compiled Lloyd iteration, the Cython loop of
+        :class:`sklearn.cluster.KMeans` (distances, argmin and sums over
+        cache-sized blocks, 2.2-2.5x faster than the torch kernels on a
+        2-core CPU); seeding, ``n_init``, ``tol``, cosine k-means, token
+        weights and ``inertia_curve_`` stay skstego's, and the results
+        equal the torch backend's up to float32 rounding. It needs the
+        kernel's private module (scikit-learn 1.6-1.9 have it); where it is
+        missing ``"sklearn"`` raises an ImportError. ``"faiss"``: faiss's
+        Lloyd (``faiss.Clustering``, as :class:`faiss.Kmeans` runs it) from
+        the same initial centroids;
         needs the ``faiss`` package; always runs ``max_iter`` iterations. On
         a CUDA ``device`` (and a faiss that sees GPUs) its index lives on
         that one GPU (``cuda:N`` is honoured, unlike
         ``faiss.Kmeans(gpu=True)``, which takes every GPU), with at most
         256 MiB of faiss temporary memory, after torch's unused cached
-        blocks are released. ``"auto"`` picks torch, on the CPU and on CUDA:
-        as fast as faiss on the CPU, it honours ``tol``, keeps the tokens on
-        the GPU and allocates through torch's caching allocator, where
-        faiss-GPU needs memory beside it.
+        blocks are released. ``"auto"`` picks ``"sklearn"`` on the CPU
+        (``"torch"`` where scikit-learn's kernel is missing) and torch on
+        CUDA: it honours ``tol``, keeps the tokens on the GPU and allocates
+        through torch's caching allocator, where faiss-GPU needs memory
+        beside it. Streamed passes and mini-batch steps always run the
+        torch kernels.
 
     temperature : float, default=0.5
         Softness of :meth:`predict_proba`: a softmax of the cosine
@@ -480,7 +507,7 @@ class KMeansProbe(
         "algorithm": [StrOptions({"lloyd", "minibatch"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "compute_labels": ["boolean"],
-        "backend": [StrOptions({"auto", "torch", "faiss"})],
+        "backend": [StrOptions({"auto", "torch", "sklearn", "faiss"})],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
@@ -643,8 +670,9 @@ class KMeansProbe(
             and ``inertia_`` is weighted, so an integer weight equals
             repeating the token. Needs in-memory input or, for on-disk input,
             a fit that gathers its tokens (``max_samples`` below the number
-            of tokens, or ``algorithm="minibatch"``); dask arrays,
-            streamed Lloyd passes and ``backend="faiss"`` raise a ValueError.
+            of tokens, on-disk input that fits in memory, or
+            ``algorithm="minibatch"``); dask arrays, streamed Lloyd passes
+            and ``backend="faiss"`` raise a ValueError.
 
         Returns
         -------
@@ -680,13 +708,18 @@ class KMeansProbe(
                 "compute_labels=True, or fit without y."
             )
         # Exact Lloyd passes over chunks for dask input, and for on-disk
-        # input unless max_samples asks for a gathered (sub)sample.
+        # input that neither max_samples asks to subsample nor fits in
+        # memory (read once, Lloyd in memory is faster than a read per pass).
         streamed = (
             self.algorithm == "lloyd"
             and not subsample
             and (
                 dask_source(X) is not None
-                or (isinstance(X, LazyFeatures) and self.max_samples is None)
+                or (
+                    isinstance(X, LazyFeatures)
+                    and self.max_samples is None
+                    and not fits_in_memory(4 * n_total * self.n_features_in_, device)
+                )
             )
         )
         wt = self._token_weights(X, sample_weight, device, streamed=streamed)
@@ -735,7 +768,12 @@ class KMeansProbe(
                 Xs = Xs / scale
                 if not isinstance(init, str):
                     init = init / scale
-            x_sq = x_sq_init = _row_sq_norms(Xs)
+            # (the compiled kernel needs no norms; k-means++ seeding does)
+            x_sq = x_sq_init = (
+                None
+                if backend == "sklearn" and not isinstance(init, str)
+                else _row_sq_norms(Xs)
+            )
         # As scikit-learn: tol relative to the mean feature variance.
         tol = _mean_variance(Xs, ws) * self.tol if self.tol > 0 else 0.0
         n_init = self.n_init if isinstance(init, str) else 1
@@ -758,7 +796,8 @@ class KMeansProbe(
                 n_iter = self.max_iter
                 curve = np.append(curve, inertia)
             else:
-                centers, labels, inertia, n_iter, curve = _lloyd(
+                lloyd = _compiled_lloyd if backend == "sklearn" else _lloyd
+                centers, labels, inertia, n_iter, curve = lloyd(
                     Xs,
                     x_sq,
                     centers,

@@ -391,11 +391,13 @@ class _EStep:
     ``sums`` (k, C) and ``counts`` (k,) per cluster, ``inertia`` (0-d
     float64 tensor) and ``changed`` (0-d bool tensor: whether any label
     changed since the last E-step; None when the pass keeps no labels).
+    A pass whose kernel also runs the M-step gives the next centroids as
+    ``means`` (empty clusters already re-seeded) and no ``sums``.
     """
 
-    def __init__(self, sums, counts, inertia, changed=None) -> None:
+    def __init__(self, sums, counts, inertia, changed=None, means=None) -> None:
         self.sums, self.counts = sums, counts
-        self.inertia, self.changed = inertia, changed
+        self.inertia, self.changed, self.means = inertia, changed, means
 
 
 def _reseed_empty(
@@ -484,35 +486,37 @@ def _lloyd_loop(
     strict = False
     n_iter = 0  # M-steps run
     measured = []  # inertia of each E-step: centroids after 0, 1, ... M-steps
-    bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
-    while True:
-        final = not passes.deferred and (
-            n_iter == max_iter or (tol is not None and float(shift) <= tol)
-        )
-        step = passes.estep(centers, final)
-        if tol is None:  # measured by the first pass (shift is inf until now)
-            tol = passes.tol
-        measured.append(step.inertia)
-        changed = step.changed
-        if changed is None:
-            changed = torch.ones((), dtype=torch.bool, device=centers.device)
-        flags = torch.stack([changed, (step.counts == 0).any(), shift <= tol])
-        changed, has_empty, settled = flags.tolist()  # the iteration's one read
-        if settled or n_iter == max_iter:
-            break  # the step's labels are those of the final centroids
-        if has_empty:
-            passes.reseed(step, torch.nonzero(step.counts == 0).flatten())
-        new = _m_step(step.sums, step.counts, centers, cosine)
-        n_iter += 1
-        bar.update()
-        if not changed:
-            strict = True
+    with tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False) as bar:
+        while True:
+            final = not passes.deferred and (
+                n_iter == max_iter or (tol is not None and float(shift) <= tol)
+            )
+            step = passes.estep(centers, final)
+            if tol is None:  # measured by the first pass (shift is inf until now)
+                tol = passes.tol
+            measured.append(step.inertia)
+            changed = step.changed
+            if changed is None:
+                changed = torch.ones((), dtype=torch.bool, device=centers.device)
+            flags = torch.stack([changed, (step.counts == 0).any(), shift <= tol])
+            changed, has_empty, settled = flags.tolist()  # the iteration's one read
+            if settled or n_iter == max_iter:
+                break  # the step's labels are those of the final centroids
+            if step.means is not None:
+                new = step.means  # the pass's kernel ran the M-step
+            else:
+                if has_empty:
+                    passes.reseed(step, torch.nonzero(step.counts == 0).flatten())
+                new = _m_step(step.sums, step.counts, centers, cosine)
+            n_iter += 1
+            bar.update()
+            if not changed:
+                strict = True
+                centers = new
+                break
+            shift = ((new.double() - centers.double()) ** 2).sum()
             centers = new
-            break
-        shift = ((new.double() - centers.double()) ** 2).sum()
-        centers = new
-        passes.advance()
-    bar.close()
+            passes.advance()
     values = torch.stack(measured).cpu().numpy()
     # values[0] is the initial centroids' inertia; the rest follow M-steps.
     # On strict convergence the labels (and inertia) are those of the last
