@@ -58,6 +58,31 @@ def test_equals_hnne_transform_2d(digits):
     assert err.max() < 0.1 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("ann_threshold", [20_000, 400])
+def test_hierarchy_equals_hnne_fit_only_hierarchy(digits, metric, ann_threshold):
+    # finch_hierarchy + set_hierarchy (FINCH's exact cosine neighbours
+    # without its (n, n) copies) give hnne's hierarchy field by field, in
+    # the exact regime and above ann_threshold (NN-descent at level 0), on
+    # tokens with duplicates (zero distances: ties, the clip at 0)
+    from skstego.projection._hnne import finch_hierarchy, set_hierarchy
+
+    X = np.concatenate([digits, digits[:50], _blob_tokens(n=400, d=64)])
+    params = {"metric": metric, "ann_threshold": ann_threshold, "random_state": 0}
+    ref = HNNE(**params)
+    ref.fit_only_hierarchy(X)
+    ours = HNNE(**params)
+    set_hierarchy(ours, finch_hierarchy(ours, X))
+    a, b = ours.hierarchy_parameters, ref.hierarchy_parameters
+    assert len(a.partition_sizes) > 1
+    np.testing.assert_array_equal(a.partitions, b.partitions)
+    np.testing.assert_array_equal(a.partition_sizes, b.partition_sizes)
+    for u, v in zip(a.partition_labels, b.partition_labels, strict=True):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a.lowest_level_centroids, b.lowest_level_centroids)
+    assert a.requested_partition is b.requested_partition is None
+
+
 def test_fit_transform_is_fit_then_transform(digits):
     a = HNNEProjector(dim=3, device="cpu", random_state=1).fit_transform(digits)
     b = HNNEProjector(dim=3, device="cpu", random_state=1).fit(digits).transform(digits)
@@ -206,6 +231,10 @@ def test_subsample_fits_on_max_fit_samples_tokens(digits):
         cents, c.hnne_.hierarchy_parameters.lowest_level_centroids
     )
     assert a.transform(digits).shape == (600, 4)
+    # fit_transform on a subsample searches every token (no cluster of hnne's
+    # to keep for the tokens it did not fit): still fit(X).transform(X)
+    codes = HNNEProjector(random_state=0, **kw).fit_transform(digits)
+    np.testing.assert_array_equal(codes, a.transform(digits))
 
 
 def test_pickle_roundtrip(digits):

@@ -2,7 +2,9 @@
 
 :class:`HNNEProjector` wraps :class:`hnne.HNNE` (Sarfraz et al., CVPR 2022).
 ``fit`` builds a fresh ``HNNE`` on (a random subsample of) the tokens, so the
-hierarchy (FINCH) and the layout are exactly hnne's. ``transform`` then
+hierarchy (FINCH) and the layout are exactly hnne's (FINCH's loop runs here,
+:func:`finch_hierarchy`, only to compute its exact cosine first neighbours
+without two (n, n) copies: the same neighbours). ``transform`` then
 re-implements hnne's out-of-sample projection in torch, batch by batch on the
 estimator's device: exact nearest finest-level centroid, the preliminary PCA,
 hnne's inflation steps (2-D and 3-D targets) and the placement around the
@@ -206,6 +208,122 @@ def new_hnne(**params: Any) -> Any:
     return HNNE(**params)
 
 
+#: Rows of the cosine distance matrix post-processed at once by
+#: :func:`_first_neighbours` (1024 x 10,000 float32: 40 MB).
+_FINCH_ROWS = 1024
+
+
+def _first_neighbours(mat: np.ndarray) -> np.ndarray:
+    """FINCH's exact cosine first neighbours of the rows of ``mat``, faster.
+
+    The same values as :func:`finch.finch.clust_rank` below its
+    ``ann_threshold``: scikit-learn's ``cosine_similarity`` (one symmetric
+    product, the very call its ``cosine_distances`` makes), then, as there,
+    ``S *= -1; S += 1``, a clip to [0, 2], a float32 cast and the argmin
+    with the diagonal excluded (the first index on ties), so the same
+    neighbours bit for bit. Only the post-processing differs: in place, in
+    row blocks, where ``cosine_distances`` allocates and fills two more
+    (n, n) arrays (its array-API clip, FINCH's float32 copy). On the 10,141
+    finest centroids of 100,000 tokens of 384 channels, FINCH's path took
+    2.4 to 4.0 s in a fresh process (mostly first touches of those fresh
+    arrays), this one 0.9 s, with the same neighbours.
+    """
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    S = cosine_similarity(mat)
+    n = S.shape[0]
+    out = np.empty(n, dtype=np.int32)
+    for sl in iter_slices(n, _FINCH_ROWS):
+        block = S[sl]
+        block *= -1
+        block += 1
+        np.clip(block, 0.0, 2.0, out=block)
+        dist = block.astype(np.float32, copy=False)
+        rows = np.arange(sl.start, sl.stop)
+        dist[rows - sl.start, rows] = np.float32(1e12)
+        out[sl] = np.argmin(dist, axis=1)
+    return out
+
+
+def _clust_rank(mat: np.ndarray, model: Any, verbose: bool) -> Any:
+    """FINCH's 1-NN graph of ``mat`` as :func:`finch.finch.clust_rank` makes
+    it for ``model`` (its adjacency), with :func:`_first_neighbours` for its
+    exact cosine regime; the approximate one and other metrics are its own."""
+    import scipy.sparse as sp
+    from finch.finch import clust_rank
+
+    n = mat.shape[0]
+    if model.metric != "cosine" or n > model.ann_threshold:
+        return clust_rank(
+            mat,
+            None,
+            model.metric,
+            verbose=verbose,
+            ann_threshold=model.ann_threshold,
+            random_state=model.random_state,
+            faiss_threshold=model.faiss_threshold,
+            faiss_use_gpu=model.faiss_use_gpu,
+        )[0]
+    rows = np.arange(n, dtype=np.int32)
+    ones = np.ones_like(rows, dtype=np.float32)
+    return sp.csr_matrix((ones, (rows, _first_neighbours(mat))), shape=(n, n))
+
+
+def finch_hierarchy(model: Any, X: np.ndarray, verbose: bool = False) -> tuple:
+    """FINCH as :meth:`hnne.HNNE.fit_only_hierarchy` runs it for ``model``.
+
+    The loop of :func:`finch.FINCH` (no required number of clusters, no
+    early exit, meta labels returned: hnne's call), through
+    :func:`_clust_rank`: the same partitions, sizes, labels and finest
+    centroids as hnne's (the distances FINCH keeps beside the graph are
+    not used by that call). Returns ``(partitions, sizes, labels,
+    lowest_level_centroids)``; :func:`set_hierarchy` stores them.
+    """
+    from finch.finch import get_clust, get_merge
+
+    data = np.asarray(X, dtype=np.float32, order="C")
+    adj = _clust_rank(data, model, verbose)
+    group, n_clusters = get_clust(adj, [], None)
+    c, mat = get_merge([], group, data)
+    lowest = mat
+    sizes, labels, c_ = [n_clusters], [], c
+    while True:
+        adj = _clust_rank(mat, model, verbose)
+        u, n_curr = get_clust(adj, None, None)
+        labels.append(u)
+        c_, mat = get_merge(c_, u, data)
+        c = np.column_stack((c, c_))
+        sizes.append(n_curr)
+        if n_curr == 1 or sizes[-2] - n_curr <= 1:
+            sizes, c = sizes[:-1], c[:, :-1]
+            break
+    return c, sizes, labels, lowest
+
+
+def set_hierarchy(model: Any, hierarchy: tuple, verbose: bool = False) -> None:
+    """Keep the levels of ``hierarchy`` (:func:`finch_hierarchy`) as
+    :meth:`hnne.HNNE.fit_only_hierarchy` does: the finest levels up to the
+    coarsest one with at least ``model.min_size_top_level`` clusters, in
+    ``model.hierarchy_parameters``. Raises hnne's ValueError when none has.
+    """
+    from hnne.projector import HierarchyParameters
+
+    partitions, sizes, labels, lowest = hierarchy
+    large = np.argwhere(np.array(sizes) >= model.min_size_top_level)
+    if len(large) == 0:
+        raise ValueError(
+            f"The dataset has {_TOO_FEW} resulting to a hierarchy with sizes "
+            f"{sizes}. Please provide a larger amount of data till there "
+            f"exists one partition of size {model.min_size_top_level}."
+        )
+    top = int(large.max()) + 1
+    if verbose and top < len(sizes):
+        print(f"Removing {len(sizes) - top} levels from the top.")
+    model.hierarchy_parameters = HierarchyParameters(
+        partitions[:, :top], None, sizes[:top], labels[:top], lowest, np.empty([0, 0])
+    )
+
+
 # --------------------------------------------------------------------------
 # the estimator
 # --------------------------------------------------------------------------
@@ -319,6 +437,15 @@ class HNNEProjector(
     other groups, and a margin for float32 rounding), 92% of the tokens on
     100,000 clustered tokens of 384 channels; the others are searched. The
     codes are those of ``transform``.
+
+    The hierarchy is hnne's own: :meth:`hnne.HNNE.fit_only_hierarchy`'s
+    FINCH loop, run here (:func:`finch_hierarchy`) so that its exact cosine
+    first neighbours skip the two extra (n, n) arrays scikit-learn's
+    ``cosine_distances`` and FINCH allocate (the same values, post-processed
+    in place). On 100,000 tokens of 384 channels (``dim=70``, 2 CPU
+    threads) that makes ``fit_transform`` (fit, then every token projected)
+    5.5 s where hnne's ``fit_transform`` (its fit) takes 6.6 s, with a peak
+    resident memory of 2.3 GB instead of 3.4 GB.
 
     Compared with :meth:`hnne.HNNE.transform` (float64 NumPy, approximate
     neighbours above 4e8 token-centroid pairs), the search here is always
@@ -589,8 +716,12 @@ class HNNEProjector(
             random_state=hnne_seed(self.random_state),
         )
         verbose = bool(self.verbose)
+        # hnne's fit_only_hierarchy, with FINCH's exact cosine neighbours
+        # computed without its two extra (n, n) copies (finch_hierarchy):
+        # the same hierarchy, 1.5 to 3 s sooner on 100,000 tokens (measured).
+        hierarchy = finch_hierarchy(model, tokens, verbose=verbose)
         try:
-            model.fit_only_hierarchy(tokens, verbose=verbose)
+            set_hierarchy(model, hierarchy, verbose=verbose)
         except ValueError as exc:
             if _TOO_FEW not in str(exc):
                 raise
@@ -603,7 +734,7 @@ class HNNEProjector(
                 stacklevel=stacklevel,
             )
             model.min_size_top_level = 1
-            model.fit_only_hierarchy(tokens, verbose=verbose)
+            set_hierarchy(model, hierarchy, verbose=verbose)
         # Reuses the hierarchy just built (hnne skips it when already done);
         # the training layout it returns is not kept (see Notes).
         model.fit(tokens, verbose=verbose)
