@@ -1,6 +1,7 @@
 """TorchPCA against scikit-learn's PCA, streaming, layouts and input checks."""
 
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from sklearn.decomposition import PCA
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.extmath import svd_flip
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from skstego import TorchPCA
+from skstego.projection import _pca
 from skstego.projection._pca import _scatter_numpy, _scatter_torch
 
 SOLVERS = ["covariance_eigh", "full", "randomized"]
@@ -76,7 +79,7 @@ def test_matches_sklearn_large_offset(offset_data, solver):
 
 
 def test_small_offset_float32_tokens(digits):
-    """Float32 tokens near the origin take the copy-free path; same result."""
+    """Float32 tokens near the origin (shifted all the same): same result."""
     X = ((digits - digits.mean(0)) / 4 + 0.3).astype(np.float32)
     ref = PCA(6, svd_solver="full").fit(X.astype(np.float64))
     pca = TorchPCA(6, solver="covariance_eigh").fit(X)
@@ -301,7 +304,7 @@ def test_bad_input(digits):
         pca.inverse_transform(np.zeros((2, 3, 4)))
 
 
-@pytest.mark.parametrize("offset", [0.5, 50.0])  # unshifted / shifted NumPy path
+@pytest.mark.parametrize("offset", [0.5, 50.0])  # near / far from the origin
 @pytest.mark.parametrize("layout", ["tokens", "maps"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scatter_backends_agree(layout, dtype, offset):
@@ -320,6 +323,59 @@ def test_scatter_backends_agree(layout, dtype, offset):
             assert n == 40 * 12
             assert_allclose(shift + sums / n, tokens.mean(0), rtol=1e-6, atol=1e-7)
             assert _rel(gram - np.outer(sums, sums) / n, centred.T @ centred) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["tokens", "maps"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_numpy_threads_and_blocks(monkeypatch, layout, dtype):
+    """Many small blocks, 3 threads, blocks across chunk ends: the float64
+    statistics of the shifted data, equal to one thread's."""
+    rng = np.random.RandomState(1)
+    X = (rng.normal(size=(37, 20, 3, 5)) * 0.1 + 100.0).astype(dtype)
+    tokens = X.transpose(0, 2, 3, 1).reshape(-1, 20).astype(np.float64)
+    if layout == "tokens":
+        X = X.transpose(0, 2, 3, 1).reshape(-1, 20)
+    centred = tokens - tokens.mean(0)
+    monkeypatch.setattr(_pca, "_GRAM_BLOCK_ROWS", 40)  # 2 images, or 40 tokens
+    monkeypatch.setattr(_pca, "_GRAM_BLOCK_ROWS_PER_FEATURE", 0)
+    monkeypatch.setattr(_pca, "batch_elements", lambda device, purpose: 2100)
+    results = []
+    for threads in (3, 1):
+        monkeypatch.setattr(_pca, "_blas_threads", lambda threads=threads: threads)
+        n, shift, sums, gram = _scatter_numpy(X, None)
+        assert n == 37 * 15
+        assert_allclose(shift + sums / n, tokens.mean(0), rtol=1e-6)
+        assert _rel(gram - np.outer(sums, sums) / n, centred.T @ centred) < 1e-5
+        results.append((shift, sums, gram))
+    for a, b in zip(*results, strict=True):  # other blocks, other roundings
+        assert _rel(a, b) < 1e-6
+
+
+def _blas_threads_now():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_fit_restores_blas_threads(offset_data):
+    """The one-thread BLAS limit of the CPU accumulation is lifted after fit,
+    also when fits run in parallel threads, and a user's limit is kept."""
+    X = np.repeat(offset_data, 2, axis=0).astype(np.float32)  # several blocks
+    before = _blas_threads_now()
+    ref = TorchPCA(6, solver="covariance_eigh").fit(X)
+    assert _blas_threads_now() == before
+    fits = [TorchPCA(6, solver="covariance_eigh") for _ in range(4)]
+    threads = [threading.Thread(target=f.fit, args=(X,)) for f in fits]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _blas_threads_now() == before
+    for f in fits:
+        assert_allclose(f.explained_variance_, ref.explained_variance_, rtol=1e-6)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = TorchPCA(6, solver="covariance_eigh").fit(X)
+        assert set(_blas_threads_now()) == {1}
+    assert _blas_threads_now() == before
+    assert_allclose(one.explained_variance_, ref.explained_variance_, rtol=1e-6)
 
 
 @pytest.mark.gpu
