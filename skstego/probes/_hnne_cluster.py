@@ -32,7 +32,13 @@ from .._device import (
     check_features,
     is_torch,
 )
-from ..projection._hnne import hnne_seed, new_hnne, sample_tokens
+from ..projection._hnne import (
+    finch_hierarchy,
+    hnne_seed,
+    new_hnne,
+    sample_tokens,
+    set_hierarchy,
+)
 from ._base import check_targets, predict_labels
 from ._centroid import CentroidProbeMixin
 from ._kmeans_kernels import _normalize_rows
@@ -50,8 +56,8 @@ class HNNEClusterProbe(
 ):
     """Cluster probe from h-NNE's FINCH hierarchy, Hungarian-matched to classes.
 
-    ``fit`` builds the FINCH hierarchy that :class:`hnne.HNNE` builds (a
-    fresh ``HNNE``, ``fit_only_hierarchy``) on at most ``max_fit_samples``
+    ``fit`` builds the FINCH hierarchy that :class:`hnne.HNNE` builds (that
+    of a fresh ``HNNE``'s ``fit_only_hierarchy``) on at most ``max_fit_samples``
     random tokens, picks one level of it and stores the centroids of that
     level's clusters. :meth:`predict` assigns every token to the nearest
     centroid (cosine or Euclidean), on the device, as :class:`KMeansProbe`
@@ -278,7 +284,10 @@ class HNNEClusterProbe(
         tokens, idx = sample_tokens(X, self.max_fit_samples, self.random_state)
         model = new_hnne(metric=self.metric, random_state=hnne_seed(self.random_state))
         model.min_size_top_level = 1  # keep every level FINCH builds
-        model.fit_only_hierarchy(tokens, verbose=bool(self.verbose))
+        # hnne's fit_only_hierarchy, with FINCH's exact cosine neighbours
+        # computed in place (the same hierarchy; see HNNEProjector)
+        verbose = bool(self.verbose)
+        set_hierarchy(model, finch_hierarchy(model, tokens, verbose), verbose)
         hp = model.hierarchy_parameters
         levels = np.asarray(hp.partition_sizes, dtype=np.int64)
         level = self._choose_level(levels)
