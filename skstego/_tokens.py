@@ -135,7 +135,10 @@ def _gather_lazy(
         xb = numpy_tokens(X[sl])
         if idx is not None:
             xb = xb[idx[a:b] - lo]
-        out[filled : filled + xb.shape[0]] = as_tensor(xb, device)
+        if device.type == "cpu":  # one copy, cast on the way (as_tensor made two)
+            out[filled : filled + xb.shape[0]].numpy()[...] = xb
+        else:
+            out[filled : filled + xb.shape[0]] = as_tensor(xb, device)
         filled += xb.shape[0]
     return out
 

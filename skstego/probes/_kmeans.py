@@ -768,12 +768,7 @@ class KMeansProbe(
                 Xs = Xs / scale
                 if not isinstance(init, str):
                     init = init / scale
-            # (the compiled kernel needs no norms; k-means++ seeding does)
-            x_sq = x_sq_init = (
-                None
-                if backend == "sklearn" and not isinstance(init, str)
-                else _row_sq_norms(Xs)
-            )
+            x_sq = x_sq_init = _row_sq_norms(Xs)
         # As scikit-learn: tol relative to the mean feature variance.
         tol = _mean_variance(Xs, ws) * self.tol if self.tol > 0 else 0.0
         n_init = self.n_init if isinstance(init, str) else 1

@@ -25,6 +25,12 @@ and checked on a 3-token problem once; if it is missing or behaves
 otherwise, ``backend="auto"`` runs the torch kernels and
 ``backend="sklearn"`` raises an ImportError.
 
+An iteration that leaves a cluster empty re-seeds it inside the kernel, as
+``KMeans`` does, at the cost of two NumPy temporaries of the tokens' size
+(seconds for millions of tokens on a machine slow to map fresh memory; the
+torch kernels re-seed from the distances they keep): the same cost as
+scikit-learn's, only in the iterations that need it.
+
 The E-step's inertia is taken from the cluster sums the kernel returns
 (O(k C) instead of a pass over the tokens) where that is as accurate as a
 float32 pass (:meth:`_CompiledPasses._inertia`).
@@ -41,7 +47,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from ._kmeans_kernels import _EStep, _lloyd, _lloyd_loop
+from ._kmeans_kernels import _EStep, _lloyd, _lloyd_loop, _row_sq_norms
 
 __all__: list[str] = []
 
@@ -117,7 +123,7 @@ class _CompiledPasses:
         self.labels_old = np.full(n, -1, dtype=np.int32)
         self.threads = max(1, torch.get_num_threads())
         # sum of w |x|^2 (float64), for the inertia from the cluster sums
-        sq = np.einsum("ij,ij->i", self.X, self.X) if x_sq is None else x_sq.numpy()
+        sq = (_row_sq_norms(X) if x_sq is None else x_sq).numpy()
         self.sq_total = float(np.dot(sq.astype(np.float64), self.w))
         # Cosine distance is 2 - 2 cos; the kernel measures |x - c|^2, which
         # equals it for unit rows and is 1 - |x|^2 less for the rows that
