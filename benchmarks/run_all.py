@@ -389,8 +389,8 @@ def parse_streaming(out: str, mode: str) -> list[Row]:
             "sklearn MiniBatchKMeans.partial_fit",
         ),
         "kmeans_exact_s": (
-            "KMeansProbe exact streamed Lloyd",
-            "sklearn KMeans in memory",
+            "KMeansProbe exact Lloyd of on-disk tokens (max_samples=None)",
+            "sklearn KMeans in memory (same init)",
         ),
     }
     rows = []

@@ -136,7 +136,8 @@ def check_kmeans(out: str, rows: list, entry: Any) -> None:
     )
     backends = entry.args["quick"][entry.args["quick"].index("--backends") + 1]
     faiss = importlib.util.find_spec("faiss") is not None
-    assert backends == ("torch,faiss" if faiss else "torch")
+    # on the CPU, "auto" (scikit-learn's compiled kernel) beside torch
+    assert backends == ("auto,torch,faiss" if faiss else "auto,torch")
     assert [m[0] for m in ours] == backends.split(",")
     # one main row per backend, then the seeding row
     assert len(rows) == len(ours) + 1
