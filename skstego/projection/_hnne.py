@@ -439,7 +439,7 @@ class HNNEProjector(
     codes are those of ``transform``.
 
     The hierarchy is hnne's own: :meth:`hnne.HNNE.fit_only_hierarchy`'s
-    FINCH loop, run here (:func:`finch_hierarchy`) so that its exact cosine
+    FINCH loop, run here (``finch_hierarchy``) so that its exact cosine
     first neighbours skip the two extra (n, n) arrays scikit-learn's
     ``cosine_distances`` and FINCH allocate (the same values, post-processed
     in place). On 100,000 tokens of 384 channels (``dim=70``, 2 CPU
