@@ -7,7 +7,9 @@ normalises with the model's data config and calls ``forward_features`` under
 ``torch.no_grad`` in float32, then drops the prefix tokens and reshapes to
 (N, C, h, w) on the CPU, as a user would write it. The featurizer runs with its
 defaults (bf16 autocast on CUDA, inference mode, batch size "auto" unless
-``--batch-size`` is given). Each is timed ``--repeats`` times, alternating
+``--batch-size`` is given; ``--precision bfloat16`` opts into bf16 autocast on
+the CPU too, worth it only where the CPU computes bf16 natively: AVX512-BF16 or
+AMX). Each is timed ``--repeats`` times, alternating
 (plain, featurizer, plain, ...), so that both see the same load. Printed:
 the load average, images/s of each (best run), the ratio featurizer / plain
 loop of each pair of runs and their median (above 1: the featurizer is
@@ -22,6 +24,7 @@ Run::
     python benchmarks/bench_featurize.py --n 8 --resolution 64  # smoke run
     python benchmarks/bench_featurize.py --threads 1 --cpu-time  # robust on a
                                                                  # shared CPU
+    python benchmarks/bench_featurize.py --n 8 --precision bfloat16  # bf16 CPU
 """
 
 from __future__ import annotations
@@ -123,6 +126,12 @@ def main() -> None:
         "(with --threads 1: insensitive to other jobs on a shared machine)",
     )
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the featurizer's precision (the plain loop stays float32)",
+    )
+    parser.add_argument(
         "--peak-tflops", type=float, default=790.0, help="bf16 peak of the GPU"
     )
     args = parser.parse_args()
@@ -143,7 +152,11 @@ def main() -> None:
     shape = (args.n, args.resolution, args.resolution, 3)
     images = rng.integers(0, 256, shape, dtype=np.uint8)
     feat = DinoFeaturizer(
-        net, resolution=args.resolution, batch_size=batch_size, device=device
+        net,
+        resolution=args.resolution,
+        batch_size=batch_size,
+        device=device,
+        precision=args.precision,
     )
 
     # warm-up (kernels, allocator, thread pools) on a few images
@@ -170,7 +183,7 @@ def main() -> None:
     print(
         f"== {name}, {args.n} images, device {device}, {gflop:.1f} GFLOP/image, "
         f"{args.repeats} alternating runs, {torch.get_num_threads()} threads, "
-        f"{'CPU' if args.cpu_time else 'wall'} time =="
+        f"{'CPU' if args.cpu_time else 'wall'} time, precision {args.precision} =="
     )
     print(f"load average before / after        {load_before} / {load_average()}")
     print(f"plain timm loop (fp32, batch {plain_batch})  {args.n / t_plain:9.2f} img/s")

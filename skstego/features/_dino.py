@@ -169,8 +169,12 @@ class DinoFeaturizer(TransformerMixin, _DocLinkMixin, BaseEstimator):
     precision : {"auto", "float32", "bfloat16"}, default="auto"
         Compute precision of the backbone: ``"auto"`` is bf16 autocast on
         CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100,
-        L4...) and float32 elsewhere (the CPU, T4, V100, where bf16 is
-        emulated and slow). Outputs are float32 in every case.
+        L4...) and float32 elsewhere (T4 and V100, where bf16 is emulated and
+        slow, and every CPU). ``"bfloat16"`` forces bf16 autocast; on a CPU
+        that computes bf16 natively (AVX512-BF16 or AMX) that is an opt-in
+        speed-up, about 1.5-1.7x for ViT-S/8 and ViT-B/8 on an AMD Zen 4,
+        with features within about 1 % of float32 (of their largest value).
+        Outputs are float32 in every case.
 
     max_tokens : int or None, default=8192
         Largest token grid one image may give (``h * w``). Attention costs
